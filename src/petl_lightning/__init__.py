@@ -1,2 +1,20 @@
-"""petl_lightning."""
+"""petl_lightning: inference-efficient parameter-efficient transfer learning for ViTs on Lightning.
+
+Every class a recipe may name is imported here, so short ``class_path`` names work too.
+"""
+
+from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT
+from petl_lightning.data.vtab import VTAB_TASKS, VTAB1kDataModule
+from petl_lightning.errors import CheckpointError, DataError, ModelNameError, PETLError
+from petl_lightning.methods.base import PETLModule
+from petl_lightning.methods.baselines import FullFinetune, LinearProbe
+# methods (one line each)
+from petl_lightning.methods.repadapter import RepAdapter
+from petl_lightning.methods.arc import ARC
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL", "CheckpointError", "DataError", "FrozenViT", "FullFinetune", "LinearProbe",
+    "ModelNameError", "PETLError", "PETLModule", "VTAB1kDataModule", "VTAB_TASKS",
+]

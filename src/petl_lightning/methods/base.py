@@ -249,19 +249,22 @@ class PETLModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.trainable_state_keys())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # Tensors and plain Python values only, so Lightning's weights_only loading accepts them.
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["petl_rng"] = {
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
             "python": random.getstate(),
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Raise :class:`CheckpointError` unless ``checkpoint`` holds exactly this module's trainable
+        tensors with matching shapes (called by the CLI before any training or logging starts)."""
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
             raise CheckpointError("This file holds no 'state_dict'; it is not a petl_lightning checkpoint.")
         own = self.state_dict()
         expected = self.trainable_state_keys()
-        frozen_keys = set(own) - set(expected)
         missing = [k for k in expected if k not in state]
         unknown = [k for k in state if k not in own]
         wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -278,6 +281,11 @@ class PETLModule(L.LightningModule):
                 f"Checkpoint does not fit {type(self).__name__} (num_classes={self.num_classes}): "
                 f"{'; '.join(problems)}. Was it written by another method, task or configuration?"
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        frozen_keys = set(self.state_dict()) - set(self.trainable_state_keys())
         # A full (non adapter-only) checkpoint may carry backbone weights: the backbone is rebuilt
         # from its own source, so drop them.
         for k in frozen_keys & set(state):
@@ -285,7 +293,8 @@ class PETLModule(L.LightningModule):
         rng = checkpoint.get("petl_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            kind, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
             random.setstate(rng["python"])
 
 

@@ -1,0 +1,147 @@
+"""Command line: ``petl-lightning fit -c recipes/<method>.yaml`` (also ``python -m petl_lightning``
+and the ``lightning`` script for ``fit|validate|test|predict``).
+
+`PETLCLI` is a ``LightningCLI`` in subclass mode for both the model and the data, with
+``data.num_classes`` linked into the model. User mistakes (:class:`~petl_lightning.errors.PETLError`)
+are printed as one clear line, without a stack trace, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from petl_lightning.errors import CheckpointError, PETLError
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class LoggerSaveConfig(SaveConfigCallback):
+    """Writes ``config.yaml`` and, with a W&B logger, sends the effective configuration to the run."""
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                config = self.config.as_dict()
+                config.setdefault("model", {}).setdefault("init_args", {}).update(dict(pl_module.hparams))
+                logger.experiment.config.update(config, allow_val_change=True)
+
+
+class PETLCLI(LightningCLI):
+    """LightningCLI for petl_lightning modules and data modules."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from petl_lightning.data.vtab import VTAB1kDataModule
+        from petl_lightning.methods.base import PETLModule
+
+        import petl_lightning  # noqa: F401 - registers every class for short class_path names
+
+        kwargs.setdefault("model_class", PETLModule)
+        kwargs.setdefault("datamodule_class", VTAB1kDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", LoggerSaveConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def _check_ckpt_path(self) -> None:
+        """Fail before the trainer starts (no logs, no files) when ``--ckpt_path`` is unusable."""
+        path = self.config[self.subcommand].get("ckpt_path")
+        if path in (None, "last", "best", "hpc", "registry"):
+            return
+        check_lightning_checkpoint(path, self.model)
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._check_ckpt_path()
+
+
+def check_lightning_checkpoint(path: str | Path, model: Any | None = None) -> dict[str, Any]:
+    """Load a Lightning ``.ckpt`` on CPU and check it fits ``model``; raise a clear error otherwise."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"Checkpoint not found: {str(p)!r}. Pass the .ckpt written by a fit run.")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any reader failure means: not a checkpoint
+        raise CheckpointError(
+            f"{str(p)!r} is not a Lightning checkpoint ({type(err).__name__}). --ckpt_path takes a .ckpt "
+            f"written by a fit run; backbone weights (.npz/.pth/.safetensors) go to --model.checkpoint_path."
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{str(p)!r} holds no 'state_dict', so it is not a Lightning checkpoint. Backbone weights go "
+            f"to --model.checkpoint_path."
+        )
+    if model is not None and hasattr(model, "check_checkpoint"):
+        model.check_checkpoint(ckpt)
+    return ckpt
+
+
+def find_user_error(err: BaseException) -> PETLError | None:
+    """The :class:`PETLError` behind ``err``, if any (jsonargparse wraps errors raised in ``__init__``)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, PETLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        PETLCLI(args=argv)
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``petl-lightning`` / ``python -m petl_lightning``: Lightning's ``fit|validate|test|predict``."""
+    sys.exit(_run(argv))
+
+
+def lightning_main(argv: list[str] | None = None) -> None:
+    """The ``lightning`` script: our CLI for ``fit|validate|test|predict``; any other sub-command goes
+    to ``lightning_sdk``'s CLI (the cloud tool that also installs a ``lightning`` script) if present."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in LIGHTNING_SUBCOMMANDS or args[0].startswith("-"):
+        sys.exit(_run(argv))
+    try:
+        from lightning_sdk.cli.entrypoint import main_cli  # type: ignore[import-not-found]
+    except ImportError:
+        print(
+            f"error: 'lightning {args[0]}' is not a petl_lightning command (use fit, validate, test or "
+            f"predict), and lightning-sdk, whose CLI has other commands, is not installed.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    sys.argv = ["lightning", *args]
+    main_cli()
+
+
+__all__ = ["PETLCLI", "check_lightning_checkpoint", "lightning_main", "main"]

@@ -1,0 +1,351 @@
+"""VTAB-1K in the NOAH/SSF file-list layout, as a LightningDataModule.
+
+Layout: ``<root>/<task>/{train800,val200,train800val200,test}.txt``, each line
+``relative/path.jpg <int label>`` relative to the task folder. The transforms are the PETL papers'
+(resize to a square with bicubic interpolation, ToTensor, ImageNet mean/std, no augmentation).
+
+The DataModule owns every data decision (lists, splits, transforms) and checks the data when it is
+built, so a bad root, list, image or label fails before any training starts or any log is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+from petl_lightning.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LIST_FILES = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
+GROUPS = ("natural", "specialized", "structured")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One VTAB-1K task: folder name, class count, group."""
+
+    name: str
+    num_classes: int
+    group: str
+
+
+VTAB_TASKS: dict[str, TaskInfo] = {
+    t.name: t
+    for t in [
+        TaskInfo("cifar", 100, "natural"),
+        TaskInfo("caltech101", 102, "natural"),
+        TaskInfo("dtd", 47, "natural"),
+        TaskInfo("oxford_flowers102", 102, "natural"),
+        TaskInfo("oxford_iiit_pet", 37, "natural"),
+        TaskInfo("svhn", 10, "natural"),
+        TaskInfo("sun397", 397, "natural"),
+        TaskInfo("patch_camelyon", 2, "specialized"),
+        TaskInfo("eurosat", 10, "specialized"),
+        TaskInfo("resisc45", 45, "specialized"),
+        TaskInfo("diabetic_retinopathy", 5, "specialized"),
+        TaskInfo("clevr_count", 8, "structured"),
+        TaskInfo("clevr_dist", 6, "structured"),
+        TaskInfo("dmlab", 6, "structured"),
+        TaskInfo("kitti", 4, "structured"),
+        TaskInfo("dsprites_loc", 16, "structured"),
+        TaskInfo("dsprites_ori", 16, "structured"),
+        TaskInfo("smallnorb_azi", 18, "structured"),
+        TaskInfo("smallnorb_ele", 9, "structured"),
+    ]
+}
+
+
+def tasks_in_group(group: str) -> list[str]:
+    """Task names of a group (``natural``, ``specialized``, ``structured``) or ``all``."""
+    if group == "all":
+        return list(VTAB_TASKS)
+    if group not in GROUPS:
+        raise DataError(f"Unknown VTAB-1K group {group!r}; choose one of all, {', '.join(GROUPS)}.")
+    return [t.name for t in VTAB_TASKS.values() if t.group == group]
+
+
+def petl_transform(img_size: int = 224) -> T.Compose:
+    """The PETL VTAB-1K transform: bicubic resize to a square, ToTensor, ImageNet mean/std."""
+    return T.Compose([
+        T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+    list_file: Path
+    line: int
+
+    def where(self) -> str:
+        return f"{self.list_file}:{self.line}"
+
+
+def read_list(list_file: Path) -> list[Sample]:
+    """Parse a VTAB-1K list file (``relative/path <int label>`` per line)."""
+    if not list_file.is_file():
+        raise DataError(f"List file not found: {list_file}.")
+    samples = []
+    base = list_file.parent
+    for i, raw in enumerate(list_file.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DataError(f"{list_file}:{i}: expected '<relative image path> <integer label>', got {raw!r}.")
+        samples.append(Sample(base / parts[0], int(parts[1]), list_file, i))
+    if not samples:
+        raise DataError(f"List file {list_file} is empty.")
+    return samples
+
+
+class FileListDataset(Dataset):
+    """Images and labels from a parsed list; errors name the file and the list line."""
+
+    def __init__(self, samples: Sequence[Sample], transform: T.Compose, cache: bool = False) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.cache: dict[int, Tensor] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        s = self.samples[index]
+        if self.cache is not None and index in self.cache:
+            return self.cache[index], s.label
+        try:
+            with Image.open(s.path) as img:
+                x = self.transform(img.convert("RGB"))
+        except FileNotFoundError:
+            raise DataError(f"{s.where()}: image {s.path} not found.") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise DataError(f"{s.where()}: image {s.path} cannot be read ({err}).") from None
+        if self.cache is not None:
+            self.cache[index] = x
+        return x, s.label
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch): the order does not depend on the global
+    RNG, so a run resumed from a checkpoint sees exactly the batches an uninterrupted run sees."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def _check_images(samples: Sequence[Sample], mode: str) -> None:
+    for s in samples:
+        if not s.path.is_file():
+            raise DataError(f"{s.where()}: image {s.path} not found.")
+        if mode == "header":
+            try:
+                with Image.open(s.path) as img:
+                    img.verify()
+            except Exception as err:  # noqa: BLE001 - PIL raises many kinds for bad files
+                raise DataError(f"{s.where()}: image {s.path} is corrupt or not an image ({err}).") from None
+
+
+class VTAB1kDataModule(L.LightningDataModule):
+    """A VTAB-1K task (or a custom task in the same layout).
+
+    Args:
+        root: folder holding the task folders (``cifar/``, ``dtd/``, ...).
+        task: one of the 19 VTAB-1K names, or any other folder in the same layout (a custom task:
+            its class count comes from ``classes.txt`` or else from the largest label + 1).
+        protocol: ``trainval_test`` (fit on train800val200, test on test; the papers' protocol) or
+            ``train_val`` (fit on train800, validate on val200: model selection, calibration).
+        img_size: square input size (224 in the papers; smaller for quick CPU runs).
+        batch_size / eval_batch_size: loader batch sizes (eval defaults to batch_size).
+        num_workers: loader workers (default: up to 4, at most the CPU count).
+        val_on_test: under ``trainval_test``, also validate on the test list during fit (the
+            official repos do; it is selection on test, so off by default).
+        num_classes: override the class count (checked against the labels).
+        check_images: ``exists`` (default; every listed image must exist), ``header`` (also open
+            each image's header), or ``none``. Checked when the module is built.
+        cache: keep decoded, transformed images in memory (no augmentation, so it is exact).
+        seed: shuffling seed; the order of epoch ``e`` depends only on (seed, e).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        task: str,
+        protocol: Literal["trainval_test", "train_val"] = "trainval_test",
+        img_size: int = 224,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int | None = None,
+        val_on_test: bool = False,
+        num_classes: int | None = None,
+        check_images: Literal["exists", "header", "none"] = "exists",
+        cache: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        # num_classes is resolved below and reaches the model through the CLI link; logging the raw
+        # argument too would clash with the model's value in Lightning's hparams merge.
+        self.save_hyperparameters(ignore=["num_classes"])
+        self.root = Path(root).expanduser()
+        self.task = task
+        self.protocol = protocol
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.transform = petl_transform(img_size)
+        self.cache = cache
+        self.seed = seed
+        self.info = VTAB_TASKS.get(task)
+        self.task_dir = self._find_task_dir()
+        self.splits = self._read_splits()
+        self.num_classes = self._resolve_num_classes(num_classes)
+        self._check_labels()
+        if check_images != "none":
+            for name in self._used_lists():
+                _check_images(self.splits[name], check_images)
+        self._datasets: dict[str, FileListDataset] = {}
+
+    # -- validation ------------------------------------------------------------------------------
+    def _find_task_dir(self) -> Path:
+        if not self.root.is_dir():
+            raise DataError(
+                f"VTAB-1K data root {str(self.root)!r} does not exist. Pass --data.root (or root=) the "
+                f"folder that holds the task folders (cifar/, dtd/, ...)."
+            )
+        task_dir = self.root / self.task
+        if task_dir.is_dir():
+            return task_dir
+        present = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if self.info is not None:
+            raise DataError(
+                f"Task folder {str(task_dir)!r} is missing. {self.task!r} is a VTAB-1K task, but the root "
+                f"holds only: {', '.join(present) or '(nothing)'}. Download/extract it there."
+            )
+        close = difflib.get_close_matches(self.task, list(VTAB_TASKS) + present, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise DataError(
+            f"Unknown task {self.task!r}: not one of the 19 VTAB-1K tasks and no folder {str(task_dir)!r}."
+            f"{hint} Folders in the root: {', '.join(present) or '(none)'}."
+        )
+
+    def _used_lists(self) -> list[str]:
+        if self.protocol == "train_val":
+            return ["train800", "val200", "test"]
+        return ["train800val200", "test"]
+
+    def _read_splits(self) -> dict[str, list[Sample]]:
+        if self.protocol not in ("trainval_test", "train_val"):
+            raise DataError(f"Unknown protocol {self.protocol!r}; use 'trainval_test' or 'train_val'.")
+        missing = [f"{n}.txt" for n in self._used_lists() if not (self.task_dir / f"{n}.txt").is_file()]
+        if missing:
+            raise DataError(
+                f"Task folder {str(self.task_dir)!r} lacks {', '.join(missing)}. A VTAB-1K task folder holds "
+                f"{', '.join(LIST_FILES)} (lines '<relative image path> <label>')."
+            )
+        return {n: read_list(self.task_dir / f"{n}.txt") for n in self._used_lists()}
+
+    def _resolve_num_classes(self, override: int | None) -> int:
+        if override is not None:
+            return override
+        if self.info is not None:
+            return self.info.num_classes
+        classes = self.task_dir / "classes.txt"
+        if classes.is_file():
+            return len([ln for ln in classes.read_text().splitlines() if ln.strip()])
+        return 1 + max(s.label for split in self.splits.values() for s in split)
+
+    def _check_labels(self) -> None:
+        for samples in self.splits.values():
+            for s in samples:
+                if not 0 <= s.label < self.num_classes:
+                    raise DataError(
+                        f"{s.where()}: label {s.label} is outside [0, {self.num_classes}) for task "
+                        f"{self.task!r}. Fix the list file, or pass num_classes if the task has more classes."
+                    )
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    @property
+    def group(self) -> str:
+        """``natural``/``specialized``/``structured`` for VTAB-1K tasks, ``custom`` otherwise."""
+        return self.info.group if self.info else "custom"
+
+    def dataset(self, split: str) -> FileListDataset:
+        """The dataset of a list (``train800``, ``val200``, ``train800val200``, ``test``)."""
+        if split not in self._datasets:
+            samples = self.splits.get(split)
+            if samples is None:
+                samples = read_list(self.task_dir / f"{split}.txt")
+            self._datasets[split] = FileListDataset(samples, self.transform, cache=self.cache)
+        return self._datasets[split]
+
+    @property
+    def train_split(self) -> str:
+        return "train800" if self.protocol == "train_val" else "train800val200"
+
+    @property
+    def val_split(self) -> str | None:
+        """val200 under ``train_val``. Under ``trainval_test`` there is no held-out list: ``fit`` runs
+        no validation unless ``val_on_test``, and the ``validate`` command evaluates the test list."""
+        if self.protocol == "train_val":
+            return "val200"
+        validating = self.trainer is not None and self.trainer.state.fn == "validate"
+        return "test" if self.hparams.val_on_test or validating else None
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        ds = self.dataset(split)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=EpochShuffleSampler(len(ds), self.seed) if train else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0 and self.cache,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_split, train=False) if self.val_split else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "VTAB_TASKS", "TaskInfo", "VTAB1kDataModule", "FileListDataset",
+    "EpochShuffleSampler", "petl_transform", "read_list", "tasks_in_group",
+]

@@ -1,0 +1,4 @@
+"""Small pure-PyTorch adapter layers (one module per method family)."""
+from petl_lightning.layers.arc import ARCBasis, ARCLayer  # noqa: F401
+from petl_lightning.layers.repadapter import GroupedLinear, RepAdapterLayer  # noqa: F401
+from petl_lightning.layers.dyt import DyTAdapter, MoEAdapter, TokenDispatcher  # noqa: F401

@@ -1,0 +1,107 @@
+"""RepAdapter's linear adapter (Luo et al., arXiv 2302.08106).
+
+Per token ``x`` (size ``dim``)::
+
+    A(x) = x + s * (W_B @ Dropout(W_A @ x + b_A) + b_B)
+
+``W_A`` is a dense down-projection to ``r`` channels, ``W_B`` a group-wise up-projection (``groups``
+diagonal blocks), ``s`` a fixed scale on the whole branch (both biases included). There is no
+activation, so in eval mode ``A`` is affine and :meth:`RepAdapterLayer.affine` gives its exact
+matrix form, which :func:`petl_lightning.merge.fold_affine_into_linear` folds into the next Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from petl_lightning.errors import PETLError
+
+
+class GroupedLinear(nn.Module):
+    """A Linear whose weight is block-diagonal: input group ``j`` feeds only output group ``j``.
+
+    Same as ``nn.Conv1d(in, out, 1, groups=groups)`` on (B, C, N) tensors, applied to (..., C).
+    ``weight`` has shape ``(out_features, in_features // groups)`` (the conv's weight, squeezed).
+    """
+
+    def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True) -> None:
+        super().__init__()
+        if groups < 1 or in_features % groups or out_features % groups:
+            raise PETLError(
+                f"GroupedLinear needs in_features ({in_features}) and out_features ({out_features}) "
+                f"divisible by groups ({groups}); pick a rank r and groups that divide the width."
+            )
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.groups
+        w = self.weight.view(g, self.out_features // g, self.in_features // g)
+        y = torch.einsum("...gi,goi->...go", x.unflatten(-1, (g, -1)), w).flatten(-2)
+        return y if self.bias is None else y + self.bias
+
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense ``(out_features, in_features)`` weight (block-diagonal)."""
+        g = self.groups
+        return torch.block_diag(*self.weight.view(g, self.out_features // g, self.in_features // g))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}"
+
+
+class RepAdapterLayer(nn.Module):
+    """RepAdapter: ``x + scale * up(dropout(down(x)))``, exactly the identity at initialisation.
+
+    Args:
+        dim: token width.
+        r: bottleneck width (the paper's 8).
+        groups: groups of the up-projection (the paper's 2); ``r`` and ``dim`` must divide by it.
+        scale: the fixed scale ``s`` on the whole branch (a per-task hyper-parameter, see
+            :data:`petl_lightning.methods.repadapter.REPADAPTER_SCALES`). It is kept as a buffer so
+            checkpoints carry it and a merge always uses the value that was trained (the official
+            ``test.py`` silently defaults to 1).
+        dropout: dropout on the ``r``-dim hidden (train mode only); ``self.dropout.p`` may be changed.
+
+    Initialisation as the official code: ``down.weight`` xavier-uniform, every other tensor zero.
+    """
+
+    def __init__(self, dim: int, r: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1) -> None:
+        super().__init__()
+        if r < 1 or dim < 1:
+            raise PETLError(f"RepAdapterLayer needs dim >= 1 and r >= 1, got dim={dim}, r={r}.")
+        self.dim, self.r, self.groups = dim, r, groups
+        self.down = nn.Linear(dim, r)
+        self.dropout = nn.Dropout(dropout)
+        self.up = GroupedLinear(r, dim, groups)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.scale * self.up(self.dropout(self.down(x)))
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """``(M, c)`` in fp32 with ``forward(x) == x @ M.T + c`` in eval mode.
+
+        ``M = I + s * W_B W_A`` and ``c = s * (W_B b_A + b_B)`` (``W_B`` densified).
+        """
+        s = self.scale.float()
+        w_a, b_a = self.down.weight.float(), self.down.bias.float()
+        w_b, b_b = self.up.dense_weight().float(), self.up.bias.float()
+        eye = torch.eye(self.dim, dtype=torch.float32, device=w_a.device)
+        return eye + s * (w_b @ w_a), s * (w_b @ b_a + b_b)
+
+    def flops(self, n_tokens: int) -> int:
+        """Multiply-adds on ``n_tokens`` tokens: dense down plus group-wise up (biases, scale, skip not counted)."""
+        return n_tokens * (self.dim * self.r + self.dim * self.r // self.groups)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, r={self.r}, groups={self.groups}, scale={float(self.scale):g}"
+
+
+__all__ = ["GroupedLinear", "RepAdapterLayer"]

@@ -1,0 +1,61 @@
+"""Baselines: a linear probe on frozen features, and full fine-tuning."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from petl_lightning.methods.base import PETLModule
+
+
+class LinearProbe(PETLModule):
+    """Train only the linear head on the frozen backbone's pooled features.
+
+    Args:
+        cache_features: remember each image's features (keyed by a hash of its pixels), so every
+            epoch after the first costs only the head. Exact because the backbone is frozen and the
+            VTAB-1K transforms are deterministic; switched off automatically with drop-path.
+        **kwargs: :class:`PETLModule` arguments.
+    """
+
+    def __init__(self, cache_features: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cache_features = cache_features and self.hparams.drop_path_rate == 0
+        self._feature_cache: dict[bytes, Tensor] = {}
+
+    @staticmethod
+    def _key(image: Tensor) -> bytes:
+        return hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if not self.cache_features:
+            return super().forward_features(x)
+        keys = [self._key(img) for img in x]
+        todo = [i for i, k in enumerate(keys) if k not in self._feature_cache]
+        if todo:
+            with torch.no_grad():
+                feats = super().forward_features(x[todo])
+            for i, f in zip(todo, feats):
+                self._feature_cache[keys[i]] = f.detach().cpu()
+        return torch.stack([self._feature_cache[k] for k in keys]).to(device=x.device, dtype=x.dtype)
+
+
+class FullFinetune(PETLModule):
+    """Fine-tune every backbone parameter (the reference PETL methods are compared with).
+
+    Its checkpoints hold the whole model, unlike the adapter-only checkpoints of the PETL methods.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("lr", 1e-4)
+        super().__init__(**kwargs)
+        self.vit.requires_grad_(True)
+
+    def trainable_state_keys(self) -> list[str]:
+        return list(self.state_dict().keys())
+
+
+__all__ = ["FullFinetune", "LinearProbe"]
