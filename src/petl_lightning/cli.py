@@ -121,7 +121,13 @@ def _run(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``petl-lightning`` / ``python -m petl_lightning``: Lightning's ``fit|validate|test|predict``."""
+    """``petl-lightning`` / ``python -m petl_lightning``: Lightning's ``fit|validate|test|predict``,
+    plus ``vtab`` (run a recipe on many VTAB-1K tasks and write the results table)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "vtab":
+        from petl_lightning.runner import vtab_main
+
+        sys.exit(vtab_main(args[1:]))
     sys.exit(_run(argv))
 
 

@@ -1,0 +1,106 @@
+"""Shared fixtures. Tests never touch the network: the hub is forced offline here.
+
+Real-data tests read ``../shared/assets`` (or ``$PETL_ASSETS``) and skip, saying why, when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+ASSETS = Path(os.environ.get("PETL_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+VITS_WEIGHTS = ASSETS / "weights" / "vit_small_patch14_dinov2.imgfocus_saliency.safetensors"
+VTAB_ASSETS = ASSETS / "vtab1k"
+
+# The short real-data budget every method is compared under (LinearProbe included).
+DTD10_BUDGET: dict[str, Any] = {
+    "task": "dtd10",
+    "model_name": "vit_small_patch14_dinov2",
+    "img_size": 112,
+    "batch_size": 32,
+    "max_epochs": 5,
+}
+
+
+@pytest.fixture(scope="session")
+def vits_weights() -> Path:
+    if not VITS_WEIGHTS.is_file():
+        pytest.skip(f"real ViT-S weights not found at {VITS_WEIGHTS} (shared assets absent)")
+    return VITS_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def dtd10_root() -> Path:
+    if not (VTAB_ASSETS / "dtd10" / "test.txt").is_file():
+        pytest.skip(f"dtd10 assets not found under {VTAB_ASSETS} (shared assets absent)")
+    return VTAB_ASSETS
+
+
+@pytest.fixture(scope="session")
+def dtd10_budget() -> dict[str, Any]:
+    return dict(DTD10_BUDGET)
+
+
+def fit_and_test(module: Any, datamodule: Any, max_epochs: int, seed: int = 0) -> float:
+    """Fit ``module`` for ``max_epochs`` on CPU without logging, return its test accuracy."""
+    import lightning as L
+
+    L.seed_everything(seed, verbose=False)
+    trainer = L.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule)
+    return float(trainer.test(module, datamodule, verbose=False)[0]["test/acc"])
+
+
+@pytest.fixture(scope="session")
+def dtd10_datamodule_factory(dtd10_root: Path, dtd10_budget: dict[str, Any]):
+    """Builds the dtd10 DataModule of the shared budget (decoded images cached in memory)."""
+    from petl_lightning.data.vtab import VTAB1kDataModule
+
+    def make(**overrides: Any) -> VTAB1kDataModule:
+        kwargs = dict(root=str(dtd10_root), task=dtd10_budget["task"], img_size=dtd10_budget["img_size"],
+                      batch_size=dtd10_budget["batch_size"], num_workers=0, cache=True)
+        kwargs.update(overrides)
+        return VTAB1kDataModule(**kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def linear_probe_dtd10(vits_weights: Path, dtd10_datamodule_factory, dtd10_budget: dict[str, Any]) -> dict[str, Any]:
+    """LinearProbe's dtd10 test accuracy under the shared budget (computed once per session)."""
+    from petl_lightning.methods.baselines import LinearProbe
+
+    dm = dtd10_datamodule_factory()
+    model = LinearProbe(
+        num_classes=dm.num_classes, model_name=dtd10_budget["model_name"], checkpoint_path=str(vits_weights),
+        img_size=dtd10_budget["img_size"], lr=1e-2, warmup_epochs=1,
+    )
+    acc = fit_and_test(model, dm, dtd10_budget["max_epochs"])
+    return {"acc": acc, **dtd10_budget}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(name="fit_and_test")
+def _fit_and_test_fixture():
+    """The :func:`fit_and_test` helper as a fixture: ``fit_and_test(module, datamodule, max_epochs)``."""
+    return fit_and_test
