@@ -284,12 +284,11 @@ class PETLModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        frozen_keys = set(self.state_dict()) - set(self.trainable_state_keys())
-        # A full (non adapter-only) checkpoint may carry backbone weights: the backbone is rebuilt
-        # from its own source, so drop them.
-        for k in frozen_keys & set(state):
-            del state[k]
+        # The frozen backbone was rebuilt from its own source: complete the adapter-only state with
+        # its tensors (replacing any a full checkpoint carries), so the load is whole and silent.
+        own = self.state_dict()
+        trainable = set(self.trainable_state_keys())
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k not in trainable})
         rng = checkpoint.get("petl_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
