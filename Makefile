@@ -1,0 +1,29 @@
+# make test / make demo create or update .venv and do all the set-up (only PyPI needs to be reachable).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: venv test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m petl_lightning.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/benchmark.py
+
+clean:
+	rm -rf runs demo_data lightning_logs .pytest_cache
