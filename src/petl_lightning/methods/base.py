@@ -138,7 +138,11 @@ class PETLModule(L.LightningModule):
                 "exit_acc": torch.full((meter.num_exits,), float("nan"), dtype=torch.float64),
             }
         else:
-            stats = meter.compute()
+            stats = dict(meter.compute())
+            # torchmetrics squeezes one-element results; keep the documented shapes.
+            stats["exit_share"] = stats["exit_share"].reshape(-1)
+            stats["exit_acc"] = stats["exit_acc"].reshape(-1)
+            stats["keep_rate_per_layer"] = stats["keep_rate_per_layer"].reshape(-1)
         stats["gflops_backbone"] = torch.tensor(self.backbone_flops() / 1e9, dtype=torch.float64)
         return stats
 
