@@ -128,6 +128,7 @@ class RepAdapter(PETLModule):
             a.scale.fill_(float(scale))
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         hp = self.hparams
         if stage != "fit" or hp.scale is not None or hp.scale_task is not None:
             return

@@ -1,0 +1,160 @@
+"""RepAdapter: the layer as specified, the official scale table, parameter counts, the scale that
+checkpoints carry into merges, and real training on DTD-10 against the linear probe."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from petl_lightning.data.vtab import VTAB_TASKS
+from petl_lightning.errors import PETLError
+from petl_lightning.layers.repadapter import GroupedLinear, RepAdapterLayer
+from petl_lightning.methods.repadapter import REPADAPTER_SCALES, RepAdapter, task_scale
+
+TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 2})
+
+
+# -- the layer -------------------------------------------------------------------------------------
+def test_layer_starts_as_identity_with_official_init() -> None:
+    torch.manual_seed(0)
+    layer = RepAdapterLayer(768, r=8, groups=2, scale=10.0).train()
+    x = torch.randn(2, 5, 768)
+    assert torch.equal(layer(x), x)
+    bound = math.sqrt(6 / (768 + 8))  # xavier-uniform, gain 1
+    w = layer.down.weight
+    assert w.shape == (8, 768) and w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    for t in (layer.down.bias, layer.up.weight, layer.up.bias):
+        assert not t.any()
+    assert layer.up.weight.shape == (768, 4)  # the Conv1d(8, 768, 1, groups=2) weight, squeezed
+    assert isinstance(layer.dropout, nn.Dropout) and layer.dropout.p == 0.1
+
+
+def test_grouped_up_projection_equals_grouped_conv1d() -> None:
+    torch.manual_seed(0)
+    up = GroupedLinear(8, 64, groups=2)
+    nn.init.normal_(up.weight)
+    nn.init.normal_(up.bias)
+    conv = nn.Conv1d(8, 64, kernel_size=1, groups=2)
+    with torch.no_grad():
+        conv.weight.copy_(up.weight.unsqueeze(-1))
+        conv.bias.copy_(up.bias)
+    h = torch.randn(3, 11, 8)
+    assert (up(h) - conv(h.transpose(1, 2)).transpose(1, 2)).abs().max().item() < 1e-5
+    dense = up.dense_weight()
+    assert not dense[:32, 4:].any() and not dense[32:, :4].any()  # block-diagonal
+    with pytest.raises(PETLError, match="divisible"):
+        GroupedLinear(8, 64, groups=3)
+
+
+def test_scale_multiplies_the_whole_branch_biases_included() -> None:
+    torch.manual_seed(0)
+    layer = RepAdapterLayer(32, r=4, groups=2, scale=0.5).eval()
+    for p in layer.parameters():
+        nn.init.normal_(p)
+    x = torch.randn(6, 32)
+    h = x @ layer.down.weight.T + layer.down.bias
+    expected = x + 0.5 * (h @ layer.up.dense_weight().T + layer.up.bias)
+    assert (layer(x) - expected).abs().max().item() < 1e-5
+    layer.dropout.p = 1.0  # dropout sits on the hidden: with p=1 only the up bias is left
+    layer.train()
+    assert (layer(x) - (x + 0.5 * layer.up.bias)).abs().max().item() < 1e-6
+
+
+# -- scale table -----------------------------------------------------------------------------------
+def test_official_scale_table() -> None:
+    for placement in ("repblock", "repattn"):
+        assert set(REPADAPTER_SCALES[placement]) == set(VTAB_TASKS)
+        assert set(REPADAPTER_SCALES[placement].values()) <= {0.1, 0.5, 1, 5, 10}
+    assert [task_scale(t) for t in ("cifar", "caltech101", "svhn", "smallnorb_azi", "kitti")] == [0.1, 5, 10, 10, 5]
+    assert [task_scale(t, "repattn") for t in ("dtd", "resisc45", "eurosat")] == [0.1, 0.1, 5]
+    m = RepAdapter(num_classes=4, scale_task="svhn", **TINY)
+    assert m.scale == 10 and all(float(a.scale) == 10 for a in m.adapters())
+    assert RepAdapter(num_classes=4, scale_task="svhn", scale=0.5, **TINY).scale == 0.5
+    with pytest.raises(PETLError, match="No official RepAdapter scale"):
+        RepAdapter(num_classes=4, scale_task="cifar100", **TINY)
+    with pytest.raises(PETLError, match="placement"):
+        RepAdapter(num_classes=4, placement="repmlp", **TINY)
+
+
+# -- parameter counts (ViT-B/16, spec section 2.4) -------------------------------------------------
+@pytest.mark.parametrize("placement, with_bias, weights_only", [("repblock", 239_808, 221_184),
+                                                                 ("repattn", 119_904, 110_592)])
+def test_vit_b16_parameter_counts(placement: str, with_bias: int, weights_only: int) -> None:
+    m = RepAdapter(num_classes=100, model_name="vit_base_patch16_224", pretrained=False, placement=placement)
+    adapter = [(n, p) for n, p in m.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    assert sum(p.numel() for _, p in adapter) == with_bias
+    assert sum(p.numel() for _, p in adapter if p.ndim == 2) == weights_only
+    assert m.parameter_summary()["trainable"] == with_bias + 768 * 100 + 100
+    assert not any(p.requires_grad for p in m.vit.parameters())
+
+
+# -- the trained scale travels with the checkpoint -------------------------------------------------
+class _RandomTask(L.LightningDataModule):
+    """Random images under a VTAB task name (the model reads ``task`` to pick its scale)."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__()
+        self.task = task
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 4, (16,), generator=g))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+
+def test_scale_from_datamodule_is_saved_and_used_by_merge(tmp_path) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny_backbone.safetensors"  # the backbone's source, rebuilt on load
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2).state_dict(), str(weights))
+    model = RepAdapter(num_classes=4, lr=1e-2, warmup_epochs=0, **{**TINY, "pretrained": True,
+                                                                     "checkpoint_path": str(weights)})
+    assert model.scale == 1.0
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=_RandomTask("svhn"))
+    assert model.scale == 10.0
+    ckpt = tmp_path / "ra.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert not any(k.startswith("vit.") for k in saved)  # adapter-only checkpoint
+    assert float(saved["blocks.0.attn_adapter.scale"]) == 10.0
+    restored = RepAdapter.load_from_checkpoint(ckpt).eval()
+    assert restored.hparams.scale is None and restored.scale == 10.0  # the official test.py would use 1
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        assert (restored(x) - want).abs().max().item() < 1e-6
+        assert (restored.merge()(x) - want).abs().max().item() < 1e-4
+
+
+# -- real data -------------------------------------------------------------------------------------
+# The shared budget (conftest.DTD10_BUDGET: 112 px, 5 epochs) costs about 15 CPU-minutes per method
+# that back-propagates through the backbone, so this test keeps its task, weights and batch size
+# but uses 56 px and 1 epoch, and trains the LinearProbe under exactly the same settings.
+SHORT = dict(img_size=56, max_epochs=1, lr=1e-2, warmup_epochs=0, scheduler_interval="step")
+
+
+@pytest.mark.timeout(1800)  # about 1.5 min on 2 idle cores; a busy shared machine can take 5x that
+def test_dtd10_beats_linear_probe(vits_weights, dtd10_datamodule_factory, dtd10_budget, fit_and_test) -> None:
+    """Real DTD-10 images and real ViT-S weights: RepAdapter beats the linear probe trained the same way."""
+    from petl_lightning.methods.baselines import LinearProbe
+
+    def make_dm():
+        return dtd10_datamodule_factory(img_size=SHORT["img_size"])
+
+    kwargs = dict(num_classes=make_dm().num_classes, model_name=dtd10_budget["model_name"],
+                  checkpoint_path=str(vits_weights), img_size=SHORT["img_size"], lr=SHORT["lr"],
+                  warmup_epochs=SHORT["warmup_epochs"], scheduler_interval=SHORT["scheduler_interval"])
+    lp_acc = fit_and_test(LinearProbe(**kwargs), make_dm(), SHORT["max_epochs"])
+    acc = fit_and_test(RepAdapter(**kwargs, scale=1.0), make_dm(), SHORT["max_epochs"])
+    print(f"\nDTD-10 test accuracy (ViT-S, 56 px, 1 epoch): RepAdapter {acc:.4f} vs LinearProbe {lp_acc:.4f}")
+    assert acc > lp_acc + 0.02
