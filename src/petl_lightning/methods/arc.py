@@ -18,16 +18,13 @@ Export the merged model in one line::
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor, nn
+from torch import nn
 
 from petl_lightning.errors import PETLError
 from petl_lightning.layers.arc import ARCBasis, ARCLayer
-from petl_lightning.merge import export_safetensors, merge_into_vit
-from petl_lightning.methods.base import PETLModule
+from petl_lightning.methods.foldable import FoldableAdapterModule
 from petl_lightning.methods.repadapter import RepAdapterBlock
 
 PLACEMENTS = ("arc", "arc_att")
@@ -42,7 +39,7 @@ class ARCBlock(RepAdapterBlock):
     """
 
 
-class ARC(PETLModule):
+class ARC(FoldableAdapterModule):
     """ARC on a frozen ViT: shared bases, per-layer coefficients and biases, and the head are trained.
 
     Args:
@@ -83,30 +80,6 @@ class ARC(PETLModule):
             mlp = ARCLayer(self.basis_mlp, dim, r, adapter_dropout, coeff_init=mlp_init) if self.basis_mlp is not None else None
             blocks.append(ARCBlock(blk, attn, mlp))
         self.blocks = nn.ModuleList(blocks)
-
-    def forward_tokens(self, tokens: Tensor) -> Tensor:
-        x = tokens
-        for blk in self.blocks:
-            x = blk(x)
-        return x
-
-    def unmerged_flops(self) -> int:
-        """FLOPs per image of the training form (backbone + head + the adapters' multiply-adds)."""
-        n = self.vit.num_tokens
-        return self.backbone_flops() + sum(blk.adapter_flops(n) for blk in self.blocks)
-
-    def merge(self) -> VisionTransformer:
-        """A plain fp32 timm ``VisionTransformer`` (with this head) computing the same logits in eval mode.
-
-        Its ``state_dict`` loads with ``strict=True`` into ``timm.create_model(model_name,
-        num_classes=..., img_size=..., **model_kwargs)``. This module is not modified.
-        """
-        hp = self.hparams
-        return merge_into_vit(hp.model_name, self.vit.vit, list(self.blocks), self.head, hp.model_kwargs)
-
-    def export(self, path: str | Path) -> Path:
-        """Merge and save as ``.safetensors``; load with ``timm.create_model(..., checkpoint_path=path)``."""
-        return export_safetensors(self.merge(), path)
 
 
 __all__ = ["ARC", "ARCBlock"]

@@ -15,17 +15,15 @@ Export the merged model (a plain timm ``VisionTransformer``) in one line::
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_warn
-from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor, nn
+from torch import nn
 
 from petl_lightning.errors import PETLError
 from petl_lightning.layers.repadapter import RepAdapterLayer
-from petl_lightning.merge import AffineAdapterBlock, export_safetensors, merge_into_vit
-from petl_lightning.methods.base import PETLModule
+from petl_lightning.merge import AffineAdapterBlock
+from petl_lightning.methods.foldable import FoldableAdapterModule
 
 # Official per-task scale s (configs/{repblock,repattn}/<task>.yaml of luogen1996/RepAdapter).
 REPADAPTER_SCALES: dict[str, dict[str, float]] = {
@@ -69,7 +67,7 @@ class RepAdapterBlock(AffineAdapterBlock):
     """
 
 
-class RepAdapter(PETLModule):
+class RepAdapter(FoldableAdapterModule):
     """RepAdapter on a frozen ViT: adapters + head trained, everything else frozen.
 
     Args:
@@ -141,31 +139,6 @@ class RepAdapter(PETLModule):
             rank_zero_warn(f"RepAdapter: task {task!r} has no official scale; using 1.0 (set model.scale to choose).")
             return
         self.set_scale(table[task])
-
-    # -- forward, FLOPs, merge -------------------------------------------------------------------
-    def forward_tokens(self, tokens: Tensor) -> Tensor:
-        x = tokens
-        for blk in self.blocks:
-            x = blk(x)
-        return x
-
-    def unmerged_flops(self) -> int:
-        """FLOPs per image of the training form (backbone + head + the adapters' multiply-adds)."""
-        n = self.vit.num_tokens
-        return self.backbone_flops() + sum(blk.adapter_flops(n) for blk in self.blocks)
-
-    def merge(self) -> VisionTransformer:
-        """A plain fp32 timm ``VisionTransformer`` (with this head) computing the same logits in eval mode.
-
-        Its ``state_dict`` loads with ``strict=True`` into ``timm.create_model(model_name,
-        num_classes=..., img_size=..., **model_kwargs)``. This module is not modified.
-        """
-        hp = self.hparams
-        return merge_into_vit(hp.model_name, self.vit.vit, list(self.blocks), self.head, hp.model_kwargs)
-
-    def export(self, path: str | Path) -> Path:
-        """Merge and save as ``.safetensors``; load with ``timm.create_model(..., checkpoint_path=path)``."""
-        return export_safetensors(self.merge(), path)
 
 
 __all__ = ["REPADAPTER_SCALES", "RepAdapter", "RepAdapterBlock", "task_scale"]
