@@ -4,6 +4,7 @@ Every class a recipe may name is imported here, so short ``class_path`` names wo
 """
 
 from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT
+from petl_lightning.callbacks import ExitRateLogger, FlopsLogger, ImageThroughputMonitor
 from petl_lightning.data.vtab import VTAB_TASKS, VTAB1kDataModule
 from petl_lightning.errors import CheckpointError, DataError, ModelNameError, PETLError
 from petl_lightning.methods.base import PETLModule
@@ -11,6 +12,8 @@ from petl_lightning.methods.baselines import FullFinetune, LinearProbe
 # methods (one line each)
 from petl_lightning.methods.repadapter import RepAdapter
 from petl_lightning.methods.arc import ARC
+from petl_lightning.methods.dyt import DyT
+from petl_lightning.methods.dyn_adapter import DynAdapter
 
 __version__ = "0.1.0"
 

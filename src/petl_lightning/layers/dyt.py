@@ -44,9 +44,10 @@ class TokenDispatcher(nn.Module):
         dim: token width.
         tau: Gumbel-sigmoid temperature (paper default 5.0; scales the gradient only).
         threshold: inference threshold on ``sigmoid(logit)`` (paper: 0.5).
+        init_std: std of the truncated-normal weight init (official code: 0.02; zero bias).
     """
 
-    def __init__(self, dim: int, tau: float = 5.0, threshold: float = 0.5) -> None:
+    def __init__(self, dim: int, tau: float = 5.0, threshold: float = 0.5, init_std: float = 0.02) -> None:
         super().__init__()
         if tau <= 0:
             raise PETLError(f"Dispatcher temperature tau must be positive, got {tau}.")
@@ -54,9 +55,10 @@ class TokenDispatcher(nn.Module):
             raise PETLError(f"Dispatcher threshold must lie in (0, 1), got {threshold}.")
         self.proj = nn.Linear(dim, 1)
         self.tau = tau
-        self.threshold = threshold
+        # sigmoid(l) > t  <=>  l > logit(t); a buffer, so a calibrated threshold is checkpointed
+        self.register_buffer("logit_threshold", torch.tensor(math.log(threshold / (1.0 - threshold))))
         self.force_keep_rate: float | None = None
-        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.trunc_normal_(self.proj.weight, std=init_std)  # bounds +-2 absolute, as timm
         nn.init.zeros_(self.proj.bias)
 
     def logits(self, tokens: Tensor) -> Tensor:
@@ -74,7 +76,12 @@ class TokenDispatcher(nn.Module):
             if k > 0:
                 mask.scatter_(1, logits.topk(k, dim=1).indices, 1.0)
             return mask
-        return (torch.sigmoid(logits) > self.threshold).to(logits.dtype)
+        return (logits > self.logit_threshold).to(logits.dtype)
+
+    @property
+    def threshold(self) -> float:
+        """The inference threshold on ``sigmoid(logit)``."""
+        return float(torch.sigmoid(self.logit_threshold))
 
     def flops(self, n_tokens: int) -> int:
         """Multiply-adds for ``n_tokens`` tokens."""

@@ -34,7 +34,9 @@ class LoRA(nn.Module):
     is exactly zero at the start.
     """
 
-    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8.0, dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, r: int = 8, alpha: float = 8.0, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         if r < 1 or in_features < 1 or out_features < 1:
             raise PETLError(
@@ -64,7 +66,8 @@ class LoRA(nn.Module):
         return n_tokens * self.r * (self.in_features + self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scaling={float(self.scaling):g}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={float(self.scaling):g}")
 
 
 __all__ = ["LoRA"]

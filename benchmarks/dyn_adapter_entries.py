@@ -1,0 +1,88 @@
+"""Benchmark entries for Dyn-Adapter at FLOPs budgets 0.3, 0.5 and 0.7 of the full model.
+
+Each entry runs :meth:`DynAdapter.dynamic_forward` (early exit with batch shrinking: finished
+images leave the batch after each exit) on the merged model (:meth:`DynAdapter.merge`: the
+RepAdapters folded into copies of the blocks, so only the exit heads add cost); the training
+step is timed on the unmerged model with its multi-exit loss. The weights are random, so the thresholds are set on
+random images of the benchmark's size to give a geometric exit mix that spends the budget (see
+:func:`build`). The entry's GFLOPs and the exit mix in its notes are those of that calibration
+set; the timed batch is another random batch of the same distribution, so its mix is close to,
+not exactly, it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.common import Entry
+from petl_lightning.methods.dyn_adapter import DynAdapter, candidate_thresholds, evaluate_thresholds
+
+BUDGETS = (0.3, 0.5, 0.7)
+
+
+class DynamicLogits(nn.Module):
+    """Images -> logits through the batch-shrinking dynamic path of the merged model (without the
+    statistics meter), with this entry's own thresholds (several entries share one model)."""
+
+    def __init__(self, method: DynAdapter, thresholds: list[float]) -> None:
+        super().__init__()
+        self.method = method
+        self.register_buffer("thr", torch.tensor(thresholds, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.method.is_merged:  # a training step in between drops the merged copies
+            self.method.merge()
+        self.method.thresholds.copy_(self.thr)
+        return self.method.dynamic_forward(x).logits
+
+
+def build(model_name: str, img_size: int, num_classes: int, calib_images: int = 128, batch: int = 32,
+          seed: int = 0) -> tuple[DynAdapter, dict[float, dict]]:
+    """A random-weight RepAdapter-based DynAdapter, merged (adapters folded into copies of the
+    blocks, as RepAdapter does at inference), and thresholds for each budget.
+
+    Random heads have no accuracy to trade, so the thresholds are not searched for accuracy: among
+    MSDNet's geometric exit mixes (share at exit k proportional to q**k, realised exit by exit as
+    confidence quantiles of the images still running), the most expensive one within the budget.
+    """
+    torch.manual_seed(seed)
+    m = DynAdapter(num_classes=num_classes, model_name=model_name, pretrained=False, img_size=img_size,
+                   calibrate_budget=None, eval_all_exits=False)
+    with torch.no_grad():  # non-zero adapters; heads with spread-out confidences
+        for name, p in m.named_parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05 if "head" in name else 0.02)
+    m.merge()
+    g = torch.Generator().manual_seed(seed + 1)
+    xs = [torch.randn(batch, 3, img_size, img_size, generator=g) for _ in range(max(1, calib_images // batch))]
+    out = m.collect_exits([(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in xs])
+    costs = torch.tensor(m.exit_flops(), dtype=torch.float64)
+    cands = candidate_thresholds(out.conf, "geometric", resolution=2001)
+    _, cost, share = evaluate_thresholds(out.conf, out.correct, costs, cands)
+    full = m.full_flops()
+    calib = {}
+    for b in BUDGETS:
+        i = int(torch.where(cost <= b * full, cost, torch.full_like(cost, -1.0)).argmax())
+        calib[b] = {"thresholds": cands[i].tolist(), "gflops": float(cost[i]) / 1e9,
+                    "flops_ratio": float(cost[i]) / full, "exit_share": share[i].tolist()}
+    return m, calib
+
+
+def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
+    """Dyn-Adapter (RepAdapter base, exits after 1/4, 1/2, 3/4 of the depth) at three budgets."""
+    m, calib = build(model_name, img_size, num_classes)
+    trainable = m.parameter_summary()["trainable"]
+    rows = []
+    for b, c in calib.items():
+        mix = "/".join(f"{s:.2f}" for s in c["exit_share"])
+        rows.append(Entry(
+            f"Dyn-Adapter (budget {b:g})", DynamicLogits(m, c["thresholds"]).eval(), trainable, c["gflops"],
+            f"RepAdapter base (merged); exit mix {mix} after blocks {m.exit_depths}; {c['flops_ratio']:.2f} of full",
+            train_module=m,  # one shared training form (all exits' weighted loss), timed once
+            extra={"budget": b, "exit_share": c["exit_share"], "thresholds": c["thresholds"]},
+        ))
+    return rows
+
+
+__all__ = ["BUDGETS", "DynamicLogits", "build", "entries"]
