@@ -8,16 +8,16 @@ from petl_lightning.callbacks import ExitRateLogger, FlopsLogger, ImageThroughpu
 from petl_lightning.data.vtab import VTAB_TASKS, VTAB1kDataModule
 from petl_lightning.errors import CheckpointError, DataError, ModelNameError, PETLError
 from petl_lightning.methods.base import PETLModule
-from petl_lightning.methods.baselines import FullFinetune, LinearProbe
-# methods (one line each)
-from petl_lightning.methods.repadapter import RepAdapter
 from petl_lightning.methods.arc import ARC
-from petl_lightning.methods.dyt import DyT
+from petl_lightning.methods.baselines import FullFinetune, LinearProbe
 from petl_lightning.methods.dyn_adapter import DynAdapter
+from petl_lightning.methods.dyt import DyT
+from petl_lightning.methods.repadapter import RepAdapter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "CheckpointError", "DataError", "FrozenViT", "FullFinetune", "LinearProbe",
-    "ModelNameError", "PETLError", "PETLModule", "VTAB1kDataModule", "VTAB_TASKS",
+    "ARC", "DEFAULT_MODEL", "CheckpointError", "DataError", "DyT", "DynAdapter", "ExitRateLogger",
+    "FlopsLogger", "FrozenViT", "FullFinetune", "ImageThroughputMonitor", "LinearProbe", "ModelNameError",
+    "PETLError", "PETLModule", "RepAdapter", "VTAB1kDataModule", "VTAB_TASKS",
 ]
