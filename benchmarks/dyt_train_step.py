@@ -1,7 +1,7 @@
 """Training step time of DyT against LinearProbe on the same batch.
 
     python benchmarks/dyt_train_step.py                         # ViT-B/16, 224 px, batch 32, CPU
-    python benchmarks/dyt_train_step.py --model vit_small_patch16_224 --batch-size 16
+    python benchmarks/dyt_train_step.py --model vit_small_patch16_224 --batch-size 16 --threads 1
 
 One step = forward(s), loss, backward, AdamW update, timed round-robin (median of ``--repeats``
 after one warm-up). Rows:
@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     r = train_step_times(args.model, args.img_size, args.batch_size, args.num_classes, args.repeats, args.device)
     print(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
