@@ -144,8 +144,11 @@ def test_wandb_offline_run_holds_exit_table_flops_and_effective_config(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # wandb's own files stay in tmp too
+    # A wandb service left running by an earlier test resolves a relative save_dir in *its* working
+    # directory (seen in CI): start from no service, and give the run an absolute directory.
+    wandb.teardown()
     try:
-        cli = run_cli(tiny_dyn_adapter_args(tiny_root))
+        cli = run_cli([*tiny_dyn_adapter_args(tiny_root), f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"])
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     finally:
         wandb.finish()
