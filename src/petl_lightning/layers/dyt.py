@@ -44,7 +44,7 @@ class TokenDispatcher(nn.Module):
         dim: token width.
         tau: Gumbel-sigmoid temperature (paper default 5.0; scales the gradient only).
         threshold: inference threshold on ``sigmoid(logit)`` (paper: 0.5).
-        init_std: std of the truncated-normal weight init (official code: 0.02; zero bias).
+        init_std: std of the normal weight init (official code: 0.02; zero bias).
     """
 
     def __init__(self, dim: int, tau: float = 5.0, threshold: float = 0.5, init_std: float = 0.02) -> None:
@@ -58,7 +58,8 @@ class TokenDispatcher(nn.Module):
         # sigmoid(l) > t  <=>  l > logit(t); a buffer, so a calibrated threshold is checkpointed
         self.register_buffer("logit_threshold", torch.tensor(math.log(threshold / (1.0 - threshold))))
         self.force_keep_rate: float | None = None
-        nn.init.trunc_normal_(self.proj.weight, std=init_std)  # bounds +-2 absolute, as timm
+        # the official trunc_normal_(std=.02) cuts at +-2, i.e. 100 std: in effect a plain normal
+        nn.init.normal_(self.proj.weight, std=init_std)
         nn.init.zeros_(self.proj.bias)
 
     def logits(self, tokens: Tensor) -> Tensor:
@@ -67,7 +68,10 @@ class TokenDispatcher(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Tokens (B, P, D) to a 0/1 keep mask (B, P) in the tokens' dtype."""
-        logits = self.logits(tokens)
+        return self.decide(self.logits(tokens))
+
+    def decide(self, logits: Tensor) -> Tensor:
+        """Dispatch logits (B, P) to the 0/1 keep mask (B, P): sampled in training, thresholded at inference."""
         if self.training:
             return gumbel_sigmoid_st(logits, self.tau)
         if self.force_keep_rate is not None:
