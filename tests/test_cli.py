@@ -102,3 +102,23 @@ def test_linear_probe_on_dtd10_through_the_lightning_script(dtd10_root: Path, vi
     other = run("validate", "-c", str(config), "--ckpt_path", str(ckpts[0]), "--model.init_args.num_classes", "12",
                 "--data.init_args.num_classes", "12", "--trainer.logger", "false")
     assert_user_error(other, r"shape mismatch head.weight")
+
+
+def test_model_follows_the_data_image_size(dtd10_root: Path) -> None:
+    """A recipe that sets only ``data.img_size`` builds the backbone for it (it used to crash at fit
+    start in Lightning's hparams merge: model img_size None vs data 64)."""
+    from petl_lightning.cli import PETLCLI
+
+    cli = PETLCLI(args=["-c", str(ROOT / "recipes" / "dyt.yaml"), f"--data.init_args.root={dtd10_root}",
+                        "--data.init_args.task=dtd10", "--data.init_args.img_size=64",
+                        "--model.init_args.model_name=vit_tiny_patch16_224", "--model.init_args.pretrained=false"],
+                  run=False)
+    assert cli.model.hparams.img_size == 64 == cli.datamodule.hparams.img_size
+    assert cli.model.vit.shape().num_patches == (64 // 16) ** 2
+
+
+def test_conflicting_image_sizes_fail_cleanly(dtd10_root: Path) -> None:
+    proc = run("fit", "-c", "recipes/linear_probe.yaml", "--data.init_args.root", str(dtd10_root),
+               "--data.init_args.task", "dtd10", "--model.init_args.pretrained", "false",
+               "--model.init_args.img_size", "32", "--data.init_args.img_size", "48")
+    assert_user_error(proc, r"--model.init_args.img_size=32 but --data.init_args.img_size=48")

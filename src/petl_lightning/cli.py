@@ -54,6 +54,27 @@ class PETLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Build the backbone for the image size the data produces.
+
+        ``model.img_size`` left unset (``None``) takes ``data.img_size``; two different explicit
+        sizes are a user error. Without this a recipe that sets only the data size crashes at fit
+        start in Lightning's hyper-parameter merge (the two ``img_size`` values differ).
+        """
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        model_key, data_key = "model.init_args.img_size", "data.init_args.img_size"
+        if model_key not in cfg or data_key not in cfg:
+            return  # a model or data class without an img_size argument: nothing to reconcile
+        model_size, data_size = cfg[model_key], cfg[data_key]
+        if model_size is None and data_size is not None:
+            cfg[model_key] = data_size
+        elif model_size is not None and data_size is not None and model_size != data_size:
+            raise PETLError(
+                f"--model.init_args.img_size={model_size} but --data.init_args.img_size={data_size}: the "
+                f"backbone must be built for the size of the images it gets. Set both to the same value, "
+                f"or set only --data.init_args.img_size (the model follows it)."
+            )
+
     def _check_ckpt_path(self) -> None:
         """Fail before the trainer starts (no logs, no files) when ``--ckpt_path`` is unusable."""
         path = self.config[self.subcommand].get("ckpt_path")
