@@ -67,6 +67,42 @@ def fit_and_test(module: Any, datamodule: Any, max_epochs: int, seed: int = 0) -
     return float(trainer.test(module, datamodule, verbose=False)[0]["test/acc"])
 
 
+def recipe_config(recipe: Path) -> dict[str, Any]:
+    """The effective config of ``recipe`` as the CLI prints it (``fit -c recipe --print_config``)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "petl_lightning", "fit", "-c", str(recipe), "--print_config"],
+                          cwd=recipe.parent.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return yaml.safe_load(proc.stdout)
+
+
+# The short dtd10 budget of RepAdapter's and ARC's comparison with LinearProbe: the shared budget
+# (DTD10_BUDGET: 112 px, 5 epochs) costs about 15 CPU-minutes per method that back-propagates
+# through the backbone, so it keeps the task, weights and batch size but uses 56 px and 1 epoch.
+DTD10_SHORT: dict[str, Any] = {"img_size": 56, "max_epochs": 1, "lr": 1e-2, "warmup_epochs": 0,
+                               "scheduler_interval": "step"}
+
+
+def method_vs_linear_probe_dtd10(method_cls: Any, weights: Path, datamodule_factory: Any, **method_kwargs: Any) -> tuple[float, float]:
+    """Test accuracies (method, LinearProbe) on dtd10, both trained under :data:`DTD10_SHORT`."""
+    from petl_lightning.methods.baselines import LinearProbe
+
+    def make_dm() -> Any:
+        return datamodule_factory(img_size=DTD10_SHORT["img_size"])
+
+    kwargs = dict(num_classes=make_dm().num_classes, model_name=DTD10_BUDGET["model_name"],
+                  checkpoint_path=str(weights), img_size=DTD10_SHORT["img_size"], lr=DTD10_SHORT["lr"],
+                  warmup_epochs=DTD10_SHORT["warmup_epochs"], scheduler_interval=DTD10_SHORT["scheduler_interval"])
+    lp_acc = fit_and_test(LinearProbe(**kwargs), make_dm(), DTD10_SHORT["max_epochs"])
+    acc = fit_and_test(method_cls(**kwargs, **method_kwargs), make_dm(), DTD10_SHORT["max_epochs"])
+    return acc, lp_acc
+
+
 @pytest.fixture(scope="session")
 def dtd10_datamodule_factory(dtd10_root: Path, dtd10_budget: dict[str, Any]):
     """Builds the dtd10 DataModule of the shared budget (decoded images cached in memory)."""

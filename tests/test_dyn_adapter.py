@@ -487,18 +487,10 @@ def test_bad_arguments_raise_clear_errors() -> None:
 def test_recipe_parses_and_builds() -> None:
     """The CLI accepts every key of recipes/dyn_adapter.yaml; its model builds (random weights)
     with the documented defaults: RepAdapter base, exits after 3/6/9, 100 epochs, warm-up + cosine."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
+    from conftest import recipe_config
 
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "dyn_adapter.yaml"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "petl_lightning", "fit", "-c", str(recipe), "--print_config"],
-                          cwd=recipe.parent.parent, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = yaml.safe_load(proc.stdout)
+    cfg = recipe_config(recipe)
     assert cfg["model"]["class_path"] == "petl_lightning.methods.dyn_adapter.DynAdapter"
     args = cfg["model"]["init_args"]
     assert (args["base"], args["exit_blocks"], args["calibrate_budget"]) == ("repadapter", [3, 6, 9], 0.5)

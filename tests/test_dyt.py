@@ -5,20 +5,23 @@ counts, the recipe, and real training on DTD-10."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
+from conftest import recipe_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from petl_lightning.errors import PETLError
 from petl_lightning.flops import mlp_flops, vit_flops
-from petl_lightning.layers.dyt import DyTAdapter, MoEAdapter, TokenDispatcher, gumbel_sigmoid_st
+from petl_lightning.layers.dyt import (
+    DyTAdapter,
+    MoEAdapter,
+    TokenDispatcher,
+    gumbel_sigmoid_st,
+)
 from petl_lightning.methods.baselines import LinearProbe
 from petl_lightning.methods.dyt import DyT
 
@@ -345,11 +348,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
 
 def test_recipe_parses_and_is_the_papers_vtab_recipe() -> None:
     """The CLI accepts every key of recipes/dyt.yaml (type-checked against DyT's signature)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "petl_lightning", "fit", "-c", str(RECIPE), "--print_config"],
-                          cwd=RECIPE.parent.parent, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = yaml.safe_load(proc.stdout)
+    cfg = recipe_config(RECIPE)
     assert cfg["model"]["class_path"] == "petl_lightning.methods.dyt.DyT"
     assert cfg["data"]["class_path"] == "petl_lightning.data.vtab.VTAB1kDataModule"
     args = cfg["model"]["init_args"]

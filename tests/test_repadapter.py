@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import timm
 import torch
+from conftest import method_vs_linear_probe_dtd10
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -137,24 +138,10 @@ def test_scale_from_datamodule_is_saved_and_used_by_merge(tmp_path) -> None:
 
 
 # -- real data -------------------------------------------------------------------------------------
-# The shared budget (conftest.DTD10_BUDGET: 112 px, 5 epochs) costs about 15 CPU-minutes per method
-# that back-propagates through the backbone, so this test keeps its task, weights and batch size
-# but uses 56 px and 1 epoch, and trains the LinearProbe under exactly the same settings.
-SHORT = dict(img_size=56, max_epochs=1, lr=1e-2, warmup_epochs=0, scheduler_interval="step")
-
-
 @pytest.mark.timeout(1800)  # about 1.5 min on 2 idle cores; a busy shared machine can take 5x that
-def test_dtd10_beats_linear_probe(vits_weights, dtd10_datamodule_factory, dtd10_budget, fit_and_test) -> None:
-    """Real DTD-10 images and real ViT-S weights: RepAdapter beats the linear probe trained the same way."""
-    from petl_lightning.methods.baselines import LinearProbe
-
-    def make_dm():
-        return dtd10_datamodule_factory(img_size=SHORT["img_size"])
-
-    kwargs = dict(num_classes=make_dm().num_classes, model_name=dtd10_budget["model_name"],
-                  checkpoint_path=str(vits_weights), img_size=SHORT["img_size"], lr=SHORT["lr"],
-                  warmup_epochs=SHORT["warmup_epochs"], scheduler_interval=SHORT["scheduler_interval"])
-    lp_acc = fit_and_test(LinearProbe(**kwargs), make_dm(), SHORT["max_epochs"])
-    acc = fit_and_test(RepAdapter(**kwargs, scale=1.0), make_dm(), SHORT["max_epochs"])
+def test_dtd10_beats_linear_probe(vits_weights, dtd10_datamodule_factory) -> None:
+    """Real DTD-10 images and real ViT-S weights: RepAdapter beats the linear probe trained the same way
+    (56 px, 1 epoch: ``conftest.DTD10_SHORT``)."""
+    acc, lp_acc = method_vs_linear_probe_dtd10(RepAdapter, vits_weights, dtd10_datamodule_factory, scale=1.0)
     print(f"\nDTD-10 test accuracy (ViT-S, 56 px, 1 epoch): RepAdapter {acc:.4f} vs LinearProbe {lp_acc:.4f}")
     assert acc > lp_acc + 0.02
