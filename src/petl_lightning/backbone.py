@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +18,12 @@ import timm
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from petl_lightning.errors import CheckpointError, ModelNameError
+from petl_lightning.errors import CheckpointError, ConfigError, ModelNameError
+from petl_lightning.flops import ViTShape
 
 DEFAULT_MODEL = "vit_base_patch16_224.orig_in21k"
 WEIGHT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
 _IGNORED_KEY_PREFIXES = ("head.", "pre_logits.", "fc_norm.", "head_drop.")
-
-
-@dataclass(frozen=True)
-class ViTShape:
-    """The sizes the analytic FLOPs counter needs (see :mod:`petl_lightning.flops`)."""
-
-    dim: int
-    depth: int
-    num_heads: int
-    mlp_hidden: int
-    num_patches: int
-    num_prefix_tokens: int
-    patch_size: int
-    in_chans: int = 3
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_patches + self.num_prefix_tokens
 
 
 def check_model_name(model_name: str) -> None:
@@ -166,6 +148,8 @@ class FrozenViT(nn.Module):
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         kwargs.update(num_classes=0, drop_path_rate=drop_path_rate)
         if img_size is not None:
+            if img_size < 1:
+                raise ConfigError(f"img_size must be a positive number of pixels, got {img_size}.")
             kwargs["img_size"] = img_size
         use_hub = pretrained and checkpoint_path is None
         if use_hub and not _hub_file_cached(model_name) and not _hub_reachable():
@@ -181,13 +165,19 @@ class FrozenViT(nn.Module):
                 f"{model_name!r} builds a {type(vit).__name__}, not a timm VisionTransformer; "
                 f"petl_lightning supports plain ViTs (vit_*, deit_*, ...)."
             )
+        size, patch = vit.patch_embed.img_size, vit.patch_embed.patch_size
+        if size[0] % patch[0] or size[1] % patch[1]:
+            lo, hi = size[0] // patch[0] * patch[0], -(-size[0] // patch[0]) * patch[0]
+            raise ConfigError(
+                f"img_size {size[0]} is not a multiple of {model_name!r}'s patch size {patch[0]} (the edge pixels "
+                f"would be dropped); use {lo or hi} or {hi} (set --data.init_args.img_size)."
+            )
         if pretrained and checkpoint_path is not None:
             load_weights(vit, checkpoint_path)
         vit.requires_grad_(False)
         self.vit = vit
         self.model_name = model_name
 
-    # -- sizes ---------------------------------------------------------------------------------
     @property
     def blocks(self) -> nn.Sequential:
         return self.vit.blocks
@@ -226,7 +216,6 @@ class FrozenViT(nn.Module):
             in_chans=self.vit.patch_embed.proj.in_channels,
         )
 
-    # -- forward pieces ------------------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) to tokens (B, N, D): patch embed, prefix tokens, position, norm_pre."""
         v = self.vit
@@ -252,8 +241,10 @@ class FrozenViT(nn.Module):
 
 
 def frozen_state_ids(module: nn.Module) -> set[int]:
-    """Identities of every tensor in ``module``'s state dict (used to drop them from checkpoints)."""
-    return {id(t) for t in module.state_dict(keep_vars=True).values()}
+    """Identities of the frozen tensors in ``module``'s state dict: every tensor except trainable
+    parameters (a LoRA layer injected into the backbone trains, so it is kept in checkpoints)."""
+    return {id(t) for t in module.state_dict(keep_vars=True).values()
+            if not (isinstance(t, nn.Parameter) and t.requires_grad)}
 
 
-__all__ = ["DEFAULT_MODEL", "FrozenViT", "ViTShape", "check_model_name", "load_weights", "frozen_state_ids"]
+__all__ = ["DEFAULT_MODEL", "FrozenViT", "check_model_name", "load_weights", "frozen_state_ids"]

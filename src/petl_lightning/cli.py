@@ -1,23 +1,31 @@
-"""Command line: ``petl-lightning fit -c recipes/<method>.yaml`` (also ``python -m petl_lightning``
-and the ``lightning`` script for ``fit|validate|test|predict``).
+"""The Lightning command line behind ``petl-lightning fit|validate|test|predict -c recipes/<method>.yaml``
+(the console scripts live in :mod:`petl_lightning.__main__`).
 
-`PETLCLI` is a ``LightningCLI`` in subclass mode for both the model and the data, with
-``data.num_classes`` linked into the model. User mistakes (:class:`~petl_lightning.errors.PETLError`)
-are printed as one clear line, without a stack trace, and exit with status 2.
+`PETLCLI` is a ``LightningCLI`` in subclass mode for the model and the data, with ``data.num_classes``
+linked into the model and two forced callbacks: :class:`~petl_lightning.callbacks.PETLCheckpoint`
+(``last.ckpt`` every epoch in ``<default_root_dir>/checkpoints``, so ``--ckpt_path last`` works in a
+new process) and :class:`~petl_lightning.callbacks.PredictionWriter` (``predict`` writes a CSV).
+A checkpoint given to ``--ckpt_path`` must come from the same method and backbone; its structural
+hyper-parameters (``STRUCTURAL_HPARAMS`` of the method) win over the command line, every other value
+given now wins (an unset ``null`` falls back to the stored one). User mistakes are one line and exit 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from petl_lightning.errors import CheckpointError, PETLError
+from petl_lightning.cli_keys import explain_parse_error, import_class
+from petl_lightning.errors import CheckpointError, ConfigError
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class LoggerSaveConfig(SaveConfigCallback):
@@ -34,13 +42,12 @@ class LoggerSaveConfig(SaveConfigCallback):
 
 
 class PETLCLI(LightningCLI):
-    """LightningCLI for petl_lightning modules and data modules."""
+    """LightningCLI for petl_lightning modules and data modules (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import petl_lightning  # noqa: F401 - registers every class for short class_path names
         from petl_lightning.data.vtab import VTAB1kDataModule
         from petl_lightning.methods.base import PETLModule
-
-        import petl_lightning  # noqa: F401 - registers every class for short class_path names
 
         kwargs.setdefault("model_class", PETLModule)
         kwargs.setdefault("datamodule_class", VTAB1kDataModule)
@@ -49,38 +56,104 @@ class PETLCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggerSaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False, **{s: {"exit_on_error": False} for s in SUBCOMMANDS}})
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        from petl_lightning.callbacks import PETLCheckpoint, PredictionWriter
+
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(PETLCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(explain_parse_error(str(err), sys.argv[1:] if args is None else list(args))) from None
+
+    def _sub(self) -> Namespace:
+        sub = self.config.get("subcommand")
+        return self.config[sub] if sub else self.config
+
+    # -- checkpoints given to --ckpt_path ------------------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last``; refuse a checkpoint of another method or backbone; take its
+        structural hyper-parameters; let every other value of the command line win."""
+        sub, cfg = self.config.get("subcommand"), self._sub()
+        path = cfg.get("ckpt_path")
+        if not sub or path in (None, "best", "hpc", "registry"):
+            return
+        if path == "last":
+            path = self._last_checkpoint(cfg)
+            if path is None:
+                if sub == "fit":
+                    return  # nothing to resume yet: Lightning starts from scratch
+                raise CheckpointError(f"--ckpt_path last: no last.ckpt in {self._checkpoint_dir(cfg)}. Fit first (same "
+                                      f"--trainer.default_root_dir), or pass the .ckpt file.")
+            cfg["ckpt_path"] = str(path)
+        ckpt = read_checkpoint(path)
+        cls = import_class(cfg["model.class_path"])
+        stored_cls = import_class(ckpt.get("petl", {}).get("method", ""))
+        if stored_cls is not None and cls is not None and stored_cls is not cls:
+            raise CheckpointError(f"{path} was written by {stored_cls.__name__}, but this run builds {cls.__name__}: "
+                                  f"use the {stored_cls.__name__} recipe (or the run's config.yaml) with this checkpoint.")
+        stored = ckpt.get("hyper_parameters", {})
+        args = cfg["model.init_args"]
+        if "model_name" in stored and stored["model_name"] != args.get("model_name"):
+            raise CheckpointError(f"{path} was trained on backbone {stored['model_name']!r}, but this run builds "
+                                  f"{args.get('model_name')!r}: pass --model.init_args.model_name {stored['model_name']}.")
+        structural = set(getattr(cls, "STRUCTURAL_HPARAMS", ()))
+        for key, value in stored.items():
+            if key not in args or key.startswith("_") or key == "num_classes":
+                continue
+            if key in structural or args[key] is None:
+                args[key] = Namespace(**value) if isinstance(value, dict) and isinstance(args[key], Namespace) else value
+
+    def _checkpoint_dir(self, cfg: Namespace) -> Path:
+        return Path(cfg.get("checkpoint.dirpath") or Path(cfg["trainer.default_root_dir"] or ".") / "checkpoints")
+
+    def _last_checkpoint(self, cfg: Namespace) -> Path | None:
+        path = self._checkpoint_dir(cfg) / "last.ckpt"
+        return path if path.is_file() else None
+
+    # -- classes ---------------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
-        """Build the backbone for the image size the data produces.
+        """Reconcile image sizes; apply the method's per-task hyper-parameters to unset arguments;
+        check trainer values Lightning would accept or fail on with a traceback."""
+        cfg = self._sub()
+        model_size, data_size = cfg.get("model.init_args.img_size"), cfg.get("data.init_args.img_size")
+        if "model.init_args.img_size" in cfg and "data.init_args.img_size" in cfg:
+            if model_size is None and data_size is not None:
+                cfg["model.init_args.img_size"] = data_size
+            elif model_size is not None and data_size is not None and model_size != data_size:
+                raise ConfigError(f"--model.init_args.img_size={model_size} but --data.init_args.img_size={data_size}: "
+                                  f"the backbone must be built for the size of its images. Set both to the same value, "
+                                  f"or set only --data.init_args.img_size (the model follows it).")
+        cls = import_class(cfg.get("model.class_path") or "")
+        task = cfg.get("data.init_args.task")
+        if cls is not None and task and hasattr(cls, "task_overrides"):
+            args = cfg["model.init_args"]
+            for key, value in cls.task_overrides(task, dict(args)).items():
+                if args.get(key) is None:
+                    args[key] = value
+        epochs = cfg.get("trainer.max_epochs")
+        if epochs is not None and (epochs < -1 or epochs == 0):
+            raise ConfigError(f"--trainer.max_epochs must be a positive number of epochs (or -1 for no limit), got {epochs}.")
+        check_writable(Path(cfg.get("trainer.default_root_dir") or "."))
 
-        ``model.img_size`` left unset (``None``) takes ``data.img_size``; two different explicit
-        sizes are a user error. Without this a recipe that sets only the data size crashes at fit
-        start in Lightning's hyper-parameter merge (the two ``img_size`` values differ).
-        """
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        model_key, data_key = "model.init_args.img_size", "data.init_args.img_size"
-        if model_key not in cfg or data_key not in cfg:
-            return  # a model or data class without an img_size argument: nothing to reconcile
-        model_size, data_size = cfg[model_key], cfg[data_key]
-        if model_size is None and data_size is not None:
-            cfg[model_key] = data_size
-        elif model_size is not None and data_size is not None and model_size != data_size:
-            raise PETLError(
-                f"--model.init_args.img_size={model_size} but --data.init_args.img_size={data_size}: the "
-                f"backbone must be built for the size of the images it gets. Set both to the same value, "
-                f"or set only --data.init_args.img_size (the model follows it)."
-            )
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:
+            raise ConfigError(f"{' '.join(str(err).split())} (fix the --trainer.* arguments).") from None
 
     def _check_ckpt_path(self) -> None:
-        """Fail before the trainer starts (no logs, no files) when ``--ckpt_path`` is unusable."""
-        path = self.config[self.subcommand].get("ckpt_path")
+        """Fail before the trainer starts (no logs, no files) when ``--ckpt_path`` does not fit."""
+        path = self._sub().get("ckpt_path")
         if path in (None, "last", "best", "hpc", "registry"):
             return
-        check_lightning_checkpoint(path, self.model)
+        self.model.check_checkpoint(read_checkpoint(path))
 
     def before_fit(self) -> None:
         self._check_ckpt_path()
@@ -95,80 +168,32 @@ class PETLCLI(LightningCLI):
         self._check_ckpt_path()
 
 
-def check_lightning_checkpoint(path: str | Path, model: Any | None = None) -> dict[str, Any]:
-    """Load a Lightning ``.ckpt`` on CPU and check it fits ``model``; raise a clear error otherwise."""
+def check_writable(folder: Path) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``folder`` exists as a writable folder or can be
+    created (nothing is created here)."""
+    probe = folder.expanduser().absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"Cannot create the output folder {str(folder)!r}: {str(probe)!r} is "
+                          f"{'not a folder' if not probe.is_dir() else 'not writable'}; pass a writable "
+                          f"--trainer.default_root_dir.")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning ``.ckpt`` loaded on the CPU (weights only), or a one-line :class:`CheckpointError`."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"Checkpoint not found: {str(p)!r}. Pass the .ckpt written by a fit run.")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure means: not a checkpoint
-        raise CheckpointError(
-            f"{str(p)!r} is not a Lightning checkpoint ({type(err).__name__}). --ckpt_path takes a .ckpt "
-            f"written by a fit run; backbone weights (.npz/.pth/.safetensors) go to --model.checkpoint_path."
-        ) from None
+        raise CheckpointError(f"{str(p)!r} is not a Lightning checkpoint ({type(err).__name__}). --ckpt_path takes a "
+                              f".ckpt written by a fit run; backbone weights go to --model.init_args.checkpoint_path.") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(
-            f"{str(p)!r} holds no 'state_dict', so it is not a Lightning checkpoint. Backbone weights go "
-            f"to --model.checkpoint_path."
-        )
-    if model is not None and hasattr(model, "check_checkpoint"):
-        model.check_checkpoint(ckpt)
+        raise CheckpointError(f"{str(p)!r} holds no 'state_dict', so it is not a Lightning checkpoint. Backbone weights "
+                              f"go to --model.init_args.checkpoint_path.")
     return ckpt
 
 
-def find_user_error(err: BaseException) -> PETLError | None:
-    """The :class:`PETLError` behind ``err``, if any (jsonargparse wraps errors raised in ``__init__``)."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, PETLError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _run(argv: list[str] | None) -> int:
-    try:
-        PETLCLI(args=argv)
-    except Exception as err:
-        user_error = find_user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``petl-lightning`` / ``python -m petl_lightning``: Lightning's ``fit|validate|test|predict``,
-    plus ``vtab`` (run a recipe on many VTAB-1K tasks and write the results table)."""
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] == "vtab":
-        from petl_lightning.runner import vtab_main
-
-        sys.exit(vtab_main(args[1:]))
-    sys.exit(_run(argv))
-
-
-def lightning_main(argv: list[str] | None = None) -> None:
-    """The ``lightning`` script: our CLI for ``fit|validate|test|predict``; any other sub-command goes
-    to ``lightning_sdk``'s CLI (the cloud tool that also installs a ``lightning`` script) if present."""
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in LIGHTNING_SUBCOMMANDS or args[0].startswith("-"):
-        sys.exit(_run(argv))
-    try:
-        from lightning_sdk.cli.entrypoint import main_cli  # type: ignore[import-not-found]
-    except ImportError:
-        print(
-            f"error: 'lightning {args[0]}' is not a petl_lightning command (use fit, validate, test or "
-            f"predict), and lightning-sdk, whose CLI has other commands, is not installed.",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    sys.argv = ["lightning", *args]
-    main_cli()
-
-
-__all__ = ["PETLCLI", "check_lightning_checkpoint", "lightning_main", "main"]
+__all__ = ["PETLCLI", "SUBCOMMANDS", "check_writable", "read_checkpoint"]

@@ -13,18 +13,39 @@ early exit reports what it ran, not what it would have run.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
-from petl_lightning.backbone import ViTShape
+from torch import Tensor
 
 LN_FLOPS_PER_ELEMENT = 5
+Count = TypeVar("Count", int, Tensor)  # token counts: Python ints, or per-image tensors (no host sync)
 
 
-def layernorm_flops(n_tokens: int, dim: int) -> int:
+@dataclass(frozen=True)
+class ViTShape:
+    """The sizes the counter needs (``FrozenViT.shape()``)."""
+
+    dim: int
+    depth: int
+    num_heads: int
+    mlp_hidden: int
+    num_patches: int
+    num_prefix_tokens: int
+    patch_size: int
+    in_chans: int = 3
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+
+def layernorm_flops(n_tokens: Count, dim: int) -> Count:
     """FLOPs of an affine LayerNorm over ``n_tokens`` vectors of size ``dim``."""
     return LN_FLOPS_PER_ELEMENT * n_tokens * dim
 
 
-def linear_flops(n_tokens: int, d_in: int, d_out: int) -> int:
+def linear_flops(n_tokens: Count, d_in: int, d_out: int) -> Count:
     """Multiply-adds of a Linear layer applied to ``n_tokens`` vectors (bias not counted)."""
     return n_tokens * d_in * d_out
 
@@ -40,7 +61,7 @@ def attn_flops(n: int, s: ViTShape, norm: bool = True) -> int:
     return f + (layernorm_flops(n, s.dim) if norm else 0)
 
 
-def mlp_flops(n: int, s: ViTShape, norm: bool = True) -> int:
+def mlp_flops(n: Count, s: ViTShape, norm: bool = True) -> Count:
     """MLP sub-block on ``n`` tokens: norm2, fc1, fc2."""
     f = linear_flops(n, s.dim, s.mlp_hidden) + linear_flops(n, s.mlp_hidden, s.dim)
     return f + (layernorm_flops(n, s.dim) if norm else 0)
@@ -49,6 +70,18 @@ def mlp_flops(n: int, s: ViTShape, norm: bool = True) -> int:
 def block_flops(n_attn: int, n_mlp: int, s: ViTShape, norm: bool = True) -> int:
     """One transformer block whose attention sees ``n_attn`` tokens and MLP ``n_mlp`` tokens."""
     return attn_flops(n_attn, s, norm) + mlp_flops(n_mlp, s, norm)
+
+
+def attn_kept_query_flops(n: int, q_rows: Count, q_pad: Count, s: ViTShape, norm: bool = True) -> Count:
+    """Attention of one image whose ``n`` tokens are all keys/values but only ``q_rows`` are queries,
+    padded to ``q_pad`` query rows for the attention products (DyT's attention skipping).
+
+    norm1 and the K/V projection on all ``n`` tokens, Q and the output projection on the ``q_rows``
+    kept rows, ``q @ k^T`` and ``attn @ v`` on ``q_pad`` rows. With every token a query it equals
+    :func:`attn_flops`.
+    """
+    f = linear_flops(n, s.dim, 2 * s.dim) + 2 * linear_flops(q_rows, s.dim, s.dim) + 2 * q_pad * n * s.dim
+    return f + (layernorm_flops(n, s.dim) if norm else 0)
 
 
 def head_flops(s: ViTShape, num_classes: int, n_tokens: int | None = None, norm: bool = True) -> int:
@@ -98,6 +131,6 @@ def gflops(flops: float) -> float:
 
 
 __all__ = [
-    "attn_flops", "block_flops", "embed_flops", "gflops", "head_flops", "layernorm_flops",
+    "ViTShape", "attn_flops", "attn_kept_query_flops", "block_flops", "embed_flops", "gflops", "head_flops", "layernorm_flops",
     "linear_flops", "mlp_flops", "non_block_flops", "vit_flops",
 ]

@@ -8,13 +8,17 @@ branch's first Linear (``attn.qkv``, ``mlp.fc1``). A Linear after an affine map 
 so after training the adapters disappear and the model is a plain timm ``VisionTransformer``
 (same FLOPs, same latency, loads into ``timm.create_model`` with ``strict=True``).
 
-This module holds :class:`AffineAdapterBlock` (the block wrapper both methods train with),
-:func:`fold_affine_into_linear` and :func:`merge_into_vit`.
+This module holds only the folding maths (:func:`fold_affine_into_linear`), the assembly of a
+merged plain timm model (:func:`merge_into_vit`) and its export (:func:`export_safetensors`); the
+block both methods train with is :class:`petl_lightning.methods.foldable.FoldableBlock`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from petl_lightning.errors import PETLError
+from petl_lightning.layers.lora import LoRALinear, merge_lora
 
 
 class MergeError(PETLError, ValueError):
@@ -63,88 +68,50 @@ def fold_affine_into_linear(linear: nn.Linear, M: Tensor, c: Tensor) -> None:
     linear.weight.copy_(w @ M)
 
 
-class AffineAdapterBlock(nn.Module):
-    """A frozen timm ``Block`` with an affine adapter on each branch's input (after the norm).
-
-    Reuses the block's own sub-modules, so LayerScale, drop-path and fused attention work as in
-    timm. ``None`` means no adapter on that branch (e.g. RepAdapter's ``repattn`` placement).
-    """
-
-    def __init__(self, block: nn.Module, attn_adapter: nn.Module | None, mlp_adapter: nn.Module | None) -> None:
-        super().__init__()
-        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
-            if not hasattr(block, name):
-                raise MergeError(
-                    f"{type(block).__name__} has no {name!r}; adapters expect a timm "
-                    f"vision_transformer.Block (pre-norm, attn + mlp branches)."
-                )
-        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
-        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
-        self.attn_adapter = attn_adapter if attn_adapter is not None else nn.Identity()
-        self.mlp_adapter = mlp_adapter if mlp_adapter is not None else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.attn_adapter(self.norm1(x)))))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.mlp_adapter(self.norm2(x)))))
-        return x
-
-    def adapter_flops(self, n_tokens: int) -> int:
-        """Multiply-adds the adapters add on ``n_tokens`` tokens (0 once merged)."""
-        return sum(a.flops(n_tokens) for a in (self.attn_adapter, self.mlp_adapter) if hasattr(a, "flops"))
-
-    @torch.no_grad()
-    def fold_into(self, block: nn.Module) -> None:
-        """Fold this block's adapters into ``block.attn.qkv`` / ``block.mlp.fc1`` (another block, in place)."""
-        for adapter, owner, lin in ((self.attn_adapter, block.attn, "qkv"), (self.mlp_adapter, block.mlp, "fc1")):
-            if isinstance(adapter, nn.Identity):
-                continue
-            target = getattr(owner, lin, None)
-            if not isinstance(target, nn.Linear):
-                raise MergeError(
-                    f"Cannot merge: the branch's first layer {type(owner).__name__}.{lin} is "
-                    f"{type(target).__name__}, not an nn.Linear."
-                )
-            fold_affine_into_linear(target, *adapter.affine())
-
-
 @torch.no_grad()
 def merge_into_vit(
     model_name: str,
     backbone: VisionTransformer,
-    blocks: Sequence[AffineAdapterBlock],
     head: nn.Linear,
+    fold_block: Callable[[int, nn.Module], None] | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> VisionTransformer:
     """A fresh fp32 timm ``VisionTransformer`` equal to backbone + adapters + head, adapters folded.
 
     Built with ``timm.create_model(model_name, pretrained=False, num_classes=head.out_features,
     img_size=<backbone's>, **model_kwargs)``, so its ``state_dict`` loads with ``strict=True`` into
-    that same call. Nothing passed in is modified. Returned in eval mode, on the backbone's device.
+    that same call. LoRA layers inside ``backbone`` are folded into their Linears; then
+    ``fold_block(i, block)`` folds the method's adapters of block ``i`` into the fresh block in place.
+    Nothing passed in is modified. Returned in eval mode, on the backbone's device.
     """
-    if len(blocks) != len(backbone.blocks):
-        raise MergeError(f"Got {len(blocks)} adapter blocks for a backbone with {len(backbone.blocks)} blocks.")
     kwargs: dict[str, Any] = dict(model_kwargs or {})
     kwargs.update(num_classes=head.out_features, img_size=backbone.patch_embed.img_size)
     kwargs.pop("drop_path_rate", None)
     merged = timm.create_model(model_name, pretrained=False, **kwargs)
     if not isinstance(merged, VisionTransformer):
         raise MergeError(f"{model_name!r} does not build a timm VisionTransformer.")
+    source = backbone
+    if any(isinstance(m, LoRALinear) for m in backbone.modules()):
+        source = merge_lora(copy.deepcopy(backbone))
     state = {k: v.float() if v.is_floating_point() else v
-             for k, v in backbone.state_dict().items() if not k.startswith("head.")}
+             for k, v in source.state_dict().items() if not k.startswith("head.")}
     state["head.weight"], state["head.bias"] = head.weight.float(), head.bias.float()
     merged.load_state_dict(state, strict=True)
     device = next(backbone.parameters()).device
     merged = merged.to(device=device, dtype=torch.float32)
-    for wrapper, block in zip(blocks, merged.blocks):
-        wrapper.fold_into(block)
+    if fold_block is not None:
+        for i, block in enumerate(merged.blocks):
+            fold_block(i, block)
     return merged.eval()
 
 
-def export_safetensors(model: nn.Module, path: str | Path) -> Path:
-    """Save ``model.state_dict()`` (contiguous CPU tensors) as ``.safetensors``; returns the path.
+def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Save ``model.state_dict()`` (contiguous CPU tensors) as ``.safetensors`` with ``metadata``
+    (values stored as JSON strings: model name, image size, classes, normalisation, ...), written to
+    a temporary file and renamed, so an interrupted export never leaves half a file.
 
-    A merged model saved this way loads back with
-    ``timm.create_model(model_name, num_classes=C, img_size=S, checkpoint_path=path)``.
+    A merged model saved this way loads back with ``timm.create_model(meta["model_name"],
+    num_classes=int(meta["num_classes"]), img_size=int(meta["img_size"]), checkpoint_path=path)``.
     """
     from safetensors.torch import save_file
 
@@ -152,11 +119,11 @@ def export_safetensors(model: nn.Module, path: str | Path) -> Path:
     if p.suffix != ".safetensors":
         raise MergeError(f"Export path {str(p)!r} must end in .safetensors.")
     p.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(p))
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    os.replace(tmp, p)
     return p
 
 
-__all__ = [
-    "AffineAdapter", "AffineAdapterBlock", "MergeError", "export_safetensors", "fold_affine_into_linear",
-    "merge_into_vit",
-]
+__all__ = ["AffineAdapter", "MergeError", "export_safetensors", "fold_affine_into_linear", "merge_into_vit"]

@@ -1,25 +1,48 @@
-"""Running inference statistics (the ``inference_stats()`` contract), as a torchmetrics Metric.
+"""What an inference forward executed, and its running sums (the ``inference_stats()`` contract).
 
-Being a ``Metric`` means the counts are summed across processes under DDP for free. Each method
-updates it from its own eval forward with what actually executed; callbacks read
-``pl_module.inference_stats()`` and reset it at epoch end.
+Every method's ``infer(x)`` returns an :class:`InferenceOutput`: the logits and, per image, the
+executed FLOPs, the exit it left at and the patch tokens its skippable sub-blocks processed. The
+step methods (``validation_step``, ``test_step``, ``predict_step``) add it to the module's
+:class:`InferenceStats`, a torchmetrics ``Metric`` (so counts sum across DDP processes); the module
+resets it at the start of each evaluation epoch and callbacks only read
+``pl_module.inference_stats()``. Everything stays on the device (no host sync per batch).
 
 Keys of :meth:`InferenceStats.compute` (all tensors):
 
 - ``images``: images seen since the last reset.
 - ``gflops``: executed GFLOPs per image (mean), papers' convention (:mod:`petl_lightning.flops`).
-- ``keep_rate``: share of patch tokens processed by the skippable sub-blocks, over all layers.
-- ``keep_rate_per_layer``: the same per block, shape ``(depth,)``.
+- ``keep_rate``: share of patch tokens processed by the skippable sub-blocks, over all layers run.
+- ``keep_rate_per_layer``: the same per block, shape ``(depth,)`` (1 where nothing was offered).
 - ``exit_share``: share of images that left at each exit, shape ``(num_exits,)`` (static: ``[1.]``).
-- ``exit_acc``: top-1 accuracy of the images that left at each exit (NaN where none left, or
-  where no labels were given).
+- ``exit_acc``: top-1 accuracy of the images that left at each exit (NaN where none left, or where
+  no labels were given).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+
+@dataclass
+class InferenceOutput:
+    """One batch's inference: logits and what executed, per image."""
+
+    logits: Tensor  # (B, K)
+    flops: Tensor  # (B,) executed FLOPs per image, papers' convention
+    exit_index: Tensor | None = None  # (B,) long; None: every image at the last exit
+    kept: Tensor | None = None  # (B, depth) patch tokens the skippable sub-blocks processed
+    offered: Tensor | None = None  # (B, depth) patch tokens offered to them (0 for blocks not run)
+
+    def keep_rate(self) -> Tensor:
+        """Share of offered patch tokens each image kept (B,); 1 where nothing is skippable."""
+        if self.kept is None or self.offered is None:
+            return torch.ones(self.logits.shape[0], device=self.logits.device)
+        offered = self.offered.sum(1).double()
+        return torch.where(offered > 0, self.kept.sum(1).double() / offered.clamp(min=1), torch.ones_like(offered))
 
 
 class InferenceStats(Metric):
@@ -32,63 +55,49 @@ class InferenceStats(Metric):
         super().__init__()
         self.depth = depth
         self.num_exits = num_exits
-        self.add_state("images", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("flops", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("kept", torch.zeros(depth, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("offered", torch.zeros(depth, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("exit_count", torch.zeros(num_exits, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("exit_labelled", torch.zeros(num_exits, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("exit_correct", torch.zeros(num_exits, dtype=torch.float64), dist_reduce_fx="sum")
+        f64 = torch.float64
+        self.add_state("images", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        self.add_state("flops", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        self.add_state("kept", torch.zeros(depth, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("offered", torch.zeros(depth, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("exit_count", torch.zeros(num_exits, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("exit_labelled", torch.zeros(num_exits, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("exit_correct", torch.zeros(num_exits, dtype=f64), dist_reduce_fx="sum")
 
-    def update(
-        self,
-        images: int,
-        flops: float | Tensor,
-        kept: Tensor | None = None,
-        offered: Tensor | None = None,
-        exit_index: Tensor | None = None,
-        correct: Tensor | None = None,
-    ) -> None:
-        """Add a batch.
-
-        Args:
-            images: images in the batch.
-            flops: total executed FLOPs of the batch (sum over its images).
-            kept / offered: per-layer token counts processed by / offered to the skippable
-                sub-block, shape ``(depth,)``, summed over the batch. Default: nothing skipped.
-            exit_index: exit each image left at, shape ``(images,)``. Default: the last exit.
-            correct: whether each image's prediction was right, shape ``(images,)`` (optional).
-        """
-        self.images += images
-        self.flops += torch.as_tensor(flops, dtype=torch.float64, device=self.flops.device)
-        if kept is not None and offered is not None:
-            self.kept += kept.to(self.kept)
-            self.offered += offered.to(self.offered)
-        if exit_index is None:
-            exit_index = torch.full((images,), self.num_exits - 1, device=self.exit_count.device)
-        exit_index = exit_index.to(self.exit_count.device).long()
-        self.exit_count += torch.bincount(exit_index, minlength=self.num_exits).to(self.exit_count)
-        if correct is not None:
-            correct = correct.to(self.exit_count.device)
-            self.exit_labelled += torch.bincount(exit_index, minlength=self.num_exits).to(self.exit_count)
-            self.exit_correct += torch.bincount(
-                exit_index, weights=correct.double(), minlength=self.num_exits
-            ).to(self.exit_count)
+    def update(self, out: InferenceOutput, target: Tensor | None = None) -> None:
+        """Add a batch; ``target`` (B,) labels, when known, give each exit's accuracy."""
+        b = out.logits.shape[0]
+        self.images += b
+        self.flops += out.flops.to(self.flops).sum()
+        if out.kept is not None and out.offered is not None:
+            self.kept += out.kept.to(self.kept).sum(0)
+            self.offered += out.offered.to(self.offered).sum(0)
+        ex = out.exit_index
+        ex = torch.full((b,), self.num_exits - 1, device=self.exit_count.device) if ex is None else ex
+        ex = ex.to(self.exit_count.device).long()
+        counts = torch.bincount(ex, minlength=self.num_exits).to(self.exit_count)
+        self.exit_count += counts
+        if target is not None:
+            correct = (out.logits.argmax(dim=-1) == target).to(self.exit_count.device).double()
+            self.exit_labelled += counts
+            self.exit_correct += torch.bincount(ex, weights=correct, minlength=self.num_exits).to(self.exit_count)
 
     def compute(self) -> dict[str, Tensor]:
         n = self.images.clamp(min=1)
-        has_tokens = self.offered > 0
-        per_layer = torch.where(has_tokens, self.kept / self.offered.clamp(min=1), torch.ones_like(self.kept))
-        overall = self.kept.sum() / self.offered.sum() if bool(has_tokens.any()) else torch.ones((), dtype=torch.float64)
+        has = self.offered > 0
+        per_layer = torch.where(has, self.kept / self.offered.clamp(min=1), torch.ones_like(self.kept))
+        total = self.offered.sum()
+        overall = torch.where(total > 0, self.kept.sum() / total.clamp(min=1), torch.ones_like(total))
         nan = torch.full_like(self.exit_correct, float("nan"))
         return {
             "images": self.images.clone(),
             "gflops": self.flops / n / 1e9,
-            "keep_rate": overall.to(self.kept.device),
-            "keep_rate_per_layer": per_layer,
-            "exit_share": self.exit_count / n,
-            "exit_acc": torch.where(self.exit_labelled > 0, self.exit_correct / self.exit_labelled.clamp(min=1), nan),
+            "keep_rate": overall,
+            "keep_rate_per_layer": per_layer.reshape(-1),
+            "exit_share": (self.exit_count / n).reshape(-1),
+            "exit_acc": torch.where(self.exit_labelled > 0, self.exit_correct / self.exit_labelled.clamp(min=1),
+                                    nan).reshape(-1),
         }
 
 
-__all__ = ["InferenceStats"]
+__all__ = ["InferenceOutput", "InferenceStats"]

@@ -29,6 +29,7 @@ from petl_lightning.errors import DataError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LIST_FILES = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 GROUPS = ("natural", "specialized", "structured")
 
 
@@ -76,12 +77,13 @@ def tasks_in_group(group: str) -> list[str]:
     return [t.name for t in VTAB_TASKS.values() if t.group == group]
 
 
-def petl_transform(img_size: int = 224) -> T.Compose:
-    """The PETL VTAB-1K transform: bicubic resize to a square, ToTensor, ImageNet mean/std."""
+def petl_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> T.Compose:
+    """The PETL VTAB-1K transform: bicubic resize to a square, ToTensor, normalisation."""
     return T.Compose([
         T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC),
         T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.Normalize(mean, std),
     ])
 
 
@@ -112,6 +114,31 @@ def read_list(list_file: Path) -> list[Sample]:
         samples.append(Sample(base / parts[0], int(parts[1]), list_file, i))
     if not samples:
         raise DataError(f"List file {list_file} is empty.")
+    return samples
+
+
+def read_images(source: Path) -> list[Sample]:
+    """What ``predict`` reads: a list file (labels optional; -1 where absent) or a folder of images
+    (searched recursively, sorted)."""
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) under {source}.")
+        return [Sample(p, -1, source, i) for i, p in enumerate(files, start=1)]
+    if not source.is_file():
+        raise DataError(f"Predict source {str(source)!r} not found: pass a list file or a folder of images "
+                        f"(--data.init_args.predict_list).")
+    samples = []
+    for i, raw in enumerate(source.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        labelled = len(parts) == 2 and parts[1].lstrip("-").isdigit()
+        samples.append(Sample(source.parent / (parts[0] if labelled else line), int(parts[1]) if labelled else -1,
+                              source, i))
+    if not samples:
+        raise DataError(f"Predict list {source} is empty.")
     return samples
 
 
@@ -195,6 +222,8 @@ class VTAB1kDataModule(L.LightningDataModule):
             each image's header), or ``none``. Checked when the module is built.
         cache: keep decoded, transformed images in memory (no augmentation, so it is exact).
         seed: shuffling seed; the order of epoch ``e`` depends only on (seed, e).
+        predict_list: what ``predict`` reads: a list file (relative paths, labels optional) or a
+            folder of images; default the task's ``test.txt``.
     """
 
     def __init__(
@@ -211,8 +240,12 @@ class VTAB1kDataModule(L.LightningDataModule):
         check_images: Literal["exists", "header", "none"] = "exists",
         cache: bool = False,
         seed: int = 0,
+        predict_list: str | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("img_size", img_size), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise DataError(f"{name} must be at least 1, got {value}.")
         # num_classes is resolved below and reaches the model through the CLI link; logging the raw
         # argument too would clash with the model's value in Lightning's hparams merge.
         self.save_hyperparameters(ignore=["num_classes"])
@@ -222,7 +255,9 @@ class VTAB1kDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
-        self.transform = petl_transform(img_size)
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.transform = petl_transform(img_size, self.mean, self.std)
+        self.predict_source = Path(predict_list).expanduser() if predict_list else None
         self.cache = cache
         self.seed = seed
         self.info = VTAB_TASKS.get(task)
@@ -299,10 +334,29 @@ class VTAB1kDataModule(L.LightningDataModule):
         """``natural``/``specialized``/``structured`` for VTAB-1K tasks, ``custom`` otherwise."""
         return self.info.group if self.info else "custom"
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names from the task's ``classes.txt`` (one per line), if it has one."""
+        path = self.task_dir / "classes.txt"
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else None
+
+    @property
+    def predict_name(self) -> str:
+        """A name for what ``predict`` reads (the list file's stem or the folder's name)."""
+        return self.predict_source.stem if self.predict_source is not None else "test"
+
+    def predict_paths(self) -> list[Path]:
+        """The image paths ``predict`` reads, in dataset order."""
+        return [s.path for s in self.dataset("predict").samples]
+
     def dataset(self, split: str) -> FileListDataset:
-        """The dataset of a list (``train800``, ``val200``, ``train800val200``, ``test``)."""
+        """The dataset of a list (``train800``, ``val200``, ``train800val200``, ``test``, or
+        ``predict``: :attr:`predict_source`, default ``test``)."""
         if split not in self._datasets:
-            samples = self.splits.get(split)
+            if split == "predict":
+                samples = read_images(self.predict_source) if self.predict_source is not None else self.splits["test"]
+            else:
+                samples = self.splits.get(split)
             if samples is None:
                 samples = read_list(self.task_dir / f"{split}.txt")
             self._datasets[split] = FileListDataset(samples, self.transform, cache=self.cache)
@@ -342,7 +396,7 @@ class VTAB1kDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self._loader("predict", train=False)
 
 
 __all__ = [

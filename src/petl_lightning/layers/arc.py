@@ -16,18 +16,18 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from petl_lightning.errors import PETLError
+from petl_lightning.errors import ConfigError
 
 
 class ARCBasis(nn.Module):
-    """The shared ``(dim, r)`` basis ``U`` (xavier-uniform, gain 1, as the official code)."""
+    """The shared ``(dim, adapter_dim)`` basis ``U`` (xavier-uniform, gain 1, as the official code)."""
 
-    def __init__(self, dim: int, r: int = 50) -> None:
+    def __init__(self, dim: int, adapter_dim: int = 50) -> None:
         super().__init__()
-        if dim < 1 or r < 1:
-            raise PETLError(f"ARCBasis needs dim >= 1 and r >= 1, got dim={dim}, r={r}.")
-        self.dim, self.r = dim, r
-        self.weight = nn.Parameter(torch.empty(dim, r))
+        if dim < 1 or adapter_dim < 1:
+            raise ConfigError(f"ARCBasis needs dim >= 1 and adapter_dim >= 1, got {dim} and {adapter_dim}.")
+        self.dim, self.r = dim, adapter_dim
+        self.weight = nn.Parameter(torch.empty(dim, adapter_dim))
         nn.init.xavier_uniform_(self.weight)
 
     def extra_repr(self) -> str:
@@ -45,7 +45,7 @@ class ARCLayer(nn.Module):
     Args:
         basis: an :class:`ARCBasis` or a ``(dim, r)`` ``nn.Parameter``, shared across layers.
         dim: token width (must match the basis).
-        r: basis rank (must match the basis).
+        adapter_dim: basis rank ``r`` (must match the basis).
         dropout: dropout on the ``r``-dim bottleneck (train mode only); ``self.dropout.p`` may change.
         coeff_init: ``"zeros"`` (identity at start; the official attention adapter) or
             ``"xavier"`` (xavier-uniform on a ``(1, r)`` tensor, bound sqrt(6/(1+r)); the official
@@ -56,16 +56,17 @@ class ARCLayer(nn.Module):
         self,
         basis: ARCBasis | nn.Parameter,
         dim: int,
-        r: int = 50,
+        adapter_dim: int = 50,
         dropout: float = 0.1,
         coeff_init: Literal["zeros", "xavier"] = "zeros",
     ) -> None:
         super().__init__()
         shape = tuple((basis.weight if isinstance(basis, ARCBasis) else basis).shape)
+        r = adapter_dim
         if shape != (dim, r):
-            raise PETLError(f"ARCLayer(dim={dim}, r={r}) got a basis of shape {shape}; it must be ({dim}, {r}).")
+            raise ConfigError(f"ARCLayer(dim={dim}, adapter_dim={r}) got a basis of shape {shape}; it must be ({dim}, {r}).")
         if coeff_init not in ("zeros", "xavier"):
-            raise PETLError(f"coeff_init must be 'zeros' or 'xavier', got {coeff_init!r}.")
+            raise ConfigError(f"coeff_init must be 'zeros' or 'xavier', got {coeff_init!r}.")
         self.dim, self.r = dim, r
         # A plain attribute hidden from nn.Module registration (see the class docstring).
         object.__setattr__(self, "_basis", basis)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from petl_lightning.errors import PETLError
-
-# Affine LayerNorm cost per element, as petl_lightning.flops counts it (fvcore convention).
-_LN_FLOPS_PER_ELEMENT = 5
+from petl_lightning.errors import ConfigError
+from petl_lightning.flops import layernorm_flops
 
 
 class ExitHead(nn.Module):
@@ -35,7 +33,7 @@ class ExitHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.0, num_tokens: int = 1) -> None:
         super().__init__()
         if dim < 1 or num_classes < 1 or hidden < 0 or num_tokens < 1:
-            raise PETLError(
+            raise ConfigError(
                 f"ExitHead needs dim, num_classes, num_tokens >= 1 and hidden >= 0, got dim={dim}, "
                 f"num_classes={num_classes}, num_tokens={num_tokens}, hidden={hidden}."
             )
@@ -61,7 +59,7 @@ class ExitHead(nn.Module):
         """Multiply-adds per image, plus the LayerNorm when ``norm`` (pooling itself is additions)."""
         width = self.dim * self.num_tokens
         f = (width * self.hidden + self.hidden * self.num_classes) if self.hidden else width * self.num_classes
-        return f + (_LN_FLOPS_PER_ELEMENT * width if norm else 0)
+        return f + (layernorm_flops(self.num_tokens, self.dim) if norm else 0)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_tokens={self.num_tokens}, hidden={self.hidden}, num_classes={self.num_classes}"

@@ -4,7 +4,7 @@ Per token ``x`` (size ``dim``)::
 
     A(x) = x + s * (W_B @ Dropout(W_A @ x + b_A) + b_B)
 
-``W_A`` is a dense down-projection to ``r`` channels, ``W_B`` a group-wise up-projection (``groups``
+``W_A`` is a dense down-projection to ``adapter_dim`` channels, ``W_B`` a group-wise up-projection (``groups``
 diagonal blocks), ``s`` a fixed scale on the whole branch (both biases included). There is no
 activation, so in eval mode ``A`` is affine and :meth:`RepAdapterLayer.affine` gives its exact
 matrix form, which :func:`petl_lightning.merge.fold_affine_into_linear` folds into the next Linear.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from petl_lightning.errors import PETLError
+from petl_lightning.errors import ConfigError
 
 
 class GroupedLinear(nn.Module):
@@ -28,9 +28,9 @@ class GroupedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True) -> None:
         super().__init__()
         if groups < 1 or in_features % groups or out_features % groups:
-            raise PETLError(
+            raise ConfigError(
                 f"GroupedLinear needs in_features ({in_features}) and out_features ({out_features}) "
-                f"divisible by groups ({groups}); pick a rank r and groups that divide the width."
+                f"divisible by groups ({groups}); pick adapter_dim and adapter_groups that divide the width."
             )
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
         self.weight = nn.Parameter(torch.empty(out_features, in_features // groups))
@@ -59,25 +59,26 @@ class RepAdapterLayer(nn.Module):
 
     Args:
         dim: token width.
-        r: bottleneck width (the paper's 8).
-        groups: groups of the up-projection (the paper's 2); ``r`` and ``dim`` must divide by it.
+        adapter_dim: bottleneck width (the paper's 8).
+        groups: groups of the up-projection (the paper's 2); ``adapter_dim`` and ``dim`` must divide by it.
         scale: the fixed scale ``s`` on the whole branch (a per-task hyper-parameter, see
             :data:`petl_lightning.methods.repadapter.REPADAPTER_SCALES`). It is kept as a buffer so
             checkpoints carry it and a merge always uses the value that was trained (the official
             ``test.py`` silently defaults to 1).
-        dropout: dropout on the ``r``-dim hidden (train mode only); ``self.dropout.p`` may be changed.
+        dropout: dropout on the bottleneck (train mode only); ``self.dropout.p`` may be changed.
 
     Initialisation as the official code: ``down.weight`` xavier-uniform, every other tensor zero.
     """
 
-    def __init__(self, dim: int, r: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1) -> None:
+    def __init__(self, dim: int, adapter_dim: int = 8, groups: int = 2, scale: float = 1.0,
+                 dropout: float = 0.1) -> None:
         super().__init__()
-        if r < 1 or dim < 1:
-            raise PETLError(f"RepAdapterLayer needs dim >= 1 and r >= 1, got dim={dim}, r={r}.")
-        self.dim, self.r, self.groups = dim, r, groups
-        self.down = nn.Linear(dim, r)
+        if adapter_dim < 1 or dim < 1:
+            raise ConfigError(f"RepAdapterLayer needs dim >= 1 and adapter_dim >= 1, got {dim} and {adapter_dim}.")
+        self.dim, self.adapter_dim, self.groups = dim, adapter_dim, groups
+        self.down = nn.Linear(dim, adapter_dim)
         self.dropout = nn.Dropout(dropout)
-        self.up = GroupedLinear(r, dim, groups)
+        self.up = GroupedLinear(adapter_dim, dim, groups)
         self.register_buffer("scale", torch.tensor(float(scale)))
         nn.init.xavier_uniform_(self.down.weight)
         nn.init.zeros_(self.down.bias)
@@ -98,10 +99,10 @@ class RepAdapterLayer(nn.Module):
 
     def flops(self, n_tokens: int) -> int:
         """Multiply-adds on ``n_tokens`` tokens: dense down plus group-wise up (biases, scale, skip not counted)."""
-        return n_tokens * (self.dim * self.r + self.dim * self.r // self.groups)
+        return n_tokens * (self.dim * self.adapter_dim + self.dim * self.adapter_dim // self.groups)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, r={self.r}, groups={self.groups}, scale={float(self.scale):g}"
+        return f"dim={self.dim}, adapter_dim={self.adapter_dim}, groups={self.groups}, scale={float(self.scale):g}"
 
 
 __all__ = ["GroupedLinear", "RepAdapterLayer"]

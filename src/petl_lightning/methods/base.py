@@ -2,25 +2,32 @@
 
 A frozen :class:`~petl_lightning.backbone.FrozenViT`, a linear head on the pooled features,
 cross-entropy (optional label smoothing), torchmetrics top-1, AdamW with linear warm-up then cosine
-(epoch- or step-wise), adapter-only checkpoints, and the ``inference_stats()`` contract.
+(epoch- or step-wise), adapter-only checkpoints that know which method and backbone wrote them,
+RNG state saved and restored through Lightning's helpers (CUDA included), and the statistics
+contract: ``forward(x)`` returns ``(B, num_classes)`` logits in every mode and records nothing;
+``infer(x)`` returns an :class:`~petl_lightning.stats.InferenceOutput` (logits and what executed),
+which the step methods add to the statistics the module resets at each evaluation epoch's start.
 
-A method subclasses it, builds its blocks after ``super().__init__(...)``, and overrides
-:meth:`forward_tokens` (and, for dynamic inference or extra losses, :meth:`forward` and
-:meth:`training_loss`). Static methods inherit the static statistics: nothing skipped, FLOPs of
-their merged form (:meth:`inference_flops`).
+A method subclasses it, builds its blocks after ``super().__init__(...)`` and overrides
+:meth:`forward_tokens` (and, for dynamic inference or extra losses, :meth:`infer` and
+:meth:`training_loss`). Static methods report the FLOPs of their merged form (:meth:`inference_flops`).
 """
 
 from __future__ import annotations
 
 import math
-import random
-from typing import Any, Literal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
@@ -28,16 +35,22 @@ from torchmetrics.classification import MulticlassAccuracy
 from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT, frozen_state_ids
 from petl_lightning.errors import CheckpointError, DataError
 from petl_lightning.flops import vit_flops
-from petl_lightning.stats import InferenceStats
+from petl_lightning.merge import export_safetensors, merge_into_vit
+from petl_lightning.stats import InferenceOutput, InferenceStats
 
 
 def warmup_cosine(t: float, warmup: float, total: float, start: float, floor: float) -> float:
-    """LR factor at (fractional) epoch ``t``: linear ``start``→1 over ``warmup``, cosine 1→``floor``."""
+    """LR factor at (fractional) epoch ``t``: linear ``start``->1 over ``warmup``, cosine 1->``floor``."""
     if warmup > 0 and t < warmup:
         return start + (1.0 - start) * t / warmup
     span = max(total - warmup, 1e-8)
     progress = min(max((t - warmup) / span, 0.0), 1.0)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def method_name(cls: type) -> str:
+    """``module.ClassName`` of a method class (what checkpoints record and the CLI compares)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class PETLModule(L.LightningModule):
@@ -56,6 +69,11 @@ class PETLModule(L.LightningModule):
             (off by default).
         head_init: ``"default"`` (PyTorch's Linear init) or ``"zeros"``.
     """
+
+    #: Hyper-parameters that define the trained architecture: when testing from a checkpoint, the
+    #: checkpoint's values win over the command line (the method class, backbone and class count
+    #: must match exactly; everything else, e.g. budgets, weights path, data, the command line wins).
+    STRUCTURAL_HPARAMS: ClassVar[tuple[str, ...]] = ("img_size", "model_kwargs")
 
     def __init__(
         self,
@@ -92,8 +110,25 @@ class PETLModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.inference_meter = InferenceStats(self.vit.depth, num_exits=1)
+        size = self.vit.vit.patch_embed.img_size
+        self.example_input_array = torch.zeros(1, 3, *size)  # the model summary's FLOPs column
+        #: The data's input normalisation ({"mean": [...], "std": [...]}), read from the DataModule
+        #: at setup and kept in checkpoints, so an exported model says how to feed it.
+        self.input_normalization: dict[str, list[float]] | None = None
         # Adapter-only checkpoints: the frozen backbone is rebuilt from its source on load.
         self.strict_loading = False
+
+    @classmethod
+    def task_overrides(cls, task: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """Per-task hyper-parameters for the configured ``hparams`` (e.g. RepAdapter's official
+        scale), applied by the CLI and the VTAB runner to arguments the user left unset (``None``).
+        None by default."""
+        return {}
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "mean") and hasattr(dm, "std"):
+            self.input_normalization = {"mean": [float(v) for v in dm.mean], "std": [float(v) for v in dm.std]}
 
     # -- forward ---------------------------------------------------------------------------------
     def forward_tokens(self, tokens: Tensor) -> Tensor:
@@ -105,11 +140,14 @@ class PETLModule(L.LightningModule):
         return self.vit.pool(self.forward_tokens(self.vit.embed(x)))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Images to logits; in eval mode, also records the (static) executed FLOPs."""
-        logits = self.head(self.forward_features(x))
-        if not self.training:
-            self.inference_meter.update(images=x.shape[0], flops=x.shape[0] * self.inference_flops())
-        return logits
+        """Images (B, C, H, W) to logits (B, num_classes)."""
+        return self.head(self.forward_features(x))
+
+    def infer(self, x: Tensor) -> InferenceOutput:
+        """The inference path and what it executed (static: the merged form's FLOPs per image)."""
+        logits = self(x)
+        return InferenceOutput(logits, torch.full((x.shape[0],), float(self.inference_flops()), device=x.device,
+                                                  dtype=torch.float64))
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Loss, logits (for train accuracy) and extra terms to log. Override for extra losses."""
@@ -122,7 +160,8 @@ class PETLModule(L.LightningModule):
         return vit_flops(self.vit.shape(), self.num_classes)
 
     def inference_flops(self) -> int:
-        """FLOPs per image of this method's static inference form (merged where it can merge)."""
+        """Expected FLOPs per image of this method's inference form at its configured operating
+        point: the merged form for static methods (the backbone's)."""
         return self.backbone_flops()
 
     def inference_stats(self) -> dict[str, Tensor]:
@@ -138,25 +177,32 @@ class PETLModule(L.LightningModule):
                 "exit_acc": torch.full((meter.num_exits,), float("nan"), dtype=torch.float64),
             }
         else:
-            stats = dict(meter.compute())
-            # torchmetrics squeezes one-element results; keep the documented shapes.
-            stats["exit_share"] = stats["exit_share"].reshape(-1)
-            stats["exit_acc"] = stats["exit_acc"].reshape(-1)
-            stats["keep_rate_per_layer"] = stats["keep_rate_per_layer"].reshape(-1)
+            stats = {k: v.reshape(-1) if k in ("exit_share", "exit_acc", "keep_rate_per_layer") else v
+                     for k, v in meter.compute().items()}  # torchmetrics squeezes one-element results
         stats["gflops_backbone"] = torch.tensor(self.backbone_flops() / 1e9, dtype=torch.float64)
         return stats
 
     def reset_inference_stats(self) -> None:
-        """Forget the counts (callbacks call this at each eval epoch's end)."""
+        """Forget the counts (done at the start of every evaluation epoch)."""
         self.inference_meter.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self.reset_inference_stats()
+
+    def on_test_epoch_start(self) -> None:
+        self.reset_inference_stats()
+
+    def on_predict_epoch_start(self) -> None:
+        self.reset_inference_stats()
 
     # -- steps -----------------------------------------------------------------------------------
     def _check_labels(self, y: Tensor) -> None:
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+        lo, hi = int(y.min()), int(y.max())  # one sync per batch, for a clear error instead of a CUDA assert
+        if lo < 0 or hi >= self.num_classes:
             raise DataError(
-                f"Label {int(y.max()) if int(y.max()) >= self.num_classes else int(y.min())} is outside "
-                f"[0, {self.num_classes}) for this {self.num_classes}-class head. Set model.num_classes "
-                f"to the data's class count (the CLI links data.num_classes automatically)."
+                f"Label {hi if hi >= self.num_classes else lo} is outside [0, {self.num_classes}) for this "
+                f"{self.num_classes}-class head. Set model.num_classes to the data's class count (the CLI "
+                f"links data.num_classes automatically)."
             )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -171,16 +217,18 @@ class PETLModule(L.LightningModule):
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=bs)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> InferenceOutput:
         x, y = batch
         self._check_labels(y)
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        out = self.infer(x)
+        self.inference_meter.update(out, y)
         metric = self.val_acc if stage == "val" else self.test_acc
-        metric(logits, y)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=x.shape[0])
-        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=x.shape[0])
-        return logits
+        metric(out.logits, y)
+        bs = x.shape[0]
+        self.log(f"{stage}/loss", F.cross_entropy(out.logits, y), prog_bar=stage == "val", sync_dist=True,
+                 batch_size=bs)
+        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=bs)
+        return out
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -188,9 +236,17 @@ class PETLModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Per image: ``pred`` (class index), ``confidence`` (its softmax probability), ``exit``
+        (index of the exit it left at) and ``keep_rate`` (share of patch tokens kept)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x)
+        out = self.infer(x)
+        self.inference_meter.update(out)
+        prob = out.logits.float().softmax(dim=-1)
+        confidence, pred = prob.max(dim=-1)
+        exits = out.exit_index if out.exit_index is not None else torch.full_like(pred, self.inference_meter.num_exits - 1)
+        return {"pred": pred, "confidence": confidence, "exit": exits, "keep_rate": out.keep_rate(),
+                "gflops": out.flops / 1e9}
 
     # -- optimisation ----------------------------------------------------------------------------
     def is_head_parameter(self, name: str) -> bool:
@@ -204,14 +260,9 @@ class PETLModule(L.LightningModule):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            skip = (p.ndim <= 1 and not hp.decay_norm_and_bias) or (
-                self.is_head_parameter(name) and not hp.decay_head
-            )
+            skip = (p.ndim <= 1 and not hp.decay_norm_and_bias) or (self.is_head_parameter(name) and not hp.decay_head)
             (no_decay if skip else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -231,7 +282,33 @@ class PETLModule(L.LightningModule):
         sched = LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp.scheduler_interval}}
 
-    # -- summaries and checkpoints ---------------------------------------------------------------
+    # -- merging and export ----------------------------------------------------------------------
+    def fold_block(self, index: int, block: nn.Module) -> None:
+        """Fold block ``index``'s adapters into ``block``, a plain timm block (in place). Nothing here;
+        RepAdapter/ARC fold their affine adapters, a method that cannot fold raises ``MergeError``."""
+
+    def merge(self) -> VisionTransformer:
+        """A plain fp32 timm ``VisionTransformer`` with this head and every adapter folded in, computing
+        this module's eval-mode logits. Its ``state_dict`` loads with ``strict=True`` into
+        ``timm.create_model(model_name, num_classes=..., img_size=..., **model_kwargs)``. This
+        module is not modified."""
+        hp = self.hparams
+        return merge_into_vit(hp.model_name, self.vit.vit, self.head, self.fold_block, hp.model_kwargs)
+
+    def export_metadata(self) -> dict[str, Any]:
+        """What a deployment needs to rebuild and feed the exported model without petl_lightning."""
+        hp = self.hparams
+        norm = self.input_normalization or {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}
+        kwargs = {k: v for k, v in (hp.model_kwargs or {}).items() if k != "drop_path_rate"}
+        return {"model_name": hp.model_name.split(".", 1)[0], "img_size": int(self.vit.vit.patch_embed.img_size[0]),
+                "num_classes": self.num_classes, "model_kwargs": kwargs, "mean": norm["mean"], "std": norm["std"],
+                "interpolation": "bicubic", "method": type(self).__name__}
+
+    def export(self, path: str | Path) -> Path:
+        """:meth:`merge`, then save as ``.safetensors`` with :meth:`export_metadata` (``docs/deploy.md``)."""
+        return export_safetensors(self.merge(), path, self.export_metadata())
+
+    # -- summaries and warnings ------------------------------------------------------------------
     def parameter_summary(self) -> dict[str, int]:
         """Trainable and total parameter counts (shared tensors counted once)."""
         params = list({id(p): p for p in self.parameters()}.values())
@@ -240,47 +317,58 @@ class PETLModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         s = self.parameter_summary()
-        rank_zero_info(
-            f"{type(self).__name__}: {s['trainable']:,} trainable of {s['total']:,} parameters "
-            f"({100 * s['trainable'] / max(s['total'], 1):.3f}%)"
-        )
+        rank_zero_info(f"{type(self).__name__}: {s['trainable']:,} trainable of {s['total']:,} parameters "
+                       f"({100 * s['trainable'] / max(s['total'], 1):.3f}%)")
+        epochs = self.trainer.max_epochs or 0
+        if 0 < epochs <= self.hparams.warmup_epochs:
+            rank_zero_warn(f"warmup_epochs={self.hparams.warmup_epochs:g} but max_epochs={epochs}: the learning rate "
+                           f"never leaves its warm-up; lower --model.init_args.warmup_epochs.")
+        every = self.trainer.check_val_every_n_epoch
+        dm = getattr(self.trainer, "datamodule", None)
+        validates = self.trainer.enable_validation and getattr(dm, "val_split", "") is not None
+        if validates and every is not None and 0 < epochs < every:
+            rank_zero_warn(f"check_val_every_n_epoch={every} but max_epochs={epochs}: no validation epoch runs "
+                           f"during fit; lower --trainer.check_val_every_n_epoch.")
 
+    # -- checkpoints -----------------------------------------------------------------------------
     def trainable_state_keys(self) -> list[str]:
         """State-dict keys this module saves: everything except the frozen backbone's tensors."""
         frozen = frozen_state_ids(self.vit)
         return [k for k, v in self.state_dict(keep_vars=True).items() if id(v) not in frozen]
 
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to load into this module: method, backbone, classes."""
+        return {"method": method_name(type(self)), "model_name": self.hparams.model_name,
+                "num_classes": self.num_classes}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.trainable_state_keys())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        # Tensors and plain Python values only, so Lightning's weights_only loading accepts them.
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        checkpoint["petl_rng"] = {
-            "torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "python": random.getstate(),
-        }
+        checkpoint["petl"] = {**self.checkpoint_identity(), "rng": _rng_to_checkpoint(_collect_rng_states()),
+                              "input_normalization": self.input_normalization}
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Raise :class:`CheckpointError` unless ``checkpoint`` holds exactly this module's trainable
-        tensors with matching shapes (called by the CLI before any training or logging starts)."""
+        """Raise :class:`CheckpointError` unless ``checkpoint`` was written by this method for the
+        same backbone and classes and holds exactly this module's trainable tensors."""
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
             raise CheckpointError("This file holds no 'state_dict'; it is not a petl_lightning checkpoint.")
+        theirs, ours = checkpoint.get("petl", {}), self.checkpoint_identity()
+        wrong = [f"{k} {theirs[k]!r} (checkpoint) vs {ours[k]!r} (this run)"
+                 for k in ours if k in theirs and theirs[k] != ours[k]]
+        if wrong:
+            raise CheckpointError(f"The checkpoint does not fit this run: {'; '.join(wrong)}. Test with the "
+                                  f"recipe and data of the run that wrote it (its config.yaml).")
         own = self.state_dict()
         expected = self.trainable_state_keys()
         missing = [k for k in expected if k not in state]
         unknown = [k for k in state if k not in own]
-        wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in expected if k in state and state[k].shape != own[k].shape]
-        if missing or unknown or wrong:
-            problems = []
-            if wrong:
-                problems.append("shape mismatch " + "; ".join(wrong[:3]))
-            if missing:
-                problems.append(f"missing {missing[:3]}")
-            if unknown:
-                problems.append(f"unknown {unknown[:3]}")
+        shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in expected if k in state and state[k].shape != own[k].shape]
+        if missing or unknown or shapes:
+            problems = [f"shape mismatch {'; '.join(shapes[:3])}"] if shapes else []
+            problems += [f"missing {missing[:3]}"] if missing else []
+            problems += [f"unknown {unknown[:3]}"] if unknown else []
             raise CheckpointError(
                 f"Checkpoint does not fit {type(self).__name__} (num_classes={self.num_classes}): "
                 f"{'; '.join(problems)}. Was it written by another method, task or configuration?"
@@ -293,12 +381,30 @@ class PETLModule(L.LightningModule):
         own = self.state_dict()
         trainable = set(self.trainable_state_keys())
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k not in trainable})
-        rng = checkpoint.get("petl_rng")
+        meta = checkpoint.get("petl", {})
+        self.input_normalization = meta.get("input_normalization") or self.input_normalization
+        rng = meta.get("rng")
         if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            kind, keys, pos, has_gauss, cached = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-            random.setstate(rng["python"])
+            _set_rng_states(_rng_from_checkpoint(rng))
 
 
-__all__ = ["PETLModule", "warmup_cosine"]
+def _rng_to_checkpoint(states: dict[str, Any]) -> dict[str, Any]:
+    """Lightning's RNG states with numpy's key array as a tensor (weights-only loading accepts it)."""
+    out = dict(states)
+    if "numpy" in out:
+        kind, keys, pos, has_gauss, cached = out["numpy"]
+        out["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    return out
+
+
+def _rng_from_checkpoint(states: dict[str, Any]) -> dict[str, Any]:
+    out = dict(states)
+    if "numpy" in out:
+        kind, keys, pos, has_gauss, cached = out["numpy"]
+        out["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    if not torch.cuda.is_available() or not out.get("torch.cuda"):
+        out.pop("torch.cuda", None)  # saved on another kind of device: restore what exists here
+    return out
+
+
+__all__ = ["PETLModule", "method_name", "warmup_cosine"]

@@ -1,48 +1,88 @@
-"""`FoldableAdapterModule`: what RepAdapter and ARC share.
+"""The block and module RepAdapter and ARC share: affine adapters that fold into the backbone.
 
-Both train affine adapters in :class:`~petl_lightning.merge.AffineAdapterBlock`s (``self.blocks``)
-and fold them into the backbone for inference, so they share the forward, the training-form FLOPs,
-:meth:`merge` and :meth:`export`. Their inference FLOPs are the backbone's (the merged form).
+:class:`FoldableBlock` is a frozen timm ``Block`` with an affine adapter on each branch's input
+(after its LayerNorm); :class:`FoldableAdapterModule` runs a list of them, counts their training
+FLOPs, and folds them block by block when :meth:`PETLModule.merge` builds the plain timm
+``VisionTransformer`` whose inference FLOPs are the backbone's.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import torch
+from torch import Tensor, nn
 
-from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
-
-from petl_lightning.merge import export_safetensors, merge_into_vit
+from petl_lightning.merge import MergeError, fold_affine_into_linear
 from petl_lightning.methods.base import PETLModule
+
+BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+class FoldableBlock(nn.Module):
+    """A frozen timm ``Block`` with affine adapters on the branch inputs (``None``: none there)::
+
+        x = x + drop_path1(ls1(attn(attn_adapter(norm1(x)))))
+        x = x + drop_path2(ls2(mlp(mlp_adapter(norm2(x)))))
+
+    Reuses the block's own sub-modules, so LayerScale, drop-path and fused attention work as in
+    timm. Any adapter with ``affine() -> (M, c)`` (RepAdapter's, ARC's) can be folded by
+    :meth:`fold_into` into ``attn.qkv`` / ``mlp.fc1``.
+    """
+
+    def __init__(self, block: nn.Module, attn_adapter: nn.Module | None, mlp_adapter: nn.Module | None) -> None:
+        super().__init__()
+        missing = [name for name in BLOCK_PARTS if not hasattr(block, name)]
+        if missing:
+            raise MergeError(f"{type(block).__name__} has no {missing[0]!r}; adapters expect a timm "
+                             f"vision_transformer.Block (pre-norm, attn + mlp branches).")
+        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
+        self.attn_adapter = attn_adapter if attn_adapter is not None else nn.Identity()
+        self.mlp_adapter = mlp_adapter if mlp_adapter is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.attn_adapter(self.norm1(x)))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.mlp_adapter(self.norm2(x)))))
+        return x
+
+    def adapters(self) -> list[nn.Module]:
+        """The block's adapters (attention first)."""
+        return [a for a in (self.attn_adapter, self.mlp_adapter) if not isinstance(a, nn.Identity)]
+
+    def adapter_flops(self, n_tokens: int) -> int:
+        """Multiply-adds the adapters add on ``n_tokens`` tokens (0 once merged)."""
+        return sum(a.flops(n_tokens) for a in self.adapters())
+
+    @torch.no_grad()
+    def fold_into(self, block: nn.Module) -> None:
+        """Fold this block's adapters into ``block.attn.qkv`` / ``block.mlp.fc1`` (another block, in place)."""
+        for adapter, owner, name in ((self.attn_adapter, block.attn, "qkv"), (self.mlp_adapter, block.mlp, "fc1")):
+            if isinstance(adapter, nn.Identity):
+                continue
+            target = getattr(owner, name, None)
+            if not isinstance(target, nn.Linear):
+                raise MergeError(f"Cannot merge: the branch's first layer {type(owner).__name__}.{name} is "
+                                 f"{type(target).__name__}, not an nn.Linear.")
+            fold_affine_into_linear(target, *adapter.affine())
 
 
 class FoldableAdapterModule(PETLModule):
-    """A :class:`PETLModule` whose ``self.blocks`` (a ``ModuleList`` of ``AffineAdapterBlock``)
-    fold into a plain timm ``VisionTransformer``."""
+    """A :class:`PETLModule` whose ``self.blocks`` (a ``ModuleList`` of :class:`FoldableBlock`) fold
+    into a plain timm ``VisionTransformer``."""
+
+    blocks: nn.ModuleList
 
     def forward_tokens(self, tokens: Tensor) -> Tensor:
-        x = tokens
         for blk in self.blocks:
-            x = blk(x)
-        return x
+            tokens = blk(tokens)
+        return tokens
 
     def unmerged_flops(self) -> int:
         """FLOPs per image of the training form (backbone + head + the adapters' multiply-adds)."""
         n = self.vit.num_tokens
         return self.backbone_flops() + sum(blk.adapter_flops(n) for blk in self.blocks)
 
-    def merge(self) -> VisionTransformer:
-        """A plain fp32 timm ``VisionTransformer`` (with this head) computing the same logits in eval mode.
-
-        Its ``state_dict`` loads with ``strict=True`` into ``timm.create_model(model_name,
-        num_classes=..., img_size=..., **model_kwargs)``. This module is not modified.
-        """
-        hp = self.hparams
-        return merge_into_vit(hp.model_name, self.vit.vit, list(self.blocks), self.head, hp.model_kwargs)
-
-    def export(self, path: str | Path) -> Path:
-        """Merge and save as ``.safetensors``; load with ``timm.create_model(..., checkpoint_path=path)``."""
-        return export_safetensors(self.merge(), path)
+    def fold_block(self, index: int, block: nn.Module) -> None:
+        self.blocks[index].fold_into(block)
 
 
-__all__ = ["FoldableAdapterModule"]
+__all__ = ["FoldableAdapterModule", "FoldableBlock"]

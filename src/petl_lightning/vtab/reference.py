@@ -117,9 +117,9 @@ def reference_for_module(class_name: str, hparams: Mapping[str, Any] | None = No
         rate = hp.get("target_rate", 0.5)
         name = f"DyT r={float(rate):g}"
         return name if name in _load()["methods"] else None
-    if class_name == "RepAdapter" and hp.get("placement", "repblock") != "repblock":
+    if class_name == "RepAdapter" and hp.get("placement", "attn_mlp") != "attn_mlp":
         return None
-    if class_name == "ARC" and hp.get("placement", "arc") != "arc":
+    if class_name == "ARC" and hp.get("placement", "attn_mlp") != "attn_mlp":
         return None
     try:
         key = resolve_name(class_name)

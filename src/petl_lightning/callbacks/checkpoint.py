@@ -1,0 +1,48 @@
+"""``PETLCheckpoint``: Lightning's ``ModelCheckpoint`` with the defaults every run of this package needs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class PETLCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` at every training epoch end, whatever the protocol, plus the best by
+    ``monitor`` where validation logs it, in ``<default_root_dir>/checkpoints/`` (not inside a
+    logger's version folder), so ``--ckpt_path last`` finds it from a new process. Files are
+    written to a temporary name and renamed, so an interrupt never leaves half a checkpoint.
+
+    Args:
+        dirpath: folder (default ``<trainer.default_root_dir>/checkpoints``).
+        monitor / mode / save_top_k / filename: as ``ModelCheckpoint``; without a validation split the
+            best checkpoint is not kept (only ``last.ckpt``).
+        **kwargs: further ``ModelCheckpoint`` arguments.
+    """
+
+    def __init__(self, dirpath: str | None = None, monitor: str | None = "val/acc", mode: str = "max",
+                 save_top_k: int = 1, filename: str = "best-epoch{epoch}", save_last: bool = True,
+                 save_on_train_epoch_end: bool = True, auto_insert_metric_name: bool = False, **kwargs: Any) -> None:
+        super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_top_k=save_top_k, filename=filename,
+                         save_last=save_last, save_on_train_epoch_end=save_on_train_epoch_end,
+                         auto_insert_metric_name=auto_insert_metric_name, **kwargs)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        dm = trainer.datamodule
+        if stage == "fit" and (not trainer.enable_validation or (dm is not None and getattr(dm, "val_split", "") is None)):
+            self.monitor, self.save_top_k = None, 0  # no validation metric: keep last.ckpt only
+        super().setup(trainer, pl_module, stage)
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        tmp = f"{filepath}.tmp"
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero and os.path.exists(tmp):
+            os.replace(tmp, filepath)
+        self._last_checkpoint_saved = filepath
+
+
+__all__ = ["PETLCheckpoint"]

@@ -1,0 +1,73 @@
+"""``petl-lightning export``: a trained checkpoint to a deployable file, in a new process.
+
+    petl-lightning export --ckpt_path runs/repadapter/checkpoints/last.ckpt --out model.safetensors \\
+        [--weights /new/place/ViT-B_16.npz]
+
+The checkpoint names its method; the method is rebuilt (its frozen backbone from the weights path
+stored in the checkpoint, or ``--weights`` when the file moved) and :meth:`export` writes the merged
+plain timm model with its metadata (model name, image size, classes, normalisation), see
+``docs/deploy.md``. Nothing is written unless the export completes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from petl_lightning.cli import read_checkpoint
+from petl_lightning.cli_keys import import_class
+from petl_lightning.errors import CheckpointError, ConfigError, run_user_command
+
+FORMATS = ("safetensors",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="petl-lightning export", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--ckpt_path", required=True, help="a .ckpt written by petl-lightning fit")
+    p.add_argument("--out", required=True, help="the file to write (e.g. model.safetensors)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the --out suffix")
+    p.add_argument("--weights", default=None, help="the backbone weights file, when it is not where training found it")
+    return p
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, weights: str | None = None,
+                      fmt: str | None = None) -> Path:
+    """Rebuild the method of ``ckpt_path`` and export it to ``out``; returns the written path."""
+    fmt = fmt or Path(out).suffix.lstrip(".")
+    if fmt not in FORMATS:
+        raise ConfigError(f"Unknown export format {fmt!r} (from --out {str(out)!r}); choose one of {', '.join(FORMATS)}.")
+    return load_trained(ckpt_path, weights).export(out)
+
+
+def load_trained(ckpt_path: str | Path, weights: str | None = None) -> Any:
+    """The method a checkpoint names, rebuilt from its hyper-parameters (``weights``: the backbone
+    file's new place) with its trained tensors, in eval mode on the CPU. Like Lightning's
+    ``load_from_checkpoint``, whose own ``checkpoint_path`` argument hides the backbone's."""
+    ckpt = read_checkpoint(ckpt_path)
+    method = ckpt.get("petl", {}).get("method", "")
+    cls = import_class(method)
+    if cls is None:
+        raise CheckpointError(f"{ckpt_path} was not written by a petl_lightning method (method {method!r} unknown).")
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    if weights:
+        hparams["checkpoint_path"] = weights
+    model = cls(**hparams)
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"], strict=False)
+    return model.eval()
+
+
+def export_main(argv: Sequence[str]) -> int:
+    """Entry of ``petl-lightning export``: 0 on success, 2 on a user error."""
+    ns = build_parser().parse_args(list(argv))
+
+    def go() -> None:
+        path = export_checkpoint(ns.ckpt_path, ns.out, ns.weights, ns.format)
+        print(f"exported {path}")
+
+    return run_user_command(go)
+
+
+__all__ = ["FORMATS", "export_checkpoint", "export_main", "load_trained"]

@@ -1,0 +1,456 @@
+"""Dyn-Adapter (Zhang et al., ECCV 2024, arXiv 2407.14302): early-exit heads over a PETL base on a
+frozen ViT, trained with a scheduled multi-exit loss and bidirectional sparsity, run with per-image
+early exit at inference.
+
+No official code exists and the paper's full text was not at hand, so this is a reconstruction:
+early heads at a fixed interval, heavier heads at shallow exits, an adaptively weighted multi-exit
+loss, higher dropout in shallow layers and a random mask on gradient updates, and exit at the
+first head whose confidence clears its threshold. Every number and shape is our choice and an
+option (:mod:`~petl_lightning.methods.dyn_adapter.config`).
+
+Inference removes finished images from the batch after each exit (``index_select``), so later
+blocks run on fewer images, and skips the heads of exits that take no image (threshold ``+inf``);
+``tests/test_dyn_adapter.py`` holds it equal to a per-image loop. :meth:`DynAdapter.calibrate` picks
+the thresholds for a FLOPs budget on held-out data (the ``ExitCalibration`` callback does it during
+fit and before test); :meth:`DynAdapter.merge` folds a RepAdapter, ARC or LoRA base into a plain timm
+ViT, whose blocks :meth:`DynAdapter.infer` can run so that only the exit heads cost extra.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from petl_lightning.errors import ConfigError
+from petl_lightning.flops import block_flops, embed_flops, head_flops
+from petl_lightning.layers.exits import ExitHead
+from petl_lightning.methods.base import PETLModule
+from petl_lightning.methods.dyn_adapter import thresholds as th
+from petl_lightning.methods.dyn_adapter.bases import DEFAULT_ADAPTER_DIM, Base, adapter_layers, build_blocks, fold_block
+from petl_lightning.methods.dyn_adapter.config import (
+    CalibrationConfig, ExitConfig, LossSchedule, SparsityConfig, as_config, as_dict,
+)
+from petl_lightning.methods.repadapter import RepAdapter
+from petl_lightning.stats import InferenceOutput, InferenceStats
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """Identity forward; the gradient flowing back through it is multiplied by ``scale``."""
+    if scale == 1.0:
+        return x
+    return x.detach() if scale == 0.0 else x * scale + x.detach() * (1.0 - scale)
+
+
+class DynAdapter(PETLModule):
+    """Dyn-Adapter: early exits over a PETL base on a frozen ViT, with budgeted dynamic inference.
+
+    Exit ``k`` reads pooled tokens after block ``exits.blocks[k]`` through an
+    :class:`~petl_lightning.layers.exits.ExitHead`; the final exit is the backbone's final norm and
+    ``self.head``. ``forward`` returns the early-exit prediction ``(B, K)`` in every mode;
+    :meth:`forward_exits` returns every exit's logits (the training path).
+
+    Args:
+        base: ``"repadapter"`` (default), ``"arc"``, ``"lora"`` or ``"adapter"``
+            (:mod:`~petl_lightning.methods.dyn_adapter.bases`).
+        adapter_dim: the base's width or rank (None: 8; 50 for ARC).
+        adapter_groups: RepAdapter's up-projection groups (2).
+        adapter_scale: the base's branch scale (LoRA: ``alpha / r``). None: 1.0, except for the
+            repadapter base, which takes RepAdapter's official per-task scale (:meth:`task_overrides`).
+        exits / loss / sparsity / calibration: the option groups of
+            :mod:`~petl_lightning.methods.dyn_adapter.config` (dataclasses or dicts).
+        eval_all_exits: in test, also run every exit on every image (a second, full pass) to log
+            ``test/acc_exit{b}`` per exit (validation always does: calibration needs it).
+        **kwargs: :class:`PETLModule` arguments.
+    """
+
+    STRUCTURAL_HPARAMS = (*PETLModule.STRUCTURAL_HPARAMS, "base", "adapter_dim", "adapter_groups", "exits")
+
+    def __init__(
+        self,
+        base: Base = "repadapter",
+        adapter_dim: int | None = None,
+        adapter_groups: int = 2,
+        adapter_scale: float | None = None,
+        exits: ExitConfig = ExitConfig(),  # noqa: B008 - a frozen-by-convention default LightningCLI shows
+        loss: LossSchedule = LossSchedule(),  # noqa: B008
+        sparsity: SparsityConfig = SparsityConfig(),  # noqa: B008
+        calibration: CalibrationConfig = CalibrationConfig(),  # noqa: B008
+        eval_all_exits: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.exit_config, self.loss_schedule = as_config(ExitConfig, exits), as_config(LossSchedule, loss)
+        self.sparsity, self.calibration_config = as_config(SparsityConfig, sparsity), as_config(CalibrationConfig, calibration)
+        for cfg in (self.loss_schedule, self.sparsity, self.calibration_config):
+            cfg.check()
+        self.hparams.update(exits=as_dict(self.exit_config), loss=as_dict(self.loss_schedule),
+                            sparsity=as_dict(self.sparsity), calibration=as_dict(self.calibration_config))
+        depth, dim = self.vit.depth, self.vit.dim
+        if getattr(self.vit.vit, "attn_pool", None) is not None or self.vit.vit.global_pool != "token":
+            raise ConfigError(f"DynAdapter reads the CLS token at every exit; {self.vit.model_name!r} pools with "
+                              f"{self.vit.vit.global_pool!r}. Use a ViT with a class token (global_pool='token').")
+        self.exit_config.check(depth)
+        self.exit_depths = [*self.exit_config.resolved_blocks(depth), depth]
+        hidden = self.exit_config.resolved_hidden(self.num_exits - 1)
+        n_pool = 2 if self.exit_config.pool == "cls_avg" else 1
+        self.exit_heads = nn.ModuleList(ExitHead(dim, self.num_classes, h, self.exit_config.dropout, n_pool) for h in hidden)
+        scale = 1.0 if adapter_scale is None else float(adapter_scale)
+        width = DEFAULT_ADAPTER_DIM.get(base, 8) if adapter_dim is None else adapter_dim
+        self.blocks = build_blocks(base, self.vit.blocks, self, width, adapter_groups, scale,
+                                   self.sparsity.dropout_per_block(depth))
+        fixed = self.calibration_config.thresholds
+        self.register_buffer("thresholds", self._threshold_vector(math.inf if fixed is None else fixed))
+        #: The last calibration (budget, policy, held-out accuracy and FLOPs); saved in checkpoints.
+        self.calibration_result: dict[str, Any] | None = None if fixed is None else {"budget": None, "thresholds": list(fixed)}
+        self.inference_meter = InferenceStats(depth, num_exits=self.num_exits)
+        self.exit_accuracy = nn.ModuleList(MulticlassAccuracy(self.num_classes, average="micro")
+                                           for _ in self.exit_depths)
+        self._held_out: list[th.ExitOutputs] = []
+        self._total_steps: int | None = None
+
+    def _threshold_vector(self, values: float | Sequence[float]) -> Tensor:
+        thr = torch.as_tensor(values, dtype=torch.float32).flatten()
+        thr = thr.expand(self.num_exits - 1).clone() if thr.numel() == 1 else thr
+        if thr.numel() != self.num_exits - 1:
+            raise ConfigError(f"calibration.thresholds has {thr.numel()} values for {self.num_exits - 1} early exits; "
+                              f"give one value or one per exit.")
+        return thr
+
+    @classmethod
+    def task_overrides(cls, task: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """The repadapter base takes RepAdapter's official scale of the task."""
+        return RepAdapter.task_overrides(task, {}) if hparams.get("base", "repadapter") == "repadapter" else {}
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_depths)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration_result is not None
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward_tokens(self, tokens: Tensor) -> Tensor:
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return tokens
+
+    def confidence(self, logits: Tensor) -> Tensor:
+        return th.confidence(logits, self.calibration_config.confidence)
+
+    def exit_logits(self, k: int, tokens: Tensor) -> Tensor:
+        """Exit ``k``'s logits from the tokens after block ``exit_depths[k]``."""
+        if k == self.num_exits - 1:
+            return self.head(self.vit.pool(tokens))
+        p = self.vit.num_prefix_tokens
+        cls, avg = tokens[:, :1], tokens[:, p:].mean(dim=1, keepdim=True)
+        pool = self.exit_config.pool
+        pooled = cls if pool == "cls" else avg if pool == "avg" else torch.cat([cls, avg], dim=1)
+        return self.exit_heads[k](scale_grad(pooled, self.exit_config.grad_scale))
+
+    def forward_exits(self, x: Tensor) -> Tensor:
+        """Every exit on every image: logits (E, B, K)."""
+        tokens, out, start = self.vit.embed(x), [], 0
+        for k, end in enumerate(self.exit_depths):
+            tokens = self.forward_blocks(tokens, start, end)
+            start = end
+            out.append(self.exit_logits(k, tokens))
+        return torch.stack(out)
+
+    def forward_blocks(self, tokens: Tensor, start: int, end: int, blocks: nn.ModuleList | None = None) -> Tensor:
+        for blk in (self.blocks if blocks is None else blocks)[start:end]:
+            tokens = blk(tokens)
+        return tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The early-exit prediction (B, K)."""
+        return self.infer(x).logits
+
+    def infer(self, x: Tensor, blocks: nn.ModuleList | None = None) -> InferenceOutput:
+        """Early exit with batch shrinking: after each exit the images whose confidence clears its
+        threshold are written out and leave the batch; exits that take no image (``+inf``) are not
+        evaluated. ``blocks``: run these instead (e.g. ``self.merge().blocks``: a folded base)."""
+        b = x.shape[0]
+        tokens, remaining = self.vit.embed(x), torch.arange(b, device=x.device)
+        exit_index = torch.full((b,), self.num_exits - 1, dtype=torch.long, device=x.device)
+        takes = [math.isfinite(t) for t in self.thresholds.tolist()]
+        out: Tensor | None = None
+        start = 0
+        for k, end in enumerate(self.exit_depths):
+            tokens, start = self.forward_blocks(tokens, start, end, blocks), end
+            if k < self.num_exits - 1 and not takes[k]:
+                continue
+            logits = self.exit_logits(k, tokens)
+            out = logits.new_empty(b, logits.shape[1]) if out is None else out
+            if k == self.num_exits - 1:
+                out.index_copy_(0, remaining, logits)
+                break
+            done = self.confidence(logits) >= self.thresholds[k]
+            leave = done.nonzero().squeeze(1)
+            if leave.numel():
+                out.index_copy_(0, remaining[leave], logits[leave])
+                exit_index[remaining[leave]] = k
+                if leave.numel() == remaining.numel():
+                    break
+                stay = (~done).nonzero().squeeze(1)
+                tokens, remaining = tokens.index_select(0, stay), remaining.index_select(0, stay)
+        assert out is not None
+        costs = self.exit_costs(merged=blocks is not None).of(self.thresholds.cpu())[0].to(x.device)
+        return InferenceOutput(out, costs[exit_index], exit_index)
+
+    def infer_reference(self, x: Tensor) -> InferenceOutput:
+        """The same decisions without batch shrinking (every exit on every image; for tests)."""
+        logits = self.forward_exits(x)
+        ex = th.assign_exits(self.confidence(logits).T, self.thresholds)
+        out = logits.permute(1, 0, 2)[torch.arange(x.shape[0], device=x.device), ex]
+        return InferenceOutput(out, self.exit_costs().of(self.thresholds.cpu())[0].to(x.device)[ex], ex)
+
+    # -- FLOPs -----------------------------------------------------------------------------------
+    def exit_costs(self, merged: bool = False, norm: bool = True) -> th.ExitCosts:
+        """FLOPs of leaving at each exit (:class:`~.thresholds.ExitCosts`, on the CPU); ``merged``: the
+        adapters are folded into the blocks (free)."""
+        s = self.vit.shape()
+        n = s.num_tokens
+        per_block = [block_flops(n, n, s, norm) + (0 if merged else sum(a.flops(n) for a in adapter_layers(blk)))
+                     for blk in self.blocks]
+        depth = [embed_flops(s) + sum(per_block[:d]) for d in self.exit_depths]
+        depth[-1] += head_flops(s, self.num_classes, norm=norm)
+        heads = [h.flops(norm) for h in self.exit_heads]
+        return th.ExitCosts(torch.tensor(depth, dtype=torch.float64), torch.tensor(heads, dtype=torch.float64))
+
+    def full_flops(self, merged: bool = False, norm: bool = True) -> int:
+        """FLOPs per image of the base model without early exits: the reference of the budget."""
+        return int(self.exit_costs(merged, norm).depth[-1])
+
+    def inference_flops(self) -> int:
+        """The held-out FLOPs of the last calibration (the full model before any)."""
+        flops = (self.calibration_result or {}).get("gflops")
+        return self.full_flops() if flops is None else int(flops * 1e9)
+
+    def inference_stats(self) -> dict[str, Tensor]:
+        """The base keys plus ``gflops_full`` (the base model without early exit), ``flops_ratio``,
+        ``exit_depths`` and ``thresholds``."""
+        stats = super().inference_stats()
+        full = self.full_flops() / 1e9
+        stats["gflops_full"] = torch.tensor(full, dtype=torch.float64)
+        stats["flops_ratio"] = stats["gflops"].double().cpu() / full
+        stats["exit_depths"] = torch.tensor(self.exit_depths, dtype=torch.float64)
+        stats["thresholds"] = self.thresholds.detach().double().cpu()
+        return stats
+
+    # -- calibration -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect_exits(self, data: Any) -> th.ExitOutputs:
+        """Every exit on every image of ``data`` (a DataModule's val split, a loader of ``(images,
+        labels)``, one such pair, or ready :class:`ExitOutputs`)."""
+        if isinstance(data, th.ExitOutputs):
+            return data
+        if isinstance(data, L.LightningDataModule):
+            if getattr(data, "val_split", "val200") is None:
+                raise ConfigError("Threshold calibration needs held-out data, but the DataModule has no validation "
+                                  "split (protocol trainval_test trains on train800val200). Use protocol='train_val' "
+                                  "(calibrates on val200), or pass a DataLoader.")
+            data = data.val_dataloader()
+        batches = [tuple(data)] if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) \
+            else data
+        was_training, parts = self.training, []
+        self.eval()
+        try:
+            for x, y in (bt[:2] for bt in batches):
+                parts.append(self.exit_outputs(self.forward_exits(x.to(self.device)), torch.as_tensor(y)))
+        finally:
+            self.train(was_training)
+        if not parts:
+            raise ConfigError("Calibration got no batches; pass a loader of (images, labels).")
+        return th.ExitOutputs.cat(parts)
+
+    def exit_outputs(self, logits: Tensor, y: Tensor) -> th.ExitOutputs:
+        """The confidence/prediction table of every exit's logits (E, B, K)."""
+        return th.ExitOutputs(self.confidence(logits).T.cpu(), logits.argmax(dim=-1).T.cpu(), y.cpu())
+
+    def calibrate(self, data: Any, target: float | None = None, policy: str | None = None) -> dict[str, Any]:
+        """Set the early exits' thresholds so the mean executed FLOPs on held-out ``data`` is at most
+        ``target`` x the full model's (default ``calibration.budget``), with the best accuracy there.
+        Returns the thresholds and the held-out accuracy, GFLOPs, FLOPs ratio and exit shares."""
+        budget = self.calibration_config.budget if target is None else target
+        if budget is None or not 0.0 < budget <= 1.0:
+            raise ConfigError(f"The calibration target must be a FLOPs budget in (0, 1], got {budget}.")
+        out, costs, full = self.collect_exits(data), self.exit_costs(), self.full_flops()
+        policy = policy or self.calibration_config.policy
+        thr, acc, cost, share = th.search_thresholds(out, costs, budget * full, policy)  # type: ignore[arg-type]
+        self.thresholds.copy_(thr.to(self.thresholds))
+        self.calibration_result = {"budget": budget, "policy": policy, "thresholds": thr.tolist(), "acc": acc,
+                            "gflops": cost / 1e9, "flops_ratio": cost / full, "exit_share": share.tolist(),
+                            "images": int(out.labels.numel()), "step": int(self.global_step) if self._trainer else 0}
+        return dict(self.calibration_result)
+
+    def curve(self, calib: Any, evaluate: Any = None,
+              budgets: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> list[dict[str, Any]]:
+        """Accuracy vs executed GFLOPs: thresholds searched on ``calib`` for each budget, measured on
+        ``evaluate`` (default ``calib``); this module's thresholds are left alone."""
+        c = self.collect_exits(calib)
+        ev = None if evaluate is None else self.collect_exits(evaluate)
+        return th.accuracy_cost_curve(c, self.exit_costs(), self.full_flops(), list(budgets), ev,
+                                      self.calibration_config.policy)
+
+    # -- training --------------------------------------------------------------------------------
+    def training_progress(self) -> float:
+        """Share of training done (optimizer steps / total steps); 1.0 outside ``fit``."""
+        trainer = self._trainer
+        if trainer is None or not trainer.training:
+            return 1.0
+        if self._total_steps is None:
+            total = trainer.estimated_stepping_batches
+            self._total_steps = int(total) if math.isfinite(total) and total > 0 else 0
+        return min(trainer.global_step / self._total_steps, 1.0) if self._total_steps else 1.0
+
+    def loss_weights(self, progress: float) -> list[float]:
+        """Weights (E,) of the exits' cross-entropies at training progress ``progress`` in [0, 1]."""
+        cfg = self.loss_schedule
+        t0, t1 = cfg.ramp
+        if cfg.kind == "constant":
+            r = 1.0
+        elif cfg.kind == "step":
+            r = 1.0 if progress >= t1 else 0.0
+        else:
+            r = 1.0 if progress >= t1 else 0.0 if progress <= t0 else (progress - t0) / (t1 - t0)
+            r = 0.5 * (1.0 - math.cos(math.pi * r)) if cfg.kind == "cosine" else r
+        return [cfg.start + (cfg.end - cfg.start) * r] * (self.num_exits - 1) + [cfg.final_weight]
+
+    def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Weighted sum of every exit's cross-entropy; the final exit's logits for train accuracy."""
+        logits = self.forward_exits(x)
+        terms: dict[str, Tensor] = {}
+        loss = logits.new_zeros(())
+        for d, lg, w in zip(self.exit_depths, logits, self.loss_weights(self.training_progress())):
+            ce = self.criterion(lg, y)
+            loss = loss + w * ce
+            terms[f"ce_exit{d}"], terms[f"w_exit{d}"] = ce.detach(), torch.tensor(w)
+        return loss, logits[-1], terms
+
+    def on_train_start(self) -> None:
+        self._total_steps = None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage != "fit" or self.hparams.base != "repadapter" or self.hparams.adapter_scale is not None:
+            return
+        task = getattr(getattr(self._trainer, "datamodule", None), "task", None)
+        scale = self.task_overrides(task, self.hparams).get("adapter_scale") if task else None
+        if scale is None:
+            rank_zero_warn(f"DynAdapter: no official RepAdapter scale for task {task!r}; using adapter_scale 1.0.")
+            return
+        for blk in self.blocks:
+            for a in adapter_layers(blk):
+                a.scale.fill_(float(scale))
+        self.hparams["adapter_scale"] = float(scale)
+
+    def is_head_parameter(self, name: str) -> bool:
+        return name.startswith(("head.", "exit_heads."))
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the PETL base (not the heads): the ones the gradient mask touches."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and not self.is_head_parameter(n)]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        cfg = self.sparsity
+        if cfg.grad_keep < 1.0 and cfg.grad_mask_mode == "gradient":
+            for p in self.adapter_parameters():
+                if p.grad is not None:
+                    p.grad.mul_((torch.rand_like(p.grad) < cfg.grad_keep) / cfg.grad_keep)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        cfg = self.sparsity
+        if cfg.grad_keep >= 1.0 or cfg.grad_mask_mode != "update":
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        params = self.adapter_parameters()
+        before = [p.detach().clone() for p in params]
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        with torch.no_grad():
+            for p, old in zip(params, before):
+                p.copy_(torch.where(torch.rand_like(p) < cfg.grad_keep, p, old))
+        return None
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._held_out = []
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Every exit on every image (calibration reads them); the statistics at today's thresholds."""
+        x, y = batch
+        self._check_labels(y)
+        logits = self.forward_exits(x)
+        self._held_out.append(self.exit_outputs(logits, y))
+        ex = th.assign_exits(self.confidence(logits).T, self.thresholds)
+        picked = logits.permute(1, 0, 2)[torch.arange(x.shape[0], device=x.device), ex]
+        costs = self.exit_costs().of(self.thresholds.cpu())[0].to(x.device)
+        self.inference_meter.update(InferenceOutput(picked, costs[ex], ex), y)
+        self.log("val/loss", F.cross_entropy(logits[-1], y), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self._log_exit_accuracy(logits, y, "val")
+
+    def held_out_exits(self, gather: bool = True) -> th.ExitOutputs | None:
+        """This validation epoch's exit table (all processes' with ``gather``), or None before any."""
+        if not self._held_out:
+            return None
+        out = th.ExitOutputs.cat(self._held_out)
+        if gather and self._trainer is not None and self.trainer.world_size > 1:
+            parts = [self.all_gather(t.to(self.device)).flatten(0, 1).cpu() for t in (out.conf, out.pred, out.labels)]
+            out = th.ExitOutputs(*parts)
+        return out
+
+    def record_exits(self, out: th.ExitOutputs) -> None:
+        """Refill the statistics from an exit table at the current thresholds (after calibration)."""
+        self.reset_inference_stats()
+        ex = th.assign_exits(out.conf, self.thresholds.cpu())
+        pred = out.pred[torch.arange(ex.numel()), ex]
+        costs = self.exit_costs().of(self.thresholds.cpu())[0]
+        as_logits = F.one_hot(pred, self.num_classes).double()  # the statistics need only each prediction
+        self.inference_meter.update(InferenceOutput(as_logits.to(self.device), costs[ex].to(self.device),
+                                                    ex.to(self.device)), out.labels.to(self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        out = self.held_out_exits()
+        if out is not None:
+            ex = th.assign_exits(out.conf, self.thresholds.cpu())
+            acc = out.correct[torch.arange(ex.numel()), ex].double().mean()
+            self.log("val/acc", float(acc), prog_bar=True)
+            self.log("val/gflops", float(self.exit_costs().of(self.thresholds.cpu())[0][ex].mean()) / 1e9)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        out = self._eval_step(batch, "test")
+        self.log("test/gflops", out.flops.mean() / 1e9, sync_dist=True, batch_size=out.flops.numel())
+        if self.hparams.eval_all_exits:
+            self._log_exit_accuracy(self.forward_exits(batch[0]), batch[1], "test")
+
+    def _log_exit_accuracy(self, logits: Tensor, y: Tensor, stage: str) -> None:
+        for d, lg, metric in zip(self.exit_depths, logits, self.exit_accuracy):
+            metric(lg, y)
+            self.log(f"{stage}/acc_exit{d}", metric, batch_size=y.shape[0])
+
+    # -- merging and checkpoints -----------------------------------------------------------------
+    def fold_block(self, index: int, block: nn.Module) -> None:
+        fold_block(self.hparams.base, self.blocks[index], block)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["petl"]["calibration"] = self.calibration_result
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        fixed = self.calibration_config.thresholds
+        if fixed is not None:  # thresholds given now win over the stored ones
+            checkpoint["state_dict"]["thresholds"] = self._threshold_vector(fixed)
+        else:
+            self.calibration_result = checkpoint.get("petl", {}).get("calibration")
+
+
+__all__ = ["DynAdapter", "scale_grad"]

@@ -1,0 +1,138 @@
+"""Launching pairs: in a worker process each (default) or in this process, side by side over slots
+(one per GPU, or CPU jobs) with ``concurrent.futures``, and one lock per output folder."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from petl_lightning.errors import find_user_error, one_line
+from petl_lightning.vtab.plan import RunnerError, TaskRun
+from petl_lightning.vtab.run import WORKER_ENV, atomic_write, run_task
+
+SPEC_FILE = "spec.json"
+LOG_FILE = "worker.log"
+LOCK_FILE = ".vtab.lock"
+
+
+@dataclass
+class Slot:
+    """Where a worker runs: environment overrides and extra CLI arguments (e.g. one GPU)."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+
+
+def make_slots(gpus: str | None, jobs: int) -> list[Slot]:
+    """One slot per CUDA device id in ``gpus`` (``"0,1"``), else ``jobs`` CPU slots."""
+    if gpus:
+        ids = [g.strip() for g in str(gpus).split(",") if g.strip()]
+        if not ids:
+            raise RunnerError("--gpus takes comma-separated CUDA device ids, e.g. --gpus 0,1.")
+        return [Slot(f"cuda:{g}", {"CUDA_VISIBLE_DEVICES": g}, ["--trainer.devices", "1"]) for g in ids]
+    if jobs < 1:
+        raise RunnerError("--jobs must be at least 1.")
+    return [Slot(f"worker {i}") for i in range(jobs)]
+
+
+def run_subprocess(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
+    """Run a pair in ``python -m petl_lightning.vtab.run``; its output goes to the run's ``worker.log``."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    spec = {**asdict(run), "run_dir": str(run.run_dir), "resume": resume, "cli_args": [*run.cli_args, *slot.args]}
+    spec_path = run.run_dir / SPEC_FILE
+    atomic_write(spec_path, json.dumps(spec, indent=1))
+    log_path = run.run_dir / LOG_FILE
+    with open(log_path, "a") as log:
+        log.write(f"\n=== {_dt.datetime.now().isoformat(timespec='seconds')} on {slot.name}\n")
+        log.flush()
+        proc = subprocess.run([sys.executable, "-m", "petl_lightning.vtab.run", str(spec_path)], stdout=log,
+                              stderr=subprocess.STDOUT, env={**os.environ, **slot.env, WORKER_ENV: "1"}, check=False)
+    if proc.returncode == 0 and run.finished:
+        return True, ""
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+    errors = [ln for ln in tail if ln.startswith("error:")]
+    reason = errors[-1] if errors else (tail[-1] if tail else f"exit status {proc.returncode}")
+    return False, f"{reason} (exit {proc.returncode}; log: {log_path})"
+
+
+def run_inprocess(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
+    """Run a pair in this process; an exception marks it failed (KeyboardInterrupt stops everything)."""
+    try:
+        run_task(TaskRun(run.task, run.seed, run.run_dir, [*run.cli_args, *slot.args], run.fingerprint), resume)
+    except Exception as err:  # noqa: BLE001 - recorded and reported; other pairs continue
+        user_error = find_user_error(err)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run.run_dir / LOG_FILE, "a") as log:
+            traceback.print_exc(file=log)
+        msg = f"error: {one_line(user_error)}" if user_error else f"{type(err).__name__}: {err}"
+        return False, f"{msg} (traceback: {run.run_dir / LOG_FILE})"
+    return True, ""
+
+
+Launcher = Callable[[TaskRun, Slot, bool], tuple[bool, str]]
+
+
+def execute(runs: Sequence[TaskRun], slots: Sequence[Slot], launcher: Launcher,
+            on_done: Callable[[TaskRun, bool, str], None], resume: bool = True, fail_fast: bool = False) -> None:
+    """Run ``runs`` over ``slots`` (each slot runs one pair at a time), calling ``on_done`` after each in
+    this thread. ``fail_fast``: no new pair starts after a failure."""
+    todo, free = list(runs), list(slots)
+    if len(slots) == 1:  # no threads: an in-process run keeps the main thread (signals, Lightning's launcher)
+        for run in todo:
+            ok, msg = launcher(run, slots[0], resume)
+            on_done(run, ok, msg)
+            if not ok and fail_fast:
+                return
+        return
+    running: dict[Future[tuple[bool, str]], tuple[TaskRun, Slot]] = {}
+    stop = False
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        while running or (todo and not stop):
+            while free and todo and not stop:
+                run, slot = todo.pop(0), free.pop(0)
+                running[pool.submit(launcher, run, slot, resume)] = (run, slot)
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                run, slot = running.pop(fut)
+                free.append(slot)
+                ok, msg = fut.result()
+                on_done(run, ok, msg)
+                stop = stop or (not ok and fail_fast)
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<out>/.vtab.lock`` while a run writes into ``out``; a second run
+    on the same folder is refused (one line, naming the lock) instead of mixing results."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise RunnerError(f"{out} is in use by another 'petl-lightning vtab' run ({owner}; lock {path}); wait for "
+                              f"it to finish or use another --out.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {_dt.datetime.now().isoformat(timespec='seconds')}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+__all__ = ["LOG_FILE", "Slot", "execute", "make_slots", "output_lock", "run_inprocess", "run_subprocess"]

@@ -1,0 +1,319 @@
+"""The VTAB-1K results: ``results.csv`` (one row per pair) and ``results.md`` (per-task means ± std
+over seeds, group means, the group mean and the 19-task mean beside the papers' numbers), rebuilt
+atomically from every finished pair's ``result.json``; and the same table sent to W&B."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from petl_lightning.data.vtab import GROUPS, VTAB_TASKS
+from petl_lightning.vtab.plan import RESULT_FILE, task_order
+from petl_lightning.vtab.run import atomic_write
+
+CSV_COLUMNS = [
+    "task", "group", "seed", "acc", "test_loss", "trainable_params", "trainable_params_no_head",
+    "total_params", "gflops", "gflops_backbone", "gflops_ratio", "keep_rate", "exit_share",
+    "test_images", "epochs", "fit_s", "test_s", "wall_s", "method", "model_name", "device",
+    "finished_at", "fingerprint",
+]
+
+
+def collect_results(out: Path) -> list[dict[str, Any]]:
+    """Every finished pair's record under ``<out>/runs``, in task order then seed."""
+    records = []
+    for path in sorted((out / "runs").glob(f"*/seed*/{RESULT_FILE}")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue  # a result being written right now is complete only after os.replace
+    return sorted(records, key=lambda r: (task_order(r["task"]), r["seed"]))
+
+
+def write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """``results.csv``: one row per (task, seed); ``exit_share`` as ``;``-separated shares."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        row = dict(r)
+        row["exit_share"] = ";".join(f"{v:.4f}" for v in r.get("exit_share", []))
+        for k in ("acc", "test_loss", "gflops", "gflops_backbone", "gflops_ratio", "keep_rate"):
+            if isinstance(row.get(k), float):
+                row[k] = f"{row[k]:.6g}" if k != "acc" else f"{row[k]:.4f}"
+        for k in ("fit_s", "test_s", "wall_s"):
+            if isinstance(row.get(k), float):
+                row[k] = f"{row[k]:.1f}"
+        writer.writerow(row)
+    atomic_write(path, buf.getvalue())
+
+
+@dataclass
+class TaskSummary:
+    """Per-task aggregate over seeds."""
+
+    task: str
+    group: str
+    accs: list[float]
+    seeds: list[int]
+    trainable_params: float
+    trainable_params_no_head: float
+    gflops: float
+    gflops_ratio: float
+    keep_rate: float
+    exit_share: list[float]
+    wall_s: float
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accs)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds (``None`` with one seed)."""
+        return statistics.stdev(self.accs) if len(self.accs) > 1 else None
+
+
+def summarize_tasks(records: Sequence[dict[str, Any]]) -> list[TaskSummary]:
+    """Group records by task; mean over seeds of every per-pair figure."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    out = []
+    for task in sorted(by_task, key=task_order):
+        rs = sorted(by_task[task], key=lambda r: r["seed"])
+        shares = [r.get("exit_share") or [1.0] for r in rs]
+        width = max(len(s) for s in shares)
+        exit_share = [statistics.fmean(s[i] if i < len(s) else 0.0 for s in shares) for i in range(width)]
+        out.append(TaskSummary(
+            task=task,
+            group=rs[0].get("group", VTAB_TASKS[task].group if task in VTAB_TASKS else "custom"),
+            accs=[float(r["acc"]) for r in rs],
+            seeds=[int(r["seed"]) for r in rs],
+            trainable_params=statistics.fmean(r.get("trainable_params", 0) for r in rs),
+            trainable_params_no_head=statistics.fmean(r.get("trainable_params_no_head", 0) for r in rs),
+            gflops=statistics.fmean(float(r.get("gflops", float("nan"))) for r in rs),
+            gflops_ratio=statistics.fmean(float(r.get("gflops_ratio", float("nan"))) for r in rs),
+            keep_rate=statistics.fmean(float(r.get("keep_rate", 1.0)) for r in rs),
+            exit_share=exit_share,
+            wall_s=sum(float(r.get("wall_s", 0.0)) for r in rs),
+        ))
+    return out
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _acc_cell(s: TaskSummary) -> str:
+    return f"{s.mean:.2f}" if s.std is None else f"{s.mean:.2f} ± {s.std:.2f}"
+
+
+def _params_m(n: float) -> str:
+    return f"{n / 1e6:.3f}"
+
+
+def default_references(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The papers' row matching the trained method (by class name and its hyper-parameters)."""
+    from petl_lightning.vtab.reference import reference_for_module
+
+    if not records:
+        return []
+    r = records[0]
+    name = reference_for_module(r.get("method", ""), r.get("hparams", {}))
+    return [name] if name else []
+
+
+def render_markdown(
+    records: Sequence[dict[str, Any]],
+    references: Sequence[str] = (),
+    title: str | None = None,
+    header_lines: Sequence[str] = (),
+    pending: Sequence[str] = (),
+    failed: Sequence[str] = (),
+    note_missing_reference: bool = True,
+) -> str:
+    """``results.md``: summary (group means, group mean, 19-task mean vs the papers), per-task table,
+    the papers' 19-column layout, and what is still missing."""
+    from petl_lightning.vtab.reference import SHORT_NAMES, format_delta, paper_table, reference, summarize
+
+    tasks = summarize_tasks(records)
+    method = records[0].get("method", "?") if records else "?"
+    refs = [reference(n) for n in references]
+    refs = [r for r in refs if r.per_task is not None]
+    dynamic = any(
+        (s.keep_rate < 0.9999) or (len(s.exit_share) > 1) for s in tasks
+    )
+    ours = {s.task: s.mean for s in tasks}
+    summ = summarize(ours)
+    lines = [f"# VTAB-1K results: {title or method}", ""]
+    lines += [f"- {h}" for h in header_lines]
+    seeds = sorted({seed for s in tasks for seed in s.seeds})
+    n_vtab = sum(1 for s in tasks if s.task in VTAB_TASKS)
+    lines += [
+        f"- Method: `{method}`; backbone `{records[0].get('model_name', '?') if records else '?'}`; "
+        f"seeds: {', '.join(map(str, seeds)) or '-'}; finished pairs: {len(records)}; "
+        f"VTAB-1K tasks: {n_vtab}/19; custom tasks: {len(tasks) - n_vtab}.",
+        "- Accuracy: top-1 % on the task's test list; ± is the sample standard deviation over seeds. "
+        "Group mean = mean of the Natural, Specialized and Structured means (VPT/NOAH/RepAdapter/DyT "
+        "convention); 19-task mean = mean over all tasks (ARC's \"Mean Total\"). Custom tasks are not in any mean.",
+        "",
+        "## Summary",
+        "",
+    ]
+    head = ["", "ours", *[f"{r.name} (paper)" for r in refs]]
+    if refs:
+        head.append(f"Δ vs {refs[0].name}")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref_summ = [summarize(r.per_task or {}) for r in refs]
+    labels = {
+        "natural": "Natural mean", "specialized": "Specialized mean", "structured": "Structured mean",
+        "group_mean": "Group mean (mean of 3 group means)", "mean19": "19-task mean",
+    }
+    for key, label in labels.items():
+        if summ[key] is None:
+            k, n = summ["counts"]["all" if key in ("mean19", "group_mean") else key]
+            if key == "group_mean":
+                done = sum(1 for g in GROUPS if summ[g] is not None)
+                cell = f"n/a ({done}/3 groups complete)"
+            else:
+                cell = f"n/a ({k}/{n} tasks)"
+        else:
+            cell = f"{summ[key]:.2f}"
+        row = [label, cell, *[_fmt(rs[key]) for rs in ref_summ]]
+        if refs:
+            row.append(format_delta(summ[key], ref_summ[0][key], 2))
+        lines.append("| " + " | ".join(row) + " |")
+    if tasks:
+        tp = statistics.fmean(s.trainable_params for s in tasks)
+        tp_nh = statistics.fmean(s.trainable_params_no_head for s in tasks)
+        row = ["Trainable params (M): mean over tasks, with head / without head",
+               f"{tp / 1e6:.3f} / {tp_nh / 1e6:.3f}",
+               *[_fmt(r.trainable_params_m) if r.trainable_params_m is not None else "n/r" for r in refs]]
+        if refs:
+            row.append("")
+        lines.append("| " + " | ".join(row) + " |")
+        gf = statistics.fmean(s.gflops for s in tasks)
+        ratio = statistics.fmean(s.gflops_ratio for s in tasks)
+        row = ["GFLOPs / image (mean over tasks; × backbone)", f"{gf:.3f} ({ratio:.3f}×)",
+               *[_fmt(r.gflops) if r.gflops is not None else "n/r" for r in refs]]
+        if refs:
+            row.append("")
+        lines.append("| " + " | ".join(row) + " |")
+        if dynamic:
+            keep = statistics.fmean(s.keep_rate for s in tasks)
+            width = max(len(s.exit_share) for s in tasks)
+            shares = [statistics.fmean(s.exit_share[i] if i < len(s.exit_share) else 0.0 for s in tasks)
+                      for i in range(width)]
+            for label, value in (("Token keep rate (mean over tasks)", f"{keep:.3f}"),
+                                 ("Exit shares, first to last exit (mean over tasks)",
+                                  " / ".join(f"{v:.2f}" for v in shares))):
+                row = [label, value, *["" for _ in refs]]
+                if refs:
+                    row.append("")
+                lines.append("| " + " | ".join(row) + " |")
+    if not refs and records and note_missing_reference:
+        lines += ["", f"No reported per-task numbers to compare with for `{method}` in this configuration "
+                      f"(see `petl_lightning.reference.reference_methods()`; choose rows with --compare)."]
+    model_name = str(records[0].get("model_name", "")) if records else ""
+    if refs and not model_name.startswith("vit_base_patch16_224"):
+        lines += ["", f"Note: the papers' numbers are for ViT-B/16 (ImageNet-21k) at 224 px; this run used "
+                      f"`{model_name}`, so the differences compare different backbones."]
+    if refs:
+        lines += ["", "Reference sources: " + "; ".join(f"{r.name}: {r.source} ({r.backbone})" for r in refs) + "."]
+    lines += ["", "## Per task", ""]
+    head = ["group", "task", "acc %", "seeds"]
+    if refs:
+        head += [f"{refs[0].name} (paper)", "Δ"]
+    head += ["trainable params (M)", "GFLOPs", "× backbone"]
+    if dynamic:
+        head += ["keep rate", "exit shares"]
+    head += ["time (min)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in tasks:
+        row = [s.group, s.task, _acc_cell(s), str(len(s.seeds))]
+        if refs:
+            ref_acc = (refs[0].per_task or {}).get(s.task)
+            row += [_fmt(ref_acc, 1), format_delta(s.mean, ref_acc, 2)]
+        row += [_params_m(s.trainable_params), _fmt(s.gflops, 3), _fmt(s.gflops_ratio, 3)]
+        if dynamic:
+            row += [_fmt(s.keep_rate, 3), " / ".join(f"{v:.2f}" for v in s.exit_share)]
+        row.append(f"{s.wall_s / 60:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    vtab_only = {t: a for t, a in ours.items() if t in VTAB_TASKS}
+    if vtab_only:
+        lines += ["", "## Paper layout", ""]
+        rows: dict[str, dict[str, float]] = {"ours": vtab_only}
+        for r in refs:
+            rows[f"{r.name} (paper)"] = r.per_task or {}
+        table = paper_table(rows)
+        if refs:
+            ref_tasks = refs[0].per_task or {}
+            delta = "| Δ vs " + refs[0].name + " | " + " | ".join(
+                format_delta(vtab_only.get(t), ref_tasks.get(t)) if t in vtab_only else "-" for t in VTAB_TASKS
+            )
+            rs0 = ref_summ[0]
+            delta += " | " + " | ".join(
+                format_delta(summ[k], rs0[k], 2) for k in (*GROUPS, "group_mean", "mean19")
+            ) + " |"
+            table += "\n" + delta
+        lines.append(table)
+        lines.append("")
+        lines.append("Columns: " + ", ".join(f"{v} = {k}" for k, v in SHORT_NAMES.items()) + ".")
+    if pending or failed:
+        lines += ["", "## Not finished", ""]
+        lines += [f"- failed: {f}" for f in failed]
+        lines += [f"- pending: {p}" for p in pending]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(
+    out: Path,
+    references: Sequence[str] | None = None,
+    title: str | None = None,
+    header_lines: Sequence[str] = (),
+    pending: Sequence[str] = (),
+    failed: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Rewrite ``results.csv`` and ``results.md`` from every finished pair under ``out``."""
+    records = collect_results(out)
+    refs = default_references(records) if references is None else list(references)
+    write_csv(records, out / "results.csv")
+    atomic_write(out / "results.md", render_markdown(records, refs, title, header_lines, pending, failed,
+                                                     note_missing_reference=references is None))
+    return records
+
+
+def log_to_wandb(records: Sequence[dict[str, Any]], project: str, name: str | None, out: Path) -> None:
+    """Send the per-pair table, the per-task means and the summary means to a W&B run."""
+    from petl_lightning.vtab.reference import summarize
+
+    try:
+        import wandb
+    except ImportError:
+        print("[vtab] --wandb: wandb is not installed; skipping (pip install wandb).", file=sys.stderr)
+        return
+    tasks = summarize_tasks(records)
+    summ = summarize({s.task: s.mean for s in tasks})
+    run = wandb.init(project=project, name=name, job_type="vtab-summary", dir=str(out),
+                     config={"method": records[0].get("method") if records else None,
+                             "hparams": records[0].get("hparams") if records else None})
+    table = wandb.Table(columns=[c for c in CSV_COLUMNS if c != "exit_share"])
+    for r in records:
+        table.add_data(*[r.get(c) for c in CSV_COLUMNS if c != "exit_share"])
+    run.log({"vtab/results": table})
+    scalars = {f"vtab/acc/{s.task}": s.mean for s in tasks}
+    scalars.update({f"vtab/{k}": v for k, v in summ.items() if k != "counts" and v is not None})
+    run.summary.update(scalars)
+    run.finish()
+
+
+__all__ = ["CSV_COLUMNS", "collect_results", "log_to_wandb", "render_markdown", "summarize_tasks", "write_tables"]
