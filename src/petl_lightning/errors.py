@@ -21,3 +21,7 @@ class CheckpointError(PETLError, ValueError):
 
 class ModelNameError(PETLError, ValueError):
     """An unknown timm model name."""
+
+
+class WeightsUnavailableError(PETLError, RuntimeError):
+    """No weights source is available offline (no local file, no hub cache, no ``demo`` extra)."""
