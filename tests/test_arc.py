@@ -23,7 +23,7 @@ TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, mo
 def test_layer_formula_and_dropout_on_the_bottleneck() -> None:
     torch.manual_seed(0)
     basis = ARCBasis(32, 6)
-    layer = ARCLayer(basis, 32, r=6, coeff_init="xavier")
+    layer = ARCLayer(basis, 32, adapter_dim=6, coeff_init="xavier")
     nn.init.normal_(layer.bias)
     x = torch.randn(5, 32)
     u, c = basis.weight, layer.coeff
@@ -34,7 +34,7 @@ def test_layer_formula_and_dropout_on_the_bottleneck() -> None:
     layer.train()
     assert (layer(x) - (x + layer.bias)).abs().max().item() < 1e-6
     with pytest.raises(PETLError, match="basis of shape"):
-        ARCLayer(basis, 32, r=7)
+        ARCLayer(basis, 32, adapter_dim=7)
 
 
 def test_official_initialisation() -> None:
@@ -69,19 +69,19 @@ def test_bases_are_shared_and_stored_once() -> None:
     keys = m.trainable_state_keys()
     assert sorted(k for k in keys if "basis" in k) == ["basis_attn.weight", "basis_mlp.weight"]
     assert len(keys) == 2 + 2 * 2 * 2 + 2  # bases, (coeff, bias) x 2 branches x 2 blocks, head
-    att = ARC(num_classes=5, placement="arc_att", **TINY)
+    att = ARC(num_classes=5, placement="attn", **TINY)
     assert att.basis_mlp is None and all(isinstance(b.mlp_adapter, nn.Identity) for b in att.blocks)
     with pytest.raises(PETLError, match="placement"):
         ARC(num_classes=5, placement="arc_mlp", **TINY)
 
 
 # -- parameter counts (ViT-B/16, spec section 3.3) -------------------------------------------------
-@pytest.mark.parametrize("placement, expected", [("arc", 96_432), ("arc_att", 48_216)])
+@pytest.mark.parametrize("placement, expected", [("attn_mlp", 96_432), ("attn", 48_216)])
 def test_vit_b16_parameter_counts(placement: str, expected: int) -> None:
     m = ARC(num_classes=100, model_name="vit_base_patch16_224", pretrained=False, placement=placement)
     s = m.parameter_summary()
     assert s["trainable"] == expected + 768 * 100 + 100
-    assert expected == (2 if placement == "arc" else 1) * (768 * 50 + 12 * (50 + 768))
+    assert expected == (2 if placement == "attn_mlp" else 1) * (768 * 50 + 12 * (50 + 768))
     assert not any(p.requires_grad for p in m.vit.parameters())
 
 

@@ -103,7 +103,10 @@ def test_static_inference_stats() -> None:
     m = LinearProbe(num_classes=4, **TINY).eval()
     stats = m.inference_stats()  # nothing seen yet: the static defaults
     assert float(stats["keep_rate"]) == 1.0 and stats["exit_share"].tolist() == [1.0]
-    m(torch.randn(3, 3, 32, 32))
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(m(x), m.infer(x).logits)
+    assert m.inference_meter.update_count == 0  # forward and infer record nothing: the steps do
+    m.inference_meter.update(m.infer(x))
     stats = m.inference_stats()
     assert float(stats["images"]) == 3 and float(stats["gflops"]) == pytest.approx(float(stats["gflops_backbone"]))
     assert stats["keep_rate_per_layer"].shape == (12,)
@@ -132,6 +135,11 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     m = LinearProbe(num_classes=4, **TINY)
     trainer(tmp_path, 1, [ModelCheckpoint(dirpath=tmp_path, filename="last")]).fit(m, TinyData())
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    with pytest.raises(CheckpointError, match=r"num_classes 4 \(checkpoint\) vs 7 \(this run\)"):
+        LinearProbe(num_classes=7, **TINY).check_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match=r"method '.*LinearProbe' \(checkpoint\) vs '.*DropoutProbe'"):
+        DropoutProbe(num_classes=4, **TINY).check_checkpoint(ckpt)
+    del ckpt["petl"]  # a checkpoint without our identity record: the tensors themselves are checked
     with pytest.raises(CheckpointError, match=r"shape mismatch head.weight: checkpoint \(4, 192\) vs model \(7, 192\)"):
         LinearProbe(num_classes=7, **TINY).check_checkpoint(ckpt)
     with pytest.raises(CheckpointError, match="missing"):

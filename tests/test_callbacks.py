@@ -22,17 +22,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from petl_lightning.callbacks import (
-    ExitRateLogger,
-    FlopsLogger,
-    ImageThroughputMonitor,
-    images_in_batch,
-    plot_inference_stats,
-)
+from petl_lightning.callbacks import ExitRateLogger, FlopsLogger, ImageThroughputMonitor, images_in_batch
 from petl_lightning.flops import vit_flops
 from petl_lightning.methods.base import PETLModule
 from petl_lightning.methods.baselines import LinearProbe
-from petl_lightning.stats import InferenceStats
+from petl_lightning.plotting import inference_stats_figure
+from petl_lightning.stats import InferenceOutput, InferenceStats
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -70,28 +65,11 @@ class FakeDynamic(PETLModule):
     def exit_of(x: Tensor) -> Tensor:
         return (x[:, 0, 0, 0] > 0).long() + (x[:, 0, 0, 1] > 0).long()
 
-    def record(self, x: Tensor, logits: Tensor, y: Tensor | None) -> None:
+    def infer(self, x: Tensor) -> InferenceOutput:
         b, ex = x.shape[0], self.exit_of(x)
-        kept = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) * b
-        offered = torch.full((3,), 4.0 * b, dtype=torch.float64)
-        correct = None if y is None else logits.argmax(-1) == y
-        self.inference_meter.update(images=b, flops=float((ex + 1).sum()) * 1e9, kept=kept, offered=offered,
-                                    exit_index=ex, correct=correct)
-
-    def forward(self, x: Tensor) -> Tensor:
-        logits = self.head(self.forward_features(x))
-        if not self.training:
-            self.record(x, logits, None)
-        return logits
-
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        x, y = batch
-        logits = self.head(self.forward_features(x))
-        self.record(x, logits, y)
-        metric = self.val_acc if stage == "val" else self.test_acc
-        metric(logits, y)
-        self.log(f"{stage}/acc", metric, batch_size=x.shape[0])
-        return logits
+        kept = torch.tensor([[3.0, 2.0, 1.0]], dtype=torch.float64).expand(b, 3)
+        offered = torch.full((b, 3), 4.0, dtype=torch.float64)
+        return InferenceOutput(self(x), (ex + 1).double() * 1e9, ex, kept, offered)
 
 
 def metrics_of(tr: L.Trainer) -> dict[str, float]:
@@ -129,8 +107,8 @@ def test_fake_dynamic_module_logged_exactly(tmp_path: Path) -> None:
     assert m["test/gflops_backbone"] == pytest.approx(backbone, rel=1e-6)
     assert m["test/flops_vs_backbone"] == pytest.approx(gflops / backbone, rel=1e-5)
     assert m["test/images"] == N
-    # Read, logged, then reset: the module starts the next epoch from zero.
-    assert float(model.inference_stats()["images"]) == 0
+    # Callbacks only read: the statistics stay until the module resets them at the next epoch's start.
+    assert float(model.inference_stats()["images"]) == N
     assert exits.last_stats["test"]["images"].item() == N == flops.last_stats["test"]["images"].item()
 
 
@@ -139,7 +117,7 @@ def test_both_callbacks_read_the_same_epoch_and_stray_forwards_do_not_leak(tmp_p
     torch.manual_seed(0)
     model = FakeDynamic(num_classes=K, **TINY).eval()
     with torch.no_grad():
-        model(torch.randn(7, 3, 32, 32))  # an eval forward outside any loop: must not be counted
+        model.inference_meter.update(model.infer(torch.randn(7, 3, 32, 32)))  # outside any loop: not this epoch's
     exits, flops = ExitRateLogger(charts=False), FlopsLogger()
     callbacks = [exits, flops] if order == "exits_first" else [flops, exits]
     tr = trainer(tmp_path, callbacks, max_epochs=2, num_sanity_val_steps=2, limit_train_batches=2)
@@ -148,7 +126,7 @@ def test_both_callbacks_read_the_same_epoch_and_stray_forwards_do_not_leak(tmp_p
     for cb in (exits, flops):
         assert cb.last_stats["val"]["images"].item() == 14  # neither sanity batches nor stray images
     assert torch.equal(exits.last_stats["val"]["exit_share"], flops.last_stats["val"]["exit_share"])
-    assert float(model.inference_stats()["images"]) == 0
+    assert float(model.inference_stats()["images"]) == 14
 
 
 def test_validation_epochs_do_not_accumulate(tmp_path: Path) -> None:
@@ -172,7 +150,7 @@ def test_static_methods_report_no_skipping_and_merged_flops(tmp_path: Path, meth
     else:
         from petl_lightning.methods.repadapter import RepAdapter
 
-        model = RepAdapter(num_classes=K, scale=1.0, **TINY)
+        model = RepAdapter(num_classes=K, adapter_scale=1.0, **TINY)
     exits, flops = ExitRateLogger(), FlopsLogger()
     tr = trainer(tmp_path, [exits, flops])
     tr.test(model, loader(), verbose=False)
@@ -189,13 +167,14 @@ def test_dyn_adapter_shares_and_flops_match_its_forward(tmp_path: Path) -> None:
     from petl_lightning.methods.dyn_adapter import DynAdapter
 
     torch.manual_seed(0)
-    model = DynAdapter(num_classes=K, exit_blocks=[1, 2], exit_hidden=[16, 0], calibrate_budget=None, **TINY)
+    model = DynAdapter(num_classes=K, exits={"blocks": [1, 2], "hidden": [16, 0]}, calibration={"budget": None},
+                       **TINY)
     x, y = data()
     model.eval()
     with torch.no_grad():
-        conf = torch.stack([model.confidence(lg) for lg in model.forward_exits(x)], dim=1)
+        conf = model.confidence(model.forward_exits(x)).T
         model.thresholds.copy_(conf[:, :-1].median(dim=0).values)
-        ref = model.dynamic_forward(x)
+        ref = model.infer(x)
     exits, flops = ExitRateLogger(save_png=True), FlopsLogger()
     logger = TensorBoardLogger(tmp_path, name="tb")
     tr = trainer(tmp_path, [exits, flops], logger=logger)
@@ -231,14 +210,13 @@ def test_dyt_keep_rates_match_its_dispatch_record(tmp_path: Path) -> None:
     model.eval()
     kept = torch.zeros(3, dtype=torch.float64)
     offered = torch.zeros(3, dtype=torch.float64)
-    executed = 0
+    executed = 0.0
     with torch.no_grad():
         for xb in x.split(6):  # the loader's batches
-            model.forward_dyt(xb)
-            for i, layer in enumerate(model.last_dispatch):
-                kept[i] += sum(c.kept for c in layer)
-                offered[i] += sum(c.offered for c in layer)
-            executed += model.executed_flops(model.last_dispatch, xb.shape[0])
+            _, k = model.run_gathered(xb)
+            kept += k.sum(dim=(0, 2)).double()
+            offered += xb.shape[0] * model.vit.num_patches
+            executed += float(model.executed_flops(k).sum())
     exits, flops = ExitRateLogger(), FlopsLogger()
     tr = trainer(tmp_path, [exits, flops])
     tr.test(model, loader(), verbose=False)
@@ -292,7 +270,7 @@ def test_images_in_batch_and_plot() -> None:
     stats = {"exit_share": torch.tensor([0.5, 0.25, 0.25]), "exit_acc": torch.tensor([0.9, float("nan"), 0.5]),
              "exit_depths": torch.tensor([3.0, 6.0, 12.0]), "keep_rate_per_layer": torch.tensor([0.5] * 12),
              "keep_rate": torch.tensor(0.5), "gflops": torch.tensor(8.0), "gflops_backbone": torch.tensor(17.58)}
-    fig = plot_inference_stats(stats, "test")
+    fig = inference_stats_figure(stats, "test")
     assert len(fig.axes) == 2
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["3", "6", "12"]
     assert [round(p.get_height(), 3) for p in fig.axes[0].patches] == [0.5, 0.25, 0.25]

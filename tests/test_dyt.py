@@ -1,11 +1,10 @@
-"""DyT: the gather fast path equals the masked reference for every variant, executed FLOPs equal
+"""DyT: the gather fast path equals the masked reference for every placement, executed FLOPs equal
 FlopCounterMode (and show the saving masking alone does not have), keep-rate statistics, the
 Gumbel straight-through mask, the loss terms and their switches, the MoE adapter, parameter
 counts, the recipe, and real training on DTD-10."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,24 +15,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from petl_lightning.errors import PETLError
 from petl_lightning.flops import mlp_flops, vit_flops
-from petl_lightning.layers.dyt import (
-    DyTAdapter,
-    MoEAdapter,
-    TokenDispatcher,
-    gumbel_sigmoid_st,
-)
+from petl_lightning.layers.adapter import Adapter, MoEAdapter
+from petl_lightning.layers.dispatcher import TokenDispatcher, gumbel_sigmoid_st
 from petl_lightning.methods.baselines import LinearProbe
 from petl_lightning.methods.dyt import DyT
 
 TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=64, model_kwargs={"depth": 3})
-VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
+PLACEMENTS = ("mlp", "attn", "attn_mlp", "layer")
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "dyt.yaml"
 
 
-def make(variant: str = "mlp", num_experts: int = 1, fused: bool = False, **kw) -> DyT:
+def make(placement: str = "mlp", num_experts: int = 1, fused: bool = False, **kw) -> DyT:
     """A tiny DyT with non-zero adapters and dispatchers that keep about half the tokens."""
     torch.manual_seed(0)
-    m = DyT(variant=variant, num_experts=num_experts, num_classes=5, **TINY, **kw).eval()
+    m = DyT(placement=placement, num_experts=num_experts, num_classes=5, **TINY, **kw).eval()
     m.vit.set_fused_attn(fused)
     with torch.no_grad():
         for blk in m.blocks:
@@ -52,48 +47,38 @@ def set_bias(m: DyT, value: float) -> None:
                 d.proj.bias.fill_(value)
 
 
-def run(m: DyT, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, list[torch.Tensor], list]:
-    m.inference_mode = mode
-    with torch.no_grad():
-        logits, masks = m.forward_dyt(x)
-    return logits, masks, m.last_dispatch
-
-
 # -- fast path == masked reference -----------------------------------------------------------------
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("fused", [False, True])
-def test_gather_equals_masked_reference(variant: str, fused: bool) -> None:
-    m = make(variant, fused=fused)
-    n, p = m.vit.num_tokens, m.vit.num_patches
+def test_gather_equals_masked_reference(placement: str, fused: bool) -> None:
+    m = make(placement, fused=fused)
+    p = m.vit.num_patches
     for batch in (1, 7):
         x = torch.randn(batch, 3, 64, 64)
         for case, bias in (("mixed", 0.0), ("all kept", 1e4), ("none kept", -1e4)):
             set_bias(m, bias)
-            ref, ref_masks, _ = run(m, x, "mask")
-            fast, fast_masks, record = run(m, x, "gather")
+            with torch.no_grad():
+                ref, masks = m.run_masked(x, sample=False)
+                fast, kept = m.run_gathered(x)
             err = (fast - ref).abs().max().item()
-            assert err <= 1e-5, f"{variant} B={batch} {case}: max |logit diff| {err:.2e}"
-            assert all(torch.equal(a, b) for a, b in zip(ref_masks, fast_masks))
-            rows = [c.rows for layer in record for c in layer]
-            kept = torch.stack(fast_masks).sum().item()
-            # the gathered rows are exactly the kept tokens plus CLS, across the whole batch
-            assert sum(rows) == kept + len(rows) * batch * m.vit.num_prefix_tokens
+            assert err <= 1e-5, f"{placement} B={batch} {case}: max |logit diff| {err:.2e}"
+            assert torch.equal(kept, masks.sum(-1).long())  # the same decisions, per image and site
             if case == "all kept":
-                assert rows == [batch * n] * len(rows)
-                complete, _ = m.forward_dyt(x, complete=True)
-                assert (fast - complete).abs().max().item() <= 1e-5
+                assert bool((kept == p).all())
+                with torch.no_grad():
+                    assert (fast - m.run_complete(x)).abs().max().item() <= 1e-5
             elif case == "none kept":
-                assert rows == [batch] * len(rows)
+                assert bool((kept == 0).all())
             else:
-                assert 0.2 < kept / (len(rows) * batch * p) < 0.8
+                assert 0.2 < kept.double().mean().item() / p < 0.8
 
 
 def test_moe_gather_equals_masked_reference() -> None:
-    for variant in ("mlp", "layer"):
-        m = make(variant, num_experts=3)
+    for placement in ("mlp", "layer"):
+        m = make(placement, num_experts=3)
         x = torch.randn(7, 3, 64, 64)
-        ref, _, _ = run(m, x, "mask")
-        fast, _, _ = run(m, x, "gather")
+        with torch.no_grad():
+            ref, fast = m.run_masked(x, sample=False)[0], m.run_gathered(x)[0]
         assert (fast - ref).abs().max().item() <= 1e-5
 
 
@@ -101,96 +86,106 @@ def test_complete_model_with_fresh_adapters_is_the_frozen_vit() -> None:
     """Zero-initialised up-projections: the complete model starts as backbone + head."""
     torch.manual_seed(0)
     x = torch.randn(3, 3, 64, 64)
-    for variant in VARIANTS:
+    for placement in PLACEMENTS:
         for experts in (1, 2):
-            m = DyT(variant=variant, num_experts=experts, num_classes=5, **TINY).eval()
+            m = DyT(placement=placement, num_experts=experts, num_classes=5, **TINY).eval()
             with torch.no_grad():
-                complete, _ = m.forward_dyt(x, complete=True)
-                ref = m.head(m.vit(x))
-            assert (complete - ref).abs().max().item() < 1e-5, (variant, experts)
+                assert (m.run_complete(x) - m.head(m.vit(x))).abs().max().item() < 1e-5, (placement, experts)
+
+
+def test_forward_is_pure_and_returns_logits_in_every_mode() -> None:
+    m = make("mlp")
+    x = torch.randn(2, 3, 64, 64)
+    for training in (True, False):
+        m.train(training)
+        assert m(x).shape == (2, 5)
+    assert m.inference_meter.update_count == 0  # forward records nothing: the step methods do
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.run_gathered(x)[0])
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_executed_flops_equal_flop_counter_and_show_the_saving(variant: str) -> None:
-    m = make(variant, num_experts=2 if variant == "mlp" else 1)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_executed_flops_equal_flop_counter_and_show_the_saving(placement: str) -> None:
+    m = make(placement, num_experts=2 if placement == "mlp" else 1)
     x = torch.randn(7, 3, 64, 64)
-    counted, records = {}, {}
+    counted, kept = {}, {}
     for mode in ("gather", "mask"):
-        m.inference_mode = mode
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            m.forward_dyt(x)
-        counted[mode], records[mode] = fc.get_total_flops(), m.last_dispatch
+            if mode == "gather":
+                kept[mode] = m.run_gathered(x)[1]
+            else:
+                kept[mode] = m.run_masked(x, sample=False)[1].sum(-1).long()
+        counted[mode] = fc.get_total_flops()
         # FlopCounterMode: 2 per multiply-add, no LayerNorm
-        assert counted[mode] == 2 * m.executed_flops(m.last_dispatch, 7, norm=False), mode
+        assert counted[mode] == 2 * int(m.executed_flops(kept[mode], mode == "gather", norm=False).sum()), mode
     s = m.vit.shape()
     extra = sum(7 * (d.flops(s.num_tokens) + a.flops(s.num_tokens))
                 for blk in m.blocks for d, a in zip(blk.dispatchers.values(), blk.adapters.values()))
     # masking alone executes the whole backbone (plus dispatchers and adapters)
     assert counted["mask"] == 2 * (7 * vit_flops(s, 5, norm=False) + extra)
     # about half the patch tokens skip; attention dispatch still projects K/V of every token
-    assert counted["gather"] < {"mlp": 0.8, "attn": 0.95, "attn_mlp": 0.75, "layer": 0.75}[variant] * counted["mask"]
-    if variant == "mlp":  # the saving is exactly the MLP work of the skipped tokens
-        skipped = sum(7 * s.num_tokens - c.rows for layer in records["gather"] for c in layer)
+    assert counted["gather"] < {"mlp": 0.8, "attn": 0.95, "attn_mlp": 0.75, "layer": 0.75}[placement] * counted["mask"]
+    if placement == "mlp":  # the saving is exactly the MLP work of the skipped tokens
+        skipped = int((s.num_patches - kept["gather"]).sum())
         assert counted["mask"] - counted["gather"] == 2 * mlp_flops(skipped, s, norm=False)
 
 
 def test_inference_stats_keep_rates_and_gflops() -> None:
     m = make("mlp")
     s = m.vit.shape()
-    m.reset_inference_stats()
     batches = [torch.randn(b, 3, 64, 64) for b in (5, 3)]
     masks_all, per_image_flops = [], []
     with torch.no_grad():
         for x in batches:
-            m(x)
-            _, masks = m.forward_dyt(x)  # deterministic at inference: the same masks
-            masks_all.append(torch.stack(masks))  # (layers, B, P)
+            m.inference_meter.update(m.infer(x))
+            masks = m.run_masked(x, sample=False)[1][:, :, 0]  # (B, depth, P): the same decisions
+            masks_all.append(masks)
             for i in range(x.shape[0]):  # per image, from the closed form
-                kept = [int(mk[i].sum()) + s.num_prefix_tokens for mk in masks]
+                kept = [int(mk.sum()) + s.num_prefix_tokens for mk in masks[i]]
                 extra = sum(blk.dispatchers["mlp"].flops(s.num_tokens) + blk.adapters["mlp"].flops(s.num_tokens)
                             for blk in m.blocks)
                 per_image_flops.append(vit_flops(s, 5, mlp_tokens=kept, extra=extra))
     stats = m.inference_stats()
-    masks = torch.cat(masks_all, dim=1).double()
+    masks = torch.cat(masks_all).double()
     assert stats["images"].item() == 8
-    assert torch.allclose(stats["keep_rate_per_layer"], masks.mean(dim=(1, 2)))
+    assert torch.allclose(stats["keep_rate_per_layer"], masks.mean(dim=(0, 2)))
     assert stats["keep_rate"].item() == pytest.approx(masks.mean().item(), abs=1e-9)
     assert stats["gflops"].item() == pytest.approx(sum(per_image_flops) / 8 / 1e9, rel=1e-12)
     assert stats["gflops"].item() < stats["gflops_backbone"].item()
 
 
-def test_force_keep_rate_keeps_that_share_in_every_layer() -> None:
-    m = make("attn_mlp")
+def test_fixed_keep_rate_keeps_that_share_in_every_layer() -> None:
     x = torch.randn(4, 3, 64, 64)
-    p = m.vit.num_patches
     gflops = []
     for rate in (0.3, 0.5, 0.7):
-        m.set_force_keep_rate(rate)
-        m.reset_inference_stats()
+        m = make("attn_mlp", fixed_keep_rate=rate)
+        p = m.vit.num_patches
         with torch.no_grad():
-            m(x)
+            ref = m.infer(x)
+            m.inference_meter.update(ref)
+            _, masks = m.run_masked(x, sample=False)
         stats = m.inference_stats()
         assert torch.allclose(stats["keep_rate_per_layer"], torch.full((3,), round(rate * p) / p, dtype=torch.float64))
         gflops.append(stats["gflops"].item())
+        assert stats["gflops"].item() == pytest.approx(m.inference_flops() / 1e9, rel=1e-12)
     assert gflops[0] < gflops[1] < gflops[2]
-    with pytest.raises(PETLError, match="force_keep_rate"):
-        m.set_force_keep_rate(1.5)
+    with pytest.raises(PETLError, match="fixed_keep_rate"):
+        make("mlp", fixed_keep_rate=1.5)
 
 
 def test_calibrated_threshold_hits_the_rate_on_the_data() -> None:
     m = make("mlp")
     data = [(torch.randn(8, 3, 64, 64), torch.zeros(8)) for _ in range(3)]
-    th = m.calibrate_threshold(data, rate=0.25, max_batches=None, iters=14)
-    assert all(d.threshold == pytest.approx(th) for blk in m.blocks for d in blk.dispatchers.values())
-    m.reset_inference_stats()
+    res = m.calibrate(data, target=0.25, max_batches=None, iters=14)
+    assert all(d.threshold == pytest.approx(res["threshold"]) for blk in m.blocks for d in blk.dispatchers.values())
     with torch.no_grad():
         for x, _ in data:
-            m(x)
-    assert m.inference_stats()["keep_rate"].item() == pytest.approx(0.25, abs=0.03)
+            m.inference_meter.update(m.infer(x))
+    assert m.inference_stats()["keep_rate"].item() == pytest.approx(0.25, abs=0.03) == res["keep_rate"]
     state = m.state_dict()  # the calibrated threshold travels with the checkpoint
     assert state["blocks.0.dispatchers.mlp.logit_threshold"].item() == pytest.approx(
-        torch.logit(torch.tensor(th)).item(), abs=1e-4)
+        torch.logit(torch.tensor(res["threshold"])).item(), abs=1e-4)
 
 
 # -- training: the mask, the loss ------------------------------------------------------------------
@@ -210,11 +205,9 @@ def test_gumbel_sigmoid_is_hard_forward_soft_backward() -> None:
         assert torch.allclose(grad, soft * (1 - soft) / tau, atol=1e-7)
     # a dispatcher samples in training and thresholds (no noise) at inference
     d = TokenDispatcher(8)
-    tok = torch.randn(2, 500, 8)
-    d.eval()
-    assert torch.equal(d(tok), (d.logits(tok) > 0).float())
-    d.train()
-    assert 0 < (d(tok) != d(tok)).float().mean() < 0.9
+    logits = d.logits(torch.randn(2, 500, 8))
+    assert torch.equal(d.keep(logits), logits > 0)
+    assert 0 < (d.sample(logits) != d.sample(logits)).float().mean() < 0.9
 
 
 def test_training_loss_terms_weights_and_switches() -> None:
@@ -272,7 +265,7 @@ def test_training_lowers_the_loss_and_pulls_the_keep_rate_to_the_target() -> Non
 # -- adapters, parameters, errors ------------------------------------------------------------------
 def test_moe_adapter_with_identical_experts_is_one_adapter() -> None:
     torch.manual_seed(0)
-    plain = DyTAdapter(16, 4, scale=0.5).eval()
+    plain = Adapter(16, 4, scale=0.5).eval()
     for p in plain.parameters():
         torch.nn.init.normal_(p)
     moe = MoEAdapter(16, 4, num_experts=3, scale=0.5).eval()
@@ -332,8 +325,8 @@ def test_dispatcher_learning_rate_scale_splits_the_groups() -> None:
 
 
 def test_bad_arguments_raise_clear_errors() -> None:
-    with pytest.raises(PETLError, match="Unknown DyT variant"):
-        DyT(variant="token", num_classes=5, **TINY)
+    with pytest.raises(PETLError, match="Unknown DyT placement"):
+        DyT(placement="token", num_classes=5, **TINY)
     with pytest.raises(PETLError, match="target_rate"):
         DyT(target_rate=1.5, num_classes=5, **TINY)
     with pytest.raises(PETLError, match="inference_mode"):
@@ -352,11 +345,14 @@ def test_recipe_parses_and_is_the_papers_vtab_recipe() -> None:
     assert cfg["model"]["class_path"] == "petl_lightning.methods.dyt.DyT"
     assert cfg["data"]["class_path"] == "petl_lightning.data.vtab.VTAB1kDataModule"
     args = cfg["model"]["init_args"]
-    assert (args["variant"], args["adapter_dim"], args["target_rate"], args["tau"]) == ("mlp", 8, 0.5, 5.0)
+    assert (args["placement"], args["adapter_dim"], args["target_rate"], args["tau"]) == ("mlp", 8, 0.5, 5.0)
     assert (args["w_cls"], args["w_complete_cls"], args["w_distill"], args["w_rate"]) == (1.0, 1.0, 1.0, 2.0)
     assert (args["lr"], args["weight_decay"], args["warmup_epochs"]) == (1e-3, 1e-4, 10)
     assert cfg["trainer"]["max_epochs"] == 100 and cfg["data"]["init_args"]["batch_size"] == 64
-    assert "d=16" in RECIPE.read_text() and "d=16" in (DyT.__doc__ or "") + (sys.modules[DyT.__module__].__doc__ or "")
+    # the official VTAB script's d=16 is one argument away: the adapters really get 16 hidden units
+    official = DyT(**{**args, "adapter_dim": 16, "pretrained": False, "num_classes": 10})
+    assert {a.down.out_features for blk in official.blocks for a in blk.adapters.values()} == {16}
+    assert sum(p.numel() for p in official.blocks[0].adapters.parameters()) == 768 * 16 * 2 + 16 + 768
 
 
 # -- real data -------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import timm
@@ -13,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from petl_lightning.flops import vit_flops
 from petl_lightning.layers.arc import ARCBasis, ARCLayer
 from petl_lightning.layers.repadapter import RepAdapterLayer
-from petl_lightning.merge import AffineAdapterBlock, MergeError, fold_affine_into_linear
+from petl_lightning.merge import MergeError, fold_affine_into_linear
+from petl_lightning.methods.foldable import FoldableBlock
 from petl_lightning.methods.arc import ARC
 from petl_lightning.methods.repadapter import RepAdapter
 
@@ -22,10 +24,10 @@ TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, mo
 SMALL_LS = dict(model_name="vit_small_patch16_224", pretrained=False, img_size=32,
                 model_kwargs={"depth": 2, "init_values": 0.1})
 METHODS = {
-    "repblock": (RepAdapter, dict(placement="repblock", scale=0.7)),
-    "repattn": (RepAdapter, dict(placement="repattn", scale=5.0)),
-    "arc": (ARC, dict(placement="arc")),
-    "arc_att": (ARC, dict(placement="arc_att")),
+    "repblock": (RepAdapter, dict(placement="attn_mlp", adapter_scale=0.7)),
+    "repattn": (RepAdapter, dict(placement="attn", adapter_scale=5.0)),
+    "arc": (ARC, dict(placement="attn_mlp")),
+    "arc_att": (ARC, dict(placement="attn")),
 }
 
 
@@ -89,8 +91,8 @@ def test_fold_errors() -> None:
 @pytest.mark.parametrize("kind", ["repadapter", "arc"])
 def test_layer_affine_form_equals_forward(kind: str) -> None:
     torch.manual_seed(0)
-    layer = RepAdapterLayer(48, r=8, groups=4, scale=0.3) if kind == "repadapter" else ARCLayer(
-        ARCBasis(48, 12), 48, r=12, coeff_init="xavier")
+    layer = RepAdapterLayer(48, adapter_dim=8, groups=4, scale=0.3) if kind == "repadapter" else ARCLayer(
+        ARCBasis(48, 12), 48, adapter_dim=12, coeff_init="xavier")
     randomize(layer, std=0.2)
     layer.eval()
     x = torch.randn(3, 10, 48)
@@ -101,7 +103,7 @@ def test_layer_affine_form_equals_forward(kind: str) -> None:
 
 def test_block_wrapper_rejects_non_vit_blocks() -> None:
     with pytest.raises(MergeError, match="norm1"):
-        AffineAdapterBlock(nn.Linear(4, 4), None, None)
+        FoldableBlock(nn.Linear(4, 4), None, None)
 
 
 # -- whole models ----------------------------------------------------------------------------------
@@ -165,8 +167,14 @@ def test_merge_from_bf16_training_is_done_in_fp32(method: str) -> None:
 def test_export_safetensors_loads_in_timm(method: str, tmp_path) -> None:
     m = build(method, TINY, num_classes=5)
     path = m.export(tmp_path / "merged.safetensors")
-    loaded = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, depth=2,
-                               checkpoint_path=str(path)).eval()
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert (meta["model_name"], meta["img_size"], meta["num_classes"]) == ("vit_tiny_patch16_224", "32", "5")
+    assert json.loads(meta["model_kwargs"]) == {"depth": 2} and len(json.loads(meta["mean"])) == 3
+    loaded = timm.create_model(meta["model_name"], num_classes=int(meta["num_classes"]), img_size=int(meta["img_size"]),
+                               checkpoint_path=str(path), **json.loads(meta["model_kwargs"])).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (loaded(x) - m(x)).abs().max().item() < TOL

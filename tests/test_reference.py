@@ -11,7 +11,7 @@ import pytest
 
 from petl_lightning.data.vtab import VTAB_TASKS
 from petl_lightning.errors import PETLError
-from petl_lightning.reference import (
+from petl_lightning.vtab.reference import (
     paper_table,
     reference,
     reference_for_module,

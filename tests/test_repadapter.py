@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import timm
@@ -17,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from petl_lightning.data.vtab import VTAB_TASKS
 from petl_lightning.errors import PETLError
 from petl_lightning.layers.repadapter import GroupedLinear, RepAdapterLayer
-from petl_lightning.methods.repadapter import REPADAPTER_SCALES, RepAdapter, task_scale
+from petl_lightning.methods.repadapter import REPADAPTER_SCALES, RepAdapter
 
 TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 2})
 
@@ -25,7 +27,7 @@ TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, mo
 # -- the layer -------------------------------------------------------------------------------------
 def test_layer_starts_as_identity_with_official_init() -> None:
     torch.manual_seed(0)
-    layer = RepAdapterLayer(768, r=8, groups=2, scale=10.0).train()
+    layer = RepAdapterLayer(768, adapter_dim=8, groups=2, scale=10.0).train()
     x = torch.randn(2, 5, 768)
     assert torch.equal(layer(x), x)
     bound = math.sqrt(6 / (768 + 8))  # xavier-uniform, gain 1
@@ -57,7 +59,7 @@ def test_grouped_up_projection_equals_grouped_conv1d() -> None:
 
 def test_scale_multiplies_the_whole_branch_biases_included() -> None:
     torch.manual_seed(0)
-    layer = RepAdapterLayer(32, r=4, groups=2, scale=0.5).eval()
+    layer = RepAdapterLayer(32, adapter_dim=4, groups=2, scale=0.5).eval()
     for p in layer.parameters():
         nn.init.normal_(p)
     x = torch.randn(6, 32)
@@ -71,23 +73,44 @@ def test_scale_multiplies_the_whole_branch_biases_included() -> None:
 
 # -- scale table -----------------------------------------------------------------------------------
 def test_official_scale_table() -> None:
-    for placement in ("repblock", "repattn"):
+    for placement in ("attn_mlp", "attn"):
         assert set(REPADAPTER_SCALES[placement]) == set(VTAB_TASKS)
         assert set(REPADAPTER_SCALES[placement].values()) <= {0.1, 0.5, 1, 5, 10}
-    assert [task_scale(t) for t in ("cifar", "caltech101", "svhn", "smallnorb_azi", "kitti")] == [0.1, 5, 10, 10, 5]
-    assert [task_scale(t, "repattn") for t in ("dtd", "resisc45", "eurosat")] == [0.1, 0.1, 5]
-    m = RepAdapter(num_classes=4, scale_task="svhn", **TINY)
-    assert m.scale == 10 and all(float(a.scale) == 10 for a in m.adapters())
-    assert RepAdapter(num_classes=4, scale_task="svhn", scale=0.5, **TINY).scale == 0.5
-    with pytest.raises(PETLError, match="No official RepAdapter scale"):
-        RepAdapter(num_classes=4, scale_task="cifar100", **TINY)
+    scale = {t: RepAdapter.task_overrides(t, {})["adapter_scale"] for t in VTAB_TASKS}
+    assert [scale[t] for t in ("cifar", "caltech101", "svhn", "smallnorb_azi", "kitti")] == [0.1, 5, 10, 10, 5]
+    attn = {t: RepAdapter.task_overrides(t, {"placement": "attn"})["adapter_scale"] for t in ("dtd", "resisc45", "eurosat")}
+    assert list(attn.values()) == [0.1, 0.1, 5]
+    assert RepAdapter.task_overrides("cifar100", {}) == {}  # outside the table: nothing to override
+    m = RepAdapter(num_classes=4, adapter_scale=10.0, **TINY)
+    assert m.scale == 10 and all(float(a.scale) == 10 for blk in m.blocks for a in blk.adapters())
     with pytest.raises(PETLError, match="placement"):
         RepAdapter(num_classes=4, placement="repmlp", **TINY)
 
 
+def test_cli_fills_the_task_scale_before_building(tmp_path) -> None:
+    """The CLI applies ``task_overrides`` to an unset ``adapter_scale``: the saved hyper-parameters
+    (and a W&B config) show the scale that is trained (svhn: 10), not ``null``; a given one wins."""
+    from PIL import Image
+
+    from petl_lightning.cli import PETLCLI
+
+    task = tmp_path / "vtab" / "svhn"
+    (task / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(task / "images" / "a.png")
+    for name in ("train800val200", "test"):
+        (task / f"{name}.txt").write_text("images/a.png 0\n")
+    args = ["-c", str(Path(__file__).parents[1] / "recipes" / "repadapter.yaml"), f"--data.init_args.root={task.parent}",
+            "--data.init_args.task=svhn", "--model.init_args.pretrained=false",
+            "--model.init_args.model_name=vit_tiny_patch16_224", "--data.init_args.img_size=32",
+            f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    cli = PETLCLI(args=args, run=False)
+    assert cli.model.hparams.adapter_scale == 10.0 == cli.model.scale
+    assert PETLCLI(args=[*args, "--model.init_args.adapter_scale=0.5"], run=False).model.scale == 0.5
+
+
 # -- parameter counts (ViT-B/16, spec section 2.4) -------------------------------------------------
-@pytest.mark.parametrize("placement, with_bias, weights_only", [("repblock", 239_808, 221_184),
-                                                                 ("repattn", 119_904, 110_592)])
+@pytest.mark.parametrize("placement, with_bias, weights_only", [("attn_mlp", 239_808, 221_184),
+                                                                 ("attn", 119_904, 110_592)])
 def test_vit_b16_parameter_counts(placement: str, with_bias: int, weights_only: int) -> None:
     m = RepAdapter(num_classes=100, model_name="vit_base_patch16_224", pretrained=False, placement=placement)
     adapter = [(n, p) for n, p in m.named_parameters() if p.requires_grad and not n.startswith("head.")]
@@ -128,7 +151,7 @@ def test_scale_from_datamodule_is_saved_and_used_by_merge(tmp_path) -> None:
     assert not any(k.startswith("vit.") for k in saved)  # adapter-only checkpoint
     assert float(saved["blocks.0.attn_adapter.scale"]) == 10.0
     restored = RepAdapter.load_from_checkpoint(ckpt).eval()
-    assert restored.hparams.scale is None and restored.scale == 10.0  # the official test.py would use 1
+    assert restored.hparams.adapter_scale == 10.0 == restored.scale  # the official test.py would use 1
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -142,6 +165,6 @@ def test_scale_from_datamodule_is_saved_and_used_by_merge(tmp_path) -> None:
 def test_dtd10_beats_linear_probe(vits_weights, dtd10_datamodule_factory) -> None:
     """Real DTD-10 images and real ViT-S weights: RepAdapter beats the linear probe trained the same way
     (56 px, 1 epoch: ``conftest.DTD10_SHORT``)."""
-    acc, lp_acc = method_vs_linear_probe_dtd10(RepAdapter, vits_weights, dtd10_datamodule_factory, scale=1.0)
+    acc, lp_acc = method_vs_linear_probe_dtd10(RepAdapter, vits_weights, dtd10_datamodule_factory, adapter_scale=1.0)
     print(f"\nDTD-10 test accuracy (ViT-S, 56 px, 1 epoch): RepAdapter {acc:.4f} vs LinearProbe {lp_acc:.4f}")
     assert acc > lp_acc + 0.02

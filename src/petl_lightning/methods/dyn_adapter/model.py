@@ -181,7 +181,7 @@ class DynAdapter(PETLModule):
         b = x.shape[0]
         tokens, remaining = self.vit.embed(x), torch.arange(b, device=x.device)
         exit_index = torch.full((b,), self.num_exits - 1, dtype=torch.long, device=x.device)
-        takes = [math.isfinite(t) for t in self.thresholds.tolist()]
+        takes = [t < math.inf for t in self.thresholds.tolist()]
         out: Tensor | None = None
         start = 0
         for k, end in enumerate(self.exit_depths):

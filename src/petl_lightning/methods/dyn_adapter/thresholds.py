@@ -70,9 +70,9 @@ class ExitCosts:
 
     def of(self, thresholds: Tensor) -> Tensor:
         """Costs (M, E) of leaving at each exit under each threshold vector (M, E-1): an exit's own
-        head plus every earlier head that can take images (a finite threshold)."""
+        head plus every earlier head that can take images (a threshold below +inf)."""
         thr = thresholds.reshape(-1, self.heads.numel()).to(self.depth.device)
-        paid = torch.isfinite(thr).to(torch.float64) * self.heads  # (M, E-1): heads evaluated when passed
+        paid = (thr < math.inf).to(torch.float64) * self.heads  # (M, E-1): heads that can take images
         before = torch.cat([paid.new_zeros(paid.shape[0], 1), paid.cumsum(dim=1)], dim=1)  # (M, E)
         own = torch.cat([self.heads, self.heads.new_zeros(1)])  # the final head is in depth[-1]
         return self.depth + own + before
