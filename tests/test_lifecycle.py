@@ -99,8 +99,9 @@ def metric(output: str, name: str) -> float:
     return float(found.group(1))
 
 
-def fit_interrupted(args: list[str], run_dir: Path, cwd: Path) -> None:
-    """Start ``fit``, press Ctrl-C (SIGINT) once the first epoch's checkpoint exists, wait for exit."""
+def fit_interrupted(args: list[str], run_dir: Path, cwd: Path) -> int:
+    """Start ``fit``, press Ctrl-C (SIGINT) once the first epoch's checkpoint exists, wait for exit;
+    the global step of the checkpoint it left."""
     cwd.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([str(BIN / "petl-lightning"), "fit", *args], cwd=cwd, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -112,6 +113,7 @@ def fit_interrupted(args: list[str], run_dir: Path, cwd: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, "the interrupted fit should not report success"
     assert last_ckpt(run_dir).is_file(), err[-3000:]
+    return int(torch.load(last_ckpt(run_dir), map_location="cpu", weights_only=True)["global_step"])
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +127,9 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory, digits_root: Path, tiny_
             straight, killed = base / "straight", base / "killed"
             cli("fit", *method_args(method, tiny_weights, digits_root, straight), cwd=base / "cwd_a")
             args = method_args(method, tiny_weights, digits_root, killed)
-            fit_interrupted(args, killed, base / "cwd_b")
+            step = fit_interrupted(args, killed, base / "cwd_b")
             cli("fit", *args, "--ckpt_path", "last", cwd=base / "cwd_c")
-            cache[method] = {"straight": straight, "killed": killed, "base": base}
+            cache[method] = {"straight": straight, "killed": killed, "base": base, "interrupted_at": step}
         return cache[method]
 
     return get
@@ -147,6 +149,8 @@ def test_every_recipe_writes_last_checkpoint(method: str, lifecycle: Any) -> Non
 @pytest.mark.parametrize("method", METHODS)
 def test_interrupt_and_resume_is_exact(method: str, lifecycle: Any) -> None:
     runs = lifecycle(method)
+    steps = 16 if method == "dyn_adapter" else 20
+    assert 0 < runs["interrupted_at"] < EPOCHS * steps  # the interrupt came mid-fit: the resume trained on
     a, b = trainable_state(last_ckpt(runs["straight"])), trainable_state(last_ckpt(runs["killed"]))
     assert a.keys() == b.keys()
     worst = max(float(torch.where(a[k] == b[k], 0.0, (a[k].double() - b[k].double()).abs()).max())

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petl_lightning import runner
+from petl_lightning import vtab
 from petl_lightning.data.vtab import VTAB_TASKS
 from petl_lightning.errors import PETLError
 from petl_lightning.flops import vit_flops
-from petl_lightning.reference import reference, summarize
+from petl_lightning.vtab import launch, plan, report, run
+from petl_lightning.vtab.reference import reference, summarize
 
 FAKE_TASKS = {"dtd": 3, "eurosat": 3, "mytask": 2}  # natural, specialized, custom; labels used
 N_TEST = 6
@@ -103,52 +104,53 @@ def md_row(md: str, first_cell: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 def test_task_selection(fake_root: Path) -> None:
-    assert runner.resolve_tasks(["all"], None) == list(VTAB_TASKS)
-    assert runner.resolve_tasks(["natural"], None)[:2] == ["cifar", "caltech101"]
-    assert len(runner.resolve_tasks(["structured"], None)) == 8
-    assert runner.resolve_tasks(["present"], fake_root) == ["dtd", "eurosat", "mytask"]
-    assert runner.resolve_tasks(["mytask,dtd", "dtd"], fake_root) == ["mytask", "dtd"]
+    assert plan.resolve_tasks(["all"], None) == list(VTAB_TASKS)
+    assert plan.resolve_tasks(["natural"], None)[:2] == ["cifar", "caltech101"]
+    assert len(plan.resolve_tasks(["structured"], None)) == 8
+    assert plan.resolve_tasks(["present"], fake_root) == ["dtd", "eurosat", "mytask"]
+    assert plan.resolve_tasks(["mytask,dtd", "dtd"], fake_root) == ["mytask", "dtd"]
     with pytest.raises(PETLError, match="Did you mean 'eurosat'"):
-        runner.resolve_tasks(["eurosta"], fake_root)
+        plan.resolve_tasks(["eurosta"], fake_root)
     with pytest.raises(PETLError, match="missing under .*cifar.*holds: dtd, eurosat, mytask"):
-        runner.resolve_tasks(["natural"], fake_root)
-
-
-class _ScaledMethod:
-    """Stands for a method class with per-task hyper-parameters (like RepAdapter's scale table)."""
-
-    @staticmethod
-    def task_overrides(task: str) -> dict:
-        return {"scale": {"dtd": 1.0, "eurosat": 5.0}.get(task, 0.1)}
+        plan.resolve_tasks(["natural"], fake_root)
 
 
 def test_plan_per_task_overrides_gpu_slots_and_dry_run(fake_root: Path, recipe: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """Each pair's arguments: recipe, then the task's own settings, then the user's (who wins);
-    --gpus maps workers to one CUDA device each; --dry-run prints the plan and runs nothing."""
-    monkeypatch.setattr(runner, "model_class", lambda config, extra: _ScaledMethod)
-    ns, extra = runner.build_parser().parse_known_args(
-        ["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "eurosat", "--seeds", "3",
-         "--out", str(tmp_path / "o"), "--gpus", "0,1", "--model.init_args.lr", "0.5"])
-    runs, out, _ = runner.plan(ns, extra)
-    (run,) = runs
-    a = run.cli_args
-    assert a[:2] == ["--config", str(recipe)]
+    """Each pair's arguments: recipe, then the task's own settings, then the user's (who wins); the
+    method's per-task hyper-parameters come from its task_overrides hook through the CLI's own
+    parser; --gpus maps workers to one CUDA device each; --dry-run prints the plan and runs nothing."""
+    rep = tmp_path / "rep.yaml"
+    rep.write_text(RECIPE.replace("petl_lightning.methods.baselines.LinearProbe", "petl_lightning.methods.repadapter.RepAdapter"))
+    runs, out, _ = plan.plan_runs([str(rep)], ["--model.init_args.lr", "0.5"], ["eurosat", "mytask"], [3],
+                             str(tmp_path / "o"), str(fake_root))
+    a = runs[0].cli_args
+    assert a[:2] == ["--config", str(rep)]
     assert a[a.index("--data.init_args.task") + 1] == "eurosat" and a[a.index("--seed_everything") + 1] == "3"
-    assert a[a.index("--model.init_args.scale") + 1] == "5.0"
-    assert a.index("--model.init_args.scale") < a.index("--model.init_args.lr")  # user args come last
-    assert run.run_dir == out / "runs" / "eurosat" / "seed3"
-    slots = runner.make_slots(ns)
+    assert a[-2:] == ["--model.init_args.lr", "0.5"]  # user args come last
+    assert runs[0].run_dir == out / "runs" / "eurosat" / "seed3"
+    scale = {r.task: plan.parse_fit_config(r.cli_args)["model"]["init_args"]["adapter_scale"] for r in runs}
+    assert scale == {"eurosat": 1.0, "mytask": None}  # the official table; a custom task has no entry
+    slots = launch.make_slots("0,1", 1)
     assert [s.env for s in slots] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
-    assert runner.vtab_main(["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd",
-                             "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert vtab.vtab_main(["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd",
+                           "--out", str(tmp_path / "p"), "--dry-run"]) == 0
     assert "[todo] dtd seed 0:" in capsys.readouterr().out
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "p").exists()
     # The runner owns the task and seed.
-    assert runner.vtab_main(["-c", str(recipe), "--data.root", str(fake_root),
-                             "--data.init_args.task", "dtd"]) == 2
+    assert vtab.vtab_main(["-c", str(recipe), "--data.root", str(fake_root), "--data.init_args.task", "dtd"]) == 2
     assert "use --tasks" in capsys.readouterr().err
+
+
+def test_second_run_on_the_same_output_is_refused(fake_root: Path, recipe: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o"
+    with launch.output_lock(out):  # as a first run holds it
+        code = vtab.vtab_main(["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd", "--out", str(out),
+                               "--launcher", "inprocess"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"error: .* is in use by another 'petl-lightning vtab' run .*\.vtab\.lock", err)
+    assert not (out / "runs").exists()
 
 
 def test_table_means_std_and_partial_groups(tmp_path: Path) -> None:
@@ -161,9 +163,9 @@ def test_table_means_std_and_partial_groups(tmp_path: Path) -> None:
                "seed": seed, "acc": acc, "trainable_params": 1000, "trainable_params_no_head": 500,
                "gflops": 17.58, "gflops_backbone": 17.58, "gflops_ratio": 1.0, "keep_rate": 1.0,
                "exit_share": [1.0], "method": "RepAdapter", "model_name": "vit_base_patch16_224",
-               "hparams": {"placement": "repblock"}, "fingerprint": "x", "wall_s": 60.0}
-        runner.atomic_write(tmp_path / "runs" / task / f"seed{seed}" / "result.json", json.dumps(rec))
-    runner.write_tables(tmp_path)
+               "hparams": {"placement": "attn_mlp"}, "fingerprint": "x", "wall_s": 60.0}
+        run.atomic_write(tmp_path / "runs" / task / f"seed{seed}" / "result.json", json.dumps(rec))
+    report.write_tables(tmp_path)
     rows = read_csv(tmp_path / "results.csv")
     assert len(rows) == 20 * 3 and rows[0]["task"] == "cifar" and rows[-1]["task"] == "mytask"
     md = (tmp_path / "results.md").read_text()
@@ -187,7 +189,7 @@ def test_table_means_std_and_partial_groups(tmp_path: Path) -> None:
     # Drop one natural task: natural / group mean / 19-task mean become n/a with counts.
     for s in (0, 1, 2):
         (tmp_path / "runs" / "svhn" / f"seed{s}" / "result.json").unlink()
-    runner.write_tables(tmp_path)
+    report.write_tables(tmp_path)
     md = (tmp_path / "results.md").read_text()
     assert md_row(md, "Natural mean")[1] == "n/a (6/7 tasks)"
     assert md_row(md, "Specialized mean")[1] == f"{spe:.2f}"
@@ -207,18 +209,18 @@ def test_run_table_and_resume_after_crash(fake_root: Path, recipe: Path, tmp_pat
     argv = ["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd,eurosat,mytask",
             "--out", str(out), "--launcher", "inprocess"]
     calls: list[str] = []
-    real_run_task = runner.run_task
+    real_run_task = run.run_task
 
-    def counting_run_task(run: runner.TaskRun, resume: bool = True) -> dict:
+    def counting_run_task(run: plan.TaskRun, resume: bool = True) -> dict:
         if len(calls) == 1 and os.environ.get("_KILL_AFTER_FIRST") == "1":
             raise SimulatedKill
         calls.append(run.task)
         return real_run_task(run, resume)
 
-    monkeypatch.setattr(runner, "run_task", counting_run_task)
+    monkeypatch.setattr(launch, "run_task", counting_run_task)
     monkeypatch.setenv("_KILL_AFTER_FIRST", "1")
     with pytest.raises(SimulatedKill):
-        runner.vtab_main(argv)
+        vtab.vtab_main(argv)
     assert calls == ["dtd"]
     rows = read_csv(out / "results.csv")
     assert [r["task"] for r in rows] == ["dtd"]  # written before the crash
@@ -226,13 +228,13 @@ def test_run_table_and_resume_after_crash(fake_root: Path, recipe: Path, tmp_pat
     mtime = (out / "runs/dtd/seed0/result.json").stat().st_mtime_ns
 
     monkeypatch.setenv("_KILL_AFTER_FIRST", "0")
-    assert runner.vtab_main(argv) == 0
+    assert vtab.vtab_main(argv) == 0
     assert calls == ["dtd", "eurosat", "mytask"]  # dtd not recomputed
     assert (out / "runs/dtd/seed0/result.json").stat().st_mtime_ns == mtime
     assert (out / "runs/dtd/seed0/result.json").read_text() == first
     # A third run computes nothing; it only sends the table to W&B (offline mode in tests).
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert runner.vtab_main([*argv, "--wandb", "--wandb-project", "t"]) == 0 and len(calls) == 3
+    assert vtab.vtab_main([*argv, "--wandb", "--wandb-project", "t"]) == 0 and len(calls) == 3
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
 
     rows = {r["task"]: r for r in read_csv(out / "results.csv")}
@@ -274,47 +276,54 @@ def test_failed_task_is_reported_then_finished(fake_root: Path, recipe: Path, tm
     out = tmp_path / "out"
     argv = ["-c", str(recipe), "--data.root", str(root), "--tasks", "kitti,dtd", "--out", str(out),
             "--launcher", "inprocess"]
-    assert runner.vtab_main(argv) == 1
+    assert vtab.vtab_main(argv) == 1
     md = (out / "results.md").read_text()
     assert re.search(r"failed: kitti seed 0: error: .*label 9 is outside \[0, 4\)", md)
     assert [r["task"] for r in read_csv(out / "results.csv")] == ["dtd"]
     dtd_mtime = (out / "runs/dtd/seed0/result.json").stat().st_mtime_ns
     (root / "kitti/test.txt").write_text(good)
-    assert runner.vtab_main(argv) == 0
+    assert vtab.vtab_main(argv) == 0
     assert [r["task"] for r in read_csv(out / "results.csv")] == ["dtd", "kitti"]
     assert (out / "runs/dtd/seed0/result.json").stat().st_mtime_ns == dtd_mtime
     assert "failed: " not in (out / "results.md").read_text()
     # Other settings into the same folder: refused before anything runs.
-    assert runner.vtab_main([*argv, "--model.init_args.lr", "0.1"]) == 2
+    assert vtab.vtab_main([*argv, "--model.init_args.lr", "0.1"]) == 2
 
 
+@pytest.mark.parametrize("method", ["LinearProbe", "RepAdapter"])
 def test_interrupted_fit_resumes_from_checkpoint_exactly(fake_root: Path, recipe: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """A pair killed at the start of epoch 2 of 2 resumes from its epoch-1 checkpoint; the result
-    equals an uninterrupted run (optimiser, scheduler, RNG and data order all restored)."""
-    from petl_lightning.methods.baselines import LinearProbe
+                                                         capsys: pytest.CaptureFixture[str], method: str) -> None:
+    """A pair killed at the start of epoch 2 of 2 resumes from its epoch-1 ``last.ckpt`` (every
+    method writes one, whatever the protocol); the result equals an uninterrupted run (optimiser,
+    scheduler, RNG and data order all restored)."""
+    from petl_lightning.methods.base import PETLModule
 
-    def pair(run_dir: Path) -> runner.TaskRun:
+    path = {"LinearProbe": "petl_lightning.methods.baselines.LinearProbe",
+            "RepAdapter": "petl_lightning.methods.repadapter.RepAdapter"}[method]
+    recipe.write_text(RECIPE.replace("petl_lightning.methods.baselines.LinearProbe", path))
+    extra = ["--model.init_args.cache_features", "false"] if method == "LinearProbe" else []
+
+    def pair(run_dir: Path) -> plan.TaskRun:
         args = ["--config", str(recipe), "--data.init_args.root", str(fake_root), "--data.init_args.task",
                 "eurosat", "--trainer.default_root_dir", str(run_dir), "--trainer.max_epochs", "2",
-                "--model.init_args.warmup_epochs", "1", "--model.init_args.cache_features", "false"]
-        return runner.TaskRun("eurosat", 0, run_dir, args, "fp")
+                "--model.init_args.warmup_epochs", "1", *extra]
+        return plan.TaskRun("eurosat", 0, run_dir, args, "fp")
 
-    straight = runner.run_task(pair(tmp_path / "a"))
+    straight = run.run_task(pair(tmp_path / "a"))
 
-    def killed(self: LinearProbe) -> None:
+    def killed(self: PETLModule) -> None:
         if self.current_epoch == 1:
             raise SimulatedKill
 
     with monkeypatch.context() as m:
-        m.setattr(LinearProbe, "on_train_epoch_start", killed, raising=False)
+        m.setattr(PETLModule, "on_train_epoch_start", killed, raising=False)
         with pytest.raises(SimulatedKill):
-            runner.run_task(pair(tmp_path / "b"))
+            run.run_task(pair(tmp_path / "b"))
     assert not (tmp_path / "b" / "result.json").exists()
-    assert runner.latest_checkpoint(tmp_path / "b") is not None
+    assert pair(tmp_path / "b").last_checkpoint is not None
     capsys.readouterr()
-    resumed = runner.run_task(pair(tmp_path / "b"))
+    resumed = run.run_task(pair(tmp_path / "b"))
     assert "resuming from" in capsys.readouterr().err
     assert resumed["epochs"] == straight["epochs"] == 2
     assert resumed["test_loss"] == pytest.approx(straight["test_loss"], abs=1e-6)
@@ -326,7 +335,7 @@ def test_subprocess_workers_in_parallel(fake_root: Path, recipe: Path, tmp_path:
     out = tmp_path / "out"
     argv = ["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd", "--seeds", "0", "1",
             "--out", str(out), "--jobs", "2"]
-    assert runner.vtab_main(argv) == 0
+    assert vtab.vtab_main(argv) == 0
     rows = read_csv(out / "results.csv")
     assert [(r["task"], r["seed"]) for r in rows] == [("dtd", "0"), ("dtd", "1")]
     for s in (0, 1):
@@ -344,7 +353,7 @@ def test_real_assets_end_to_end(tmp_path: Path, dtd10_root: Path, vits_weights: 
     the reported accuracy is the checkpoint's true accuracy, and the probe beats chance."""
     import torch
 
-    from petl_lightning.cli import main
+    from petl_lightning.__main__ import main
     from petl_lightning.data.vtab import VTAB1kDataModule
     from petl_lightning.methods.baselines import LinearProbe
 
@@ -372,7 +381,7 @@ def test_real_assets_end_to_end(tmp_path: Path, dtd10_root: Path, vits_weights: 
     assert "VTAB-1K tasks: 0/19; custom tasks: 2" in md
     assert md_row(md, "19-task mean")[1] == "n/a (0/19 tasks)"
     # Independent check: the saved (head-only) checkpoint scores the reported accuracy on the same images.
-    ckpt = runner.latest_checkpoint(out / "runs" / "dtd10" / "seed0")
+    ckpt = out / "runs" / "dtd10" / "seed0" / "checkpoints" / "last.ckpt"
     model = LinearProbe.load_from_checkpoint(ckpt, map_location="cpu").eval()
     dm = VTAB1kDataModule(str(root), "dtd10", img_size=56, eval_batch_size=50, num_workers=0)
     correct = 0

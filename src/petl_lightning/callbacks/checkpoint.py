@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 class PETLCheckpoint(ModelCheckpoint):
@@ -15,19 +16,22 @@ class PETLCheckpoint(ModelCheckpoint):
     logger's version folder), so ``--ckpt_path last`` finds it from a new process. Files are
     written to a temporary name and renamed, so an interrupt never leaves half a checkpoint.
 
+    ``last.ckpt`` is written here rather than by ``ModelCheckpoint(save_last=True)``, which (Lightning
+    2.6) refreshes it only in epochs that also saved a best checkpoint.
+
     Args:
         dirpath: folder (default ``<trainer.default_root_dir>/checkpoints``).
-        monitor / mode / save_top_k / filename: as ``ModelCheckpoint``; without a validation split the
-            best checkpoint is not kept (only ``last.ckpt``).
+        monitor / mode / save_top_k / filename: as ``ModelCheckpoint``; without a validation split no
+            best checkpoint is kept (only ``last.ckpt``).
         **kwargs: further ``ModelCheckpoint`` arguments.
     """
 
     def __init__(self, dirpath: str | None = None, monitor: str | None = "val/acc", mode: str = "max",
-                 save_top_k: int = 1, filename: str = "best-epoch{epoch}", save_last: bool = True,
-                 save_on_train_epoch_end: bool = True, auto_insert_metric_name: bool = False, **kwargs: Any) -> None:
+                 save_top_k: int = 1, filename: str = "best-epoch{epoch}", auto_insert_metric_name: bool = False,
+                 **kwargs: Any) -> None:
+        kwargs.pop("save_last", None)
         super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_top_k=save_top_k, filename=filename,
-                         save_last=save_last, save_on_train_epoch_end=save_on_train_epoch_end,
-                         auto_insert_metric_name=auto_insert_metric_name, **kwargs)
+                         save_last=False, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:
@@ -37,10 +41,20 @@ class PETLCheckpoint(ModelCheckpoint):
             self.monitor, self.save_top_k = None, 0  # no validation metric: keep last.ckpt only
         super().setup(trainer, pl_module, stage)
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)  # the best by monitor, where one is logged
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.last_model_path = os.path.join(str(self.dirpath), f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        tmp = f"{self.last_model_path}.tmp"
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.last_model_path)
+
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
         super()._save_checkpoint(trainer, tmp)
-        if trainer.is_global_zero and os.path.exists(tmp):
+        if trainer.is_global_zero:
             os.replace(tmp, filepath)
         self._last_checkpoint_saved = filepath
 

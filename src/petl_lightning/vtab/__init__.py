@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from petl_lightning.errors import run_user_command
 from petl_lightning.vtab.launch import Launcher, execute, make_slots, output_lock, run_inprocess, run_subprocess
-from petl_lightning.vtab.plan import RunnerError, TaskRun, plan
+from petl_lightning.vtab.plan import RunnerError, TaskRun, plan_runs
 from petl_lightning.vtab.report import collect_results, log_to_wandb, write_tables
 from petl_lightning.vtab.run import atomic_write
 
@@ -85,7 +85,7 @@ def vtab_main(argv: Sequence[str]) -> int:
 
 
 def _main(ns: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
-    runs, out, info = plan(ns.config, extra, ns.tasks, ns.seeds, ns.out, ns.root, resolve=not ns.table_only)
+    runs, out, info = plan_runs(ns.config, extra, ns.tasks, ns.seeds, ns.out, ns.root, resolve=not ns.table_only)
     slots = make_slots(ns.gpus, ns.jobs)
     if len(slots) > 1 and ns.launcher == "inprocess":
         raise RunnerError("--launcher inprocess runs one pair at a time; drop --gpus/--jobs or use subprocess.")

@@ -149,7 +149,7 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def plan(configs: Sequence[str], extra: Sequence[str], task_specs: Sequence[str], seeds: Sequence[int] | None,
+def plan_runs(configs: Sequence[str], extra: Sequence[str], task_specs: Sequence[str], seeds: Sequence[int] | None,
          out: str | None, root: str | None, resolve: bool = True) -> tuple[list[TaskRun], Path, dict[str, Any]]:
     """Resolve tasks, seeds and output folder; compose each pair's CLI arguments (no task checks with
     ``resolve=False``, for rebuilding tables)."""
@@ -194,5 +194,5 @@ def plan(configs: Sequence[str], extra: Sequence[str], task_specs: Sequence[str]
     return runs, out_dir, info
 
 
-__all__ = ["RESULT_FILE", "RunnerError", "TaskRun", "fingerprint", "parse_fit_config", "plan", "present_tasks",
+__all__ = ["RESULT_FILE", "RunnerError", "TaskRun", "fingerprint", "parse_fit_config", "plan_runs", "present_tasks",
            "resolve_tasks", "task_order"]
