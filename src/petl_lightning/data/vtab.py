@@ -2,10 +2,13 @@
 
 Layout: ``<root>/<task>/{train800,val200,train800val200,test}.txt``, each line
 ``relative/path.jpg <int label>`` relative to the task folder. The transforms are the PETL papers'
-(resize to a square with bicubic interpolation, ToTensor, ImageNet mean/std, no augmentation).
+(resize to a square with bicubic interpolation, ToTensor, normalisation, no augmentation); the
+mean/std are those of the backbone's timm pretrained config by default (``normalization``).
 
 The DataModule owns every data decision (lists, splits, transforms) and checks the data when it is
 built, so a bad root, list, image or label fails before any training starts or any log is written.
+With ``prepare=True`` a missing VTAB-1K task folder is built from TensorFlow Datasets by
+``prepare_data()`` (``data/prepare.py``), and the checks run in ``setup()``, after it.
 """
 
 from __future__ import annotations
@@ -76,13 +79,51 @@ def tasks_in_group(group: str) -> list[str]:
     return [t.name for t in VTAB_TASKS.values() if t.group == group]
 
 
-def petl_transform(img_size: int = 224) -> T.Compose:
-    """The PETL VTAB-1K transform: bicubic resize to a square, ToTensor, ImageNet mean/std."""
+def petl_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> T.Compose:
+    """The PETL VTAB-1K transform: bicubic resize to a square, ToTensor, normalisation."""
     return T.Compose([
         T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC),
         T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.Normalize(mean, std),
     ])
+
+
+Normalization = Literal["backbone", "imagenet"] | list[list[float]]
+
+
+def resolve_normalization(normalization: Normalization, backbone_name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of a ``normalization`` setting.
+
+    ``"imagenet"``: ImageNet's. ``"backbone"``: the ``mean``/``std`` of the timm pretrained config
+    of ``backbone_name`` (only the config is read, no weights), e.g. 0.5/0.5 for
+    ``vit_base_patch16_224.orig_in21k``; the rule when there is none (no name given, a name timm has
+    no pretrained config for): ImageNet's, the PETL repos' usual choice. ``[mean, std]``: as given.
+    """
+    if normalization == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if normalization == "backbone":
+        if backbone_name is None:
+            return IMAGENET_MEAN, IMAGENET_STD
+        from timm.models import get_pretrained_cfg
+
+        try:
+            cfg = get_pretrained_cfg(backbone_name)
+        except RuntimeError:  # an unknown tag: the backbone itself reports the bad name
+            cfg = None
+        if cfg is None or not cfg.mean or not cfg.std:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return tuple(cfg.mean), tuple(cfg.std)
+    hint = "Use 'backbone', 'imagenet' or [mean, std] with 1 or 3 values each and positive std."
+    if isinstance(normalization, str):
+        raise DataError(f"Unknown normalization {normalization!r}. {hint}")
+    try:
+        mean, std = (tuple(float(v) for v in values) for values in normalization)
+    except (TypeError, ValueError):
+        raise DataError(f"normalization={normalization!r} is not [mean, std]. {hint}") from None
+    if len(mean) != len(std) or len(mean) not in (1, 3) or min(std) <= 0:
+        raise DataError(f"normalization={normalization!r}: mean and std need 1 or 3 values each, std > 0. {hint}")
+    return mean, std
 
 
 @dataclass(frozen=True)
@@ -195,6 +236,15 @@ class VTAB1kDataModule(L.LightningDataModule):
             each image's header), or ``none``. Checked when the module is built.
         cache: keep decoded, transformed images in memory (no augmentation, so it is exact).
         seed: shuffling seed; the order of epoch ``e`` depends only on (seed, e).
+        normalization: ``backbone`` (default: the mean/std of ``backbone_name``'s timm pretrained
+            config; ImageNet's when there is no name or no config), ``imagenet``, or ``[mean, std]``.
+        backbone_name: the timm name of the backbone the images are for; the CLI links it from
+            ``model.init_args.model_name``.
+        prepare: build the task folder from TensorFlow Datasets in ``prepare_data()`` if it is
+            missing (the 19 VTAB-1K tasks; needs ``pip install 'petl-lightning[prepare]'``). The
+            folder then need not exist when the module is built: it is read and checked in ``setup()``.
+        tfds_data_dir: tfds' data folder for ``prepare`` (default: tfds' own, ``~/tensorflow_datasets``);
+            manual downloads go in its ``downloads/manual/``.
     """
 
     def __init__(
@@ -211,6 +261,10 @@ class VTAB1kDataModule(L.LightningDataModule):
         check_images: Literal["exists", "header", "none"] = "exists",
         cache: bool = False,
         seed: int = 0,
+        normalization: Normalization = "backbone",
+        backbone_name: str | None = None,
+        prepare: bool = False,
+        tfds_data_dir: str | None = None,
     ) -> None:
         super().__init__()
         # num_classes is resolved below and reaches the model through the CLI link; logging the raw
@@ -222,18 +276,36 @@ class VTAB1kDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
-        self.transform = petl_transform(img_size)
+        self.mean, self.std = resolve_normalization(normalization, backbone_name)
+        self.transform = petl_transform(img_size, self.mean, self.std)
         self.cache = cache
         self.seed = seed
+        self.tfds_data_dir = tfds_data_dir
+        self.check_images = check_images
+        self._num_classes_arg = num_classes
         self.info = VTAB_TASKS.get(task)
+        self.task_dir = self.root / task
+        self.splits: dict[str, list[Sample]] = {}
+        self._datasets: dict[str, FileListDataset] = {}
+        if prepare and self.info is None:
+            raise DataError(
+                f"prepare=True builds the 19 VTAB-1K tasks from TensorFlow Datasets; {task!r} is not one of "
+                f"them. Put a custom task's folder under the root and leave prepare off."
+            )
+        if prepare and not self.task_dir.is_dir():
+            self.num_classes = self.info.num_classes if num_classes is None else num_classes  # read in setup()
+        else:
+            self._load()
+
+    def _load(self) -> None:
+        """Finds and reads the task's lists and checks labels and images (once)."""
         self.task_dir = self._find_task_dir()
         self.splits = self._read_splits()
-        self.num_classes = self._resolve_num_classes(num_classes)
+        self.num_classes = self._resolve_num_classes(self._num_classes_arg)
         self._check_labels()
-        if check_images != "none":
+        if self.check_images != "none":
             for name in self._used_lists():
-                _check_images(self.splits[name], check_images)
-        self._datasets: dict[str, FileListDataset] = {}
+                _check_images(self.splits[name], self.check_images)
 
     # -- validation ------------------------------------------------------------------------------
     def _find_task_dir(self) -> Path:
@@ -249,7 +321,8 @@ class VTAB1kDataModule(L.LightningDataModule):
         if self.info is not None:
             raise DataError(
                 f"Task folder {str(task_dir)!r} is missing. {self.task!r} is a VTAB-1K task, but the root "
-                f"holds only: {', '.join(present) or '(nothing)'}. Download/extract it there."
+                f"holds only: {', '.join(present) or '(nothing)'}. Download/extract it there, or pass "
+                f"prepare=True (--data.init_args.prepare true) to build it from TensorFlow Datasets."
             )
         close = difflib.get_close_matches(self.task, list(VTAB_TASKS) + present, n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -294,6 +367,24 @@ class VTAB1kDataModule(L.LightningDataModule):
                     )
 
     # -- Lightning hooks -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Builds the task folder from TensorFlow Datasets if it is missing (``data/prepare.py``).
+
+        Lightning calls this on local rank 0 only, before ``setup`` runs on every process; a task
+        that exists is skipped without importing tfds. Without ``prepare=True`` the folder had to
+        exist when the module was built, so there is nothing to do.
+        """
+        if self.task_dir.is_dir():
+            return
+        from petl_lightning.data.prepare import prepare_task
+
+        prepare_task(self.root, self.task, data_dir=self.tfds_data_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Reads and checks the task (already done at construction unless ``prepare`` deferred it)."""
+        if not self.splits:
+            self._load()
+
     @property
     def group(self) -> str:
         """``natural``/``specialized``/``structured`` for VTAB-1K tasks, ``custom`` otherwise."""
@@ -301,6 +392,7 @@ class VTAB1kDataModule(L.LightningDataModule):
 
     def dataset(self, split: str) -> FileListDataset:
         """The dataset of a list (``train800``, ``val200``, ``train800val200``, ``test``)."""
+        self.setup()
         if split not in self._datasets:
             samples = self.splits.get(split)
             if samples is None:
@@ -347,5 +439,5 @@ class VTAB1kDataModule(L.LightningDataModule):
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "VTAB_TASKS", "TaskInfo", "VTAB1kDataModule", "FileListDataset",
-    "EpochShuffleSampler", "petl_transform", "read_list", "tasks_in_group",
+    "EpochShuffleSampler", "petl_transform", "read_list", "resolve_normalization", "tasks_in_group",
 ]
