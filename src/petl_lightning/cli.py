@@ -53,6 +53,8 @@ class PETLCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # normalization="backbone" takes the mean/std of the model's backbone (its timm pretrained cfg)
+        parser.link_arguments("model.init_args.model_name", "data.init_args.backbone_name")
 
     def before_instantiate_classes(self) -> None:
         """Build the backbone for the image size the data produces.
