@@ -5,8 +5,8 @@ tfds' default mock yields the same ``num_examples`` random examples for every sp
 45199 of a fixed random ``train`` split (example ``i`` of a split is the same wherever it is read;
 train and test differ), generated from the builder's own features by tfds' ``RandomFakeGenerator``,
 with the split sizes of :data:`~petl_lightning.data.vtab_splits.VTAB_SOURCES`. Where a label depends
-on a feature, that feature gets values the real data has: CLEVR scenes hold 3-10 objects, dSprites
-pixels are 0/1. Nothing is downloaded.
+on a feature, that feature gets values the real data has: CLEVR scenes hold 3-10 objects, KITTI
+objects lie 2-29 m away (in valid boxes), dSprites pixels are 0/1. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -37,9 +37,20 @@ def _realistic(name: str, index: int, example: dict[str, Any]) -> dict[str, Any]
         n = 3 + index % 8
         example["objects"] = {k: np.resize(v, (n, *np.shape(v)[1:])) for k, v in example["objects"].items()}
         example["question_answer"] = {k: [str(v[0])] for k, v in example["question_answer"].items()}
+    if name == "kitti":  # 1-4 objects (one length for all their fields) at depths 2-29 m
+        n = 1 + index % 4
+        example["objects"] = {k: np.resize(v, (n, *np.shape(v)[1:])) for k, v in example["objects"].items()}
+        example["objects"]["location"][:, 2] = 2.0 + 3.0 * ((index + np.arange(n)) % 10)
+        example["objects"]["bbox"] = np.sort(example["objects"]["bbox"].reshape(n, 2, 2), axis=1).reshape(n, 4)
     if name == "dsprites":
         example["image"] = (example["image"] > 127).astype(np.uint8)
     return example
+
+
+def mock_example(builder: Any, split: str, index: int) -> dict[str, Any]:
+    """Example ``index`` of tfds split ``split`` of the mocked ``builder`` (decoded)."""
+    gen = RandomFakeGenerator(builder.info.features, num_examples=index + 1, seed=zlib.crc32(split.encode()))
+    return _realistic(builder.name, index, gen[index])
 
 
 def _arrays(encoded: Any) -> Any:
@@ -58,9 +69,8 @@ def _as_dataset(self: Any, split: str, decoders: Any = None, read_config: Any = 
 
     def examples() -> Iterator[Any]:
         for part, start, stop in ranges:
-            gen = RandomFakeGenerator(features, num_examples=stop, seed=zlib.crc32(part.encode()))
             for i in range(start, stop):
-                yield _arrays(features.encode_example(_realistic(self.name, i, gen[i])))
+                yield _arrays(features.encode_example(mock_example(self, part, i)))
 
     specs = features.get_serialized_info()
     ds = tf.data.Dataset.from_generator(

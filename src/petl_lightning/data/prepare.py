@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -37,7 +36,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from petl_lightning.data.vtab import VTAB_TASKS, tasks_in_group
+from petl_lightning.data.check import sha256_of
+from petl_lightning.data.vtab import GROUPS, VTAB_TASKS, tasks_in_group
 from petl_lightning.data.vtab_splits import LISTS, VTAB_SOURCES, TaskSource, limit_spec, slice_size
 from petl_lightning.errors import DataError
 
@@ -172,14 +172,6 @@ def _class_names(builder: Any, src: TaskSource) -> list[str]:
     return list(names)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_task(tfds: Any, builder: Any, src: TaskSource, out: Path, test_limit: int | None) -> None:
     """Every file of a task folder, written into ``out``."""
     specs = dict(src.lists)
@@ -207,7 +199,7 @@ def _write_task(tfds: Any, builder: Any, src: TaskSource, out: Path, test_limit:
         "canonical": test_limit is None,
         "num_classes": len(classes),
         "label": src.label_rule,
-        "images": "tfds-stored bytes unchanged" + (" (pixels x255, PNG)" if src.scale_pixels else ""),
+        "images": "decoded, pixels x 255 as VTAB, PNG" if src.scale_pixels else "tfds-stored bytes, unchanged",
         "sha256": {f: sha256_of(out / f) for f in files},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -229,8 +221,8 @@ def prepare_task(root: str | Path, task: str, data_dir: str | None = None, manua
     root = Path(root).expanduser()
     if (root / task).is_dir():
         return False  # finished before (a task folder only ever appears complete)
-    root.mkdir(parents=True, exist_ok=True)
     tfds = _import_tfds()
+    root.mkdir(parents=True, exist_ok=True)
     with _task_lock(root, task):
         if (root / task).is_dir():
             return False  # built by another process while this one waited for the lock
@@ -281,10 +273,15 @@ def prepare_tasks(root: str | Path, tasks: Sequence[str], data_dir: str | None =
 
 
 def parse_tasks(spec: str) -> list[str]:
-    """``all``, a group (``natural``, ``specialized``, ``structured``) or a comma list of tasks."""
+    """``all``, a group (``natural``, ``specialized``, ``structured``) or a comma list of tasks and groups."""
     tasks: list[str] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
-        tasks += tasks_in_group(item) if item in ("all", "natural", "specialized", "structured") else [_source(item).task]
+        if item != "all" and item not in GROUPS and item not in VTAB_TASKS:
+            raise DataError(f"Unknown VTAB-1K task {item!r}: use all, {', '.join(GROUPS)} or task names "
+                            f"({', '.join(VTAB_TASKS)}), comma-separated.")
+        tasks += tasks_in_group(item) if item == "all" or item in GROUPS else [item]
+    if not tasks:
+        raise DataError("No tasks given: use all, a group or a comma list of VTAB-1K tasks.")
     return list(dict.fromkeys(tasks))
 
 

@@ -280,7 +280,7 @@ class VTAB1kDataModule(L.LightningDataModule):
         self.transform = petl_transform(img_size, self.mean, self.std)
         self.cache = cache
         self.seed = seed
-        self.tfds_data_dir = tfds_data_dir
+        self.prepare, self.tfds_data_dir = prepare, tfds_data_dir
         self.check_images = check_images
         self._num_classes_arg = num_classes
         self.info = VTAB_TASKS.get(task)
@@ -319,10 +319,12 @@ class VTAB1kDataModule(L.LightningDataModule):
             return task_dir
         present = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if self.info is not None:
+            fix = ("prepare_data() builds it (a Trainer calls it before setup)" if self.prepare else
+                   "Download/extract it there, or pass prepare=True (--data.init_args.prepare true) to build it "
+                   "from TensorFlow Datasets")
             raise DataError(
                 f"Task folder {str(task_dir)!r} is missing. {self.task!r} is a VTAB-1K task, but the root "
-                f"holds only: {', '.join(present) or '(nothing)'}. Download/extract it there, or pass "
-                f"prepare=True (--data.init_args.prepare true) to build it from TensorFlow Datasets."
+                f"holds only: {', '.join(present) or '(nothing)'}. {fix}."
             )
         close = difflib.get_close_matches(self.task, list(VTAB_TASKS) + present, n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
