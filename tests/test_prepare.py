@@ -67,8 +67,8 @@ def test_slices_are_vtabs() -> None:
                                          "test": "train[663552:]"}
     assert SRC["smallnorb_azi"].lists == {"train800": "train[:800]", "val200": "test[:200]", "test": "test[12150:]"}
     assert SRC["dtd"].lists == {"train800": "train[:800]", "val200": "validation[:200]", "test": "test"}
-    assert {SRC[t].tfds_name for t in ("sun397", "diabetic_retinopathy", "dmlab")} == {
-        "sun397/tfds:4.*.*", "diabetic_retinopathy_detection/btgraham-300:3.*.*", "dmlab:2.0.1"}
+    assert {SRC[t].tfds_name for t in ("sun397", "diabetic_retinopathy", "dmlab", "kitti")} == {
+        "sun397/tfds:4.*.*", "diabetic_retinopathy_detection/btgraham-300:3.*.*", "dmlab:2.0.1", "kitti:3.1.0"}
 
 
 def test_slice_arithmetic_and_limits() -> None:

@@ -230,8 +230,7 @@ VTAB_SOURCES: dict[str, TaskSource] = {
                    class_names=_threshold_names(CLEVR_DIST_THRESHOLDS)),
         TaskSource("dmlab", "dmlab", "2.0.1", {"train": 65550, "validation": 22628, "test": 22735}, _official(),
                    22735, label_feature, "tfds label"),
-        # VTAB pinned 3.1.0; tfds now builds 3.3.0 (same splits).
-        TaskSource("kitti", "kitti", "3.*.*", {"train": 6347, "validation": 423, "test": 711}, _official(),
+        TaskSource("kitti", "kitti", "3.1.0", {"train": 6347, "validation": 423, "test": 711}, _official(),
                    711, kitti_vehicle_distance,
                    f"bin of the closest car/van/truck depth (objects.location[:, 2], {KITTI_NO_VEHICLE_DEPTH:g} if "
                    f"none) by {KITTI_VEHICLE_THRESHOLDS}",
