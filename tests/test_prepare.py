@@ -334,3 +334,46 @@ def test_vtab_check_on_built_folders(built: Path, tmp_path: Path, capsys: pytest
         "dtd: test.txt is not the file manifest.json describes (sha256 differs)",
         "vtab-check: 1 of 1 task folders have problems",
     ]
+
+
+DDP_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import lightning as L
+from petl_lightning.data.vtab import VTAB1kDataModule
+from petl_lightning.methods.baselines import LinearProbe
+import tfds_mock
+
+log = {log!r}
+
+class Logged(VTAB1kDataModule):
+    def prepare_data(self):
+        with open(log, "a") as f:
+            f.write(f"prepare_data on rank {{os.environ['RANK']}}\\n")
+        super().prepare_data()
+
+with tfds_mock.vtab_mock_data():
+    dm = Logged({root!r}, "dtd", prepare=True, img_size=32, batch_size=128, num_workers=0)
+    model = LinearProbe(num_classes=dm.num_classes, model_name="vit_tiny_patch16_224", pretrained=False,
+                        img_size=32, model_kwargs={{"depth": 1, "patch_size": 8}})
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(model, dm, verbose=False)
+with open(log, "a") as f:
+    f.write(f"rank {{os.environ['RANK']}} tested {{len(dm.dataset('test'))}} images\\n")
+"""
+
+
+def test_ddp_prepares_once_on_rank_0(mock: Any, built: Path, tmp_path: Path) -> None:
+    """Two DDP processes (torchrun) build a DataModule on a root without the task: rank 0 alone
+    builds it in prepare_data, then both read it in setup."""
+    script, log, root = tmp_path / "ddp_prepare.py", tmp_path / "log.txt", tmp_path / "vtab"
+    script.write_text(DDP_SCRIPT.format(tests=str(TESTS), log=str(log), root=str(root)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(log.read_text().splitlines()) == [
+        "prepare_data on rank 0", "rank 0 tested 1880 images", "rank 1 tested 1880 images"]
+    assert _tree_digest(root / "dtd") == _tree_digest(built / "dtd")
+    assert sorted(p.name for p in root.iterdir()) == [".dtd.lock", "dtd"]

@@ -63,7 +63,8 @@ def _arrays(encoded: Any) -> Any:
     return encoded
 
 
-def _as_dataset(self: Any, split: str, decoders: Any = None, read_config: Any = None, shuffle_files: bool = False) -> tf.data.Dataset:
+def _as_dataset(self: Any, split: str, decoders: Any = None, read_config: Any = None,
+                shuffle_files: bool = False) -> tf.data.Dataset:
     features = self.info.features
     ranges = slice_ranges(str(split), _sizes(self))
 

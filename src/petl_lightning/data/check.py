@@ -70,8 +70,9 @@ def _read_lists(task_dir: Path, task: str, problems: list[str]) -> dict[str, lis
         parts = Counter((s.path, s.label) for s in lists["train800"] + lists["val200"])
         joint = Counter((s.path, s.label) for s in lists["train800val200"])
         if parts != joint:
-            problems.append(f"train800val200.txt is not train800.txt + val200.txt ({sum((parts - joint).values())} "
-                            f"of their lines are not in it, {sum((joint - parts).values())} of its lines are in neither)")
+            lost, extra = sum((parts - joint).values()), sum((joint - parts).values())
+            problems.append(f"train800val200.txt is not train800.txt + val200.txt ({lost} of their lines are "
+                            f"not in it, {extra} of its lines are in neither)")
     return lists
 
 

@@ -88,7 +88,7 @@ def _source(task: str) -> TaskSource:
     return VTAB_SOURCES[task]
 
 
-def manual_dir_of(builder: Any, manual_dir: str | Path | None) -> Path:
+def _manual_dir(builder: Any, manual_dir: str | Path | None) -> Path:
     """Where tfds reads manual downloads: ``manual_dir`` or ``<tfds data dir>/downloads/manual``."""
     return Path(manual_dir).expanduser() if manual_dir else Path(str(builder.data_dir_root)) / "downloads" / "manual"
 
@@ -100,7 +100,7 @@ def _open_builder(tfds: Any, src: TaskSource, data_dir: str | None, manual_dir: 
     except Exception as err:  # noqa: BLE001 - tfds raises several kinds for a missing builder/version
         raise DataError(f"{src.task}: tfds has no {src.tfds_name} ({_first_line(err)}); "
                         f"update tensorflow-datasets.") from None
-    manual = manual_dir_of(builder, manual_dir)
+    manual = _manual_dir(builder, manual_dir)
     if src.manual and not builder.is_prepared():
         missing = [f for f in src.manual_files if not (manual / f).exists()]
         if missing:

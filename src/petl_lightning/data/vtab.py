@@ -92,7 +92,8 @@ def petl_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
 Normalization = Literal["backbone", "imagenet"] | list[list[float]]
 
 
-def resolve_normalization(normalization: Normalization, backbone_name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def resolve_normalization(normalization: Normalization,
+                          backbone_name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` of a ``normalization`` setting.
 
     ``"imagenet"``: ImageNet's. ``"backbone"``: the ``mean``/``std`` of the timm pretrained config

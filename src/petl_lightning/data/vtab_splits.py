@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from itertools import pairwise
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +151,8 @@ def clevr_distance(ex: Example) -> int:
 def kitti_vehicle_distance(ex: Example) -> int:
     """Bin of the depth of the closest car, van or truck (``location[:, 2]``); 3 = no vehicle."""
     objects = ex["objects"]
-    depths = [float(loc[2]) for typ, loc in zip(objects["type"], objects["location"]) if int(typ) in KITTI_VEHICLE_TYPES]
+    depths = [float(loc[2]) for typ, loc in zip(objects["type"], objects["location"], strict=True)
+              if int(typ) in KITTI_VEHICLE_TYPES]
     return bin_by_thresholds(min([*depths, KITTI_NO_VEHICLE_DEPTH]), KITTI_VEHICLE_THRESHOLDS)
 
 
@@ -182,7 +184,7 @@ def bin_names(values: int, bins: int) -> tuple[str, ...]:
 
 
 def _threshold_names(thresholds: tuple[float, ...]) -> tuple[str, ...]:
-    return tuple(f"({lo:g}, {hi:g}]" for lo, hi in zip(thresholds, thresholds[1:]))
+    return tuple(f"({lo:g}, {hi:g}]" for lo, hi in pairwise(thresholds))
 
 
 _CLEVR_SIZES = {"train": 70000, "validation": 15000, "test": 15000}
@@ -190,16 +192,17 @@ _DSPRITES_SIZES = {"train": 737280}
 _SMALLNORB_SIZES = {"train": 24300, "test": 24300}
 _DSPRITES_TEST = 737280 * 90 // 100  # VTAB: train 80%, val 10%, test the last 10% of tfds train
 _SMALLNORB_LISTS = _official(val="test", test="test[12150:]")  # VTAB: val the first half of test, test the rest
-_DR_MANUAL = ("Kaggle's diabetic-retinopathy-detection files (https://www.kaggle.com/c/diabetic-retinopathy-detection/data): "
-              "train.zip.00* unpacked into train/, test.zip.00* into test/, sample.zip into sample/, and trainLabels.csv")
+_DR_MANUAL = ("Kaggle's diabetic-retinopathy-detection files "
+              "(https://www.kaggle.com/c/diabetic-retinopathy-detection/data): train.zip.00* unpacked into "
+              "train/, test.zip.00* into test/, sample.zip into sample/, and trainLabels.csv")
 
 VTAB_SOURCES: dict[str, TaskSource] = {
     s.task: s
     for s in [
-        TaskSource("cifar", "cifar100", "3.*.*", {"train": 50000, "test": 10000}, {**_carved(50000, 90), "test": "test"},
-                   10000, label_feature, "tfds label (CIFAR-100 fine label)"),
-        TaskSource("caltech101", "caltech101", "3.*.*", {"train": 3060, "test": 6084}, {**_carved(3060, 90), "test": "test"},
-                   6084, label_feature, "tfds label"),
+        TaskSource("cifar", "cifar100", "3.*.*", {"train": 50000, "test": 10000},
+                   {**_carved(50000, 90), "test": "test"}, 10000, label_feature, "tfds label (CIFAR-100 fine label)"),
+        TaskSource("caltech101", "caltech101", "3.*.*", {"train": 3060, "test": 6084},
+                   {**_carved(3060, 90), "test": "test"}, 6084, label_feature, "tfds label"),
         TaskSource("dtd", "dtd", "3.*.*", {"train": 1880, "validation": 1880, "test": 1880}, _official(),
                    1880, label_feature, "tfds label"),
         TaskSource("oxford_flowers102", "oxford_flowers102", "2.*.*", {"train": 1020, "validation": 1020, "test": 6149},
