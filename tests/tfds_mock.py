@@ -6,7 +6,7 @@ tfds' default mock yields the same ``num_examples`` random examples for every sp
 train and test differ), generated from the builder's own features by tfds' ``RandomFakeGenerator``,
 with the split sizes of :data:`~petl_lightning.data.vtab_splits.VTAB_SOURCES`. Where a label depends
 on a feature, that feature gets values the real data has: CLEVR scenes hold 3-10 objects, KITTI
-objects lie 2-29 m away (in valid boxes), dSprites pixels are 0/1. Nothing is downloaded.
+objects lie 2-29 m away, boxes are valid, dSprites pixels are 0/1. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ def _sizes(builder: Any) -> dict[str, int]:
     return next(s.sizes for s in VTAB_SOURCES.values() if s.builder.split("/")[0] == builder.name)
 
 
+def _boxes(random: np.ndarray) -> np.ndarray:
+    """Random (ymin, xmin, ymax, xmax) boxes made valid (min <= max), as tfds' BBox feature requires."""
+    pairs = np.asarray(random).reshape(-1, 2, 2)
+    return np.sort(pairs, axis=1).reshape(np.shape(random))
+
+
 def _realistic(name: str, index: int, example: dict[str, Any]) -> dict[str, Any]:
     if name == "clevr":  # 3..10 objects, cycling with the index, and one question: the fields of a
         # sequence need one length, which tfds' generator does not ensure
@@ -41,7 +47,9 @@ def _realistic(name: str, index: int, example: dict[str, Any]) -> dict[str, Any]
         n = 1 + index % 4
         example["objects"] = {k: np.resize(v, (n, *np.shape(v)[1:])) for k, v in example["objects"].items()}
         example["objects"]["location"][:, 2] = 2.0 + 3.0 * ((index + np.arange(n)) % 10)
-        example["objects"]["bbox"] = np.sort(example["objects"]["bbox"].reshape(n, 2, 2), axis=1).reshape(n, 4)
+        example["objects"]["bbox"] = _boxes(example["objects"]["bbox"])
+    if name == "oxford_iiit_pet":
+        example["head_bbox"] = _boxes(example["head_bbox"])
     if name == "dsprites":
         example["image"] = (example["image"] > 127).astype(np.uint8)
     return example
