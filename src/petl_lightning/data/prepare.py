@@ -54,7 +54,11 @@ class MissingExtra(DataError):
 
 
 def _import_tfds() -> Any:
-    """tfds, with TensorFlow kept off the GPUs (they belong to the training run)."""
+    """tfds, with TensorFlow kept off the GPUs (they belong to the training run).
+
+    Importing this module has loaded torch and timm, and with them triton's native library, first:
+    loading triton after TensorFlow segfaults (seen with tensorflow-cpu 2.21 and triton 3.x).
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         import tensorflow as tf
