@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from petl_lightning.data.vtab import (
-    IMAGENET_MEAN, IMAGENET_STD, VTAB_TASKS, EpochShuffleSampler, VTAB1kDataModule, tasks_in_group,
+    IMAGENET_MEAN, IMAGENET_STD, VTAB_TASKS, EpochShuffleSampler, VTAB1kDataModule, resolve_normalization,
+    tasks_in_group,
 )
 from petl_lightning.errors import DataError
 
@@ -65,6 +66,51 @@ def test_transform_is_the_petl_one(tmp_path: Path) -> None:
     assert x.shape == (3, 48, 48) and y == 0
     expected = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     torch.testing.assert_close(x.mean(dim=(1, 2)), expected, atol=0.05, rtol=0)
+
+
+def test_normalization_comes_from_the_backbone_cfg(tmp_path: Path) -> None:
+    half, imagenet = ((0.5,) * 3, (0.5,) * 3), (IMAGENET_MEAN, IMAGENET_STD)
+    assert resolve_normalization("backbone", "vit_base_patch16_224.orig_in21k") == half  # DyT's code
+    assert resolve_normalization("backbone", "vit_small_patch14_dinov2") == imagenet
+    assert resolve_normalization("backbone", None) == imagenet  # the rule without a backbone name ...
+    assert resolve_normalization("backbone", "vit_base_patch16_224_in21k") == imagenet  # ... or a timm cfg
+    assert resolve_normalization("imagenet", "vit_base_patch16_224.orig_in21k") == imagenet  # RepAdapter, ARC
+    assert resolve_normalization([[0.1, 0.2, 0.3], [1, 2, 3]], None) == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+    for bad in ("imagnet", [[0.5, 0.5], [0.5]], [[0.5], [0.0]], [0.5, 0.5, 0.5], [[0.5], [0.5], [0.5]]):
+        with pytest.raises(DataError, match="normalization"):
+            resolve_normalization(bad, None)
+    task_dir = make_task(tmp_path, "dtd", size=20)
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(task_dir / "images/test_0.jpg")
+    dm = VTAB1kDataModule(str(tmp_path), "dtd", img_size=32, num_workers=0,
+                          backbone_name="vit_base_patch16_224.orig_in21k")
+    assert (dm.mean, dm.std) == half
+    torch.testing.assert_close(dm.dataset("test")[0][0].mean(dim=(1, 2)), torch.tensor([1.0, -1.0, -1.0]),
+                               atol=0.05, rtol=0)
+
+
+def test_cli_links_the_models_backbone_into_the_normalisation(tmp_path: Path) -> None:
+    from petl_lightning.cli import PETLCLI
+
+    make_task(tmp_path, "digits", classes=10, classes_txt=True)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"  # vit_tiny_patch16_224: cfg 0.5/0.5
+    args = ["-c", str(recipe), f"--data.init_args.root={tmp_path}", "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}"]
+    cli = PETLCLI(args=args, run=False)
+    assert cli.datamodule.hparams.backbone_name == "vit_tiny_patch16_224"
+    assert (cli.datamodule.mean, cli.datamodule.std) == ((0.5,) * 3, (0.5,) * 3)
+    cli = PETLCLI(args=[*args, "--data.init_args.normalization=imagenet"], run=False)
+    assert (cli.datamodule.mean, cli.datamodule.std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_prepare_defers_the_checks_of_a_missing_task_to_setup(tmp_path: Path) -> None:
+    dm = VTAB1kDataModule(str(tmp_path), "eurosat", prepare=True, num_workers=0)
+    assert dm.num_classes == 10 and dm.splits == {}
+    make_task(tmp_path, "eurosat", classes=10)  # as prepare_data would
+    dm.prepare_data()  # the folder is there: nothing to build, tfds is not imported
+    dm.setup("fit")
+    assert len(dm.train_dataloader().dataset) == 8
+    with pytest.raises(DataError, match="Task folder .*dtd.* is missing.*prepare_data\\(\\) builds it"):
+        VTAB1kDataModule(str(tmp_path), "dtd", prepare=True).setup("fit")
 
 
 def test_custom_task_class_count(tmp_path: Path) -> None:

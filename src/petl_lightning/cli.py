@@ -65,6 +65,8 @@ class PETLCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(PETLCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        # normalization="backbone" takes the mean/std of the model's backbone (its timm pretrained cfg)
+        parser.link_arguments("model.init_args.model_name", "data.init_args.backbone_name")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         try:

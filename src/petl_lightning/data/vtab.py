@@ -2,10 +2,13 @@
 
 Layout: ``<root>/<task>/{train800,val200,train800val200,test}.txt``, each line
 ``relative/path.jpg <int label>`` relative to the task folder. The transforms are the PETL papers'
-(resize to a square with bicubic interpolation, ToTensor, ImageNet mean/std, no augmentation).
+(resize to a square with bicubic interpolation, ToTensor, normalisation, no augmentation); the
+mean/std are those of the backbone's timm pretrained config by default (``normalization``).
 
 The DataModule owns every data decision (lists, splits, transforms) and checks the data when it is
 built, so a bad root, list, image or label fails before any training starts or any log is written.
+With ``prepare=True`` a missing VTAB-1K task folder is built from TensorFlow Datasets by
+``prepare_data()`` (``data/prepare.py``), and the checks run in ``setup()``, after it.
 """
 
 from __future__ import annotations
@@ -85,6 +88,44 @@ def petl_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+Normalization = Literal["backbone", "imagenet"] | list[list[float]]
+
+
+def resolve_normalization(normalization: Normalization,
+                          backbone_name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of a ``normalization`` setting.
+
+    ``"imagenet"``: ImageNet's. ``"backbone"``: the ``mean``/``std`` of the timm pretrained config
+    of ``backbone_name`` (only the config is read, no weights), e.g. 0.5/0.5 for
+    ``vit_base_patch16_224.orig_in21k``; the rule when there is none (no name given, a name timm has
+    no pretrained config for): ImageNet's, the PETL repos' usual choice. ``[mean, std]``: as given.
+    """
+    if normalization == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if normalization == "backbone":
+        if backbone_name is None:
+            return IMAGENET_MEAN, IMAGENET_STD
+        from timm.models import get_pretrained_cfg
+
+        try:
+            cfg = get_pretrained_cfg(backbone_name)
+        except RuntimeError:  # an unknown tag: the backbone itself reports the bad name
+            cfg = None
+        if cfg is None or not cfg.mean or not cfg.std:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return tuple(cfg.mean), tuple(cfg.std)
+    hint = "Use 'backbone', 'imagenet' or [mean, std] with 1 or 3 values each and positive std."
+    if isinstance(normalization, str):
+        raise DataError(f"Unknown normalization {normalization!r}. {hint}")
+    try:
+        mean, std = (tuple(float(v) for v in values) for values in normalization)
+    except (TypeError, ValueError):
+        raise DataError(f"normalization={normalization!r} is not [mean, std]. {hint}") from None
+    if len(mean) != len(std) or len(mean) not in (1, 3) or min(std) <= 0:
+        raise DataError(f"normalization={normalization!r}: mean and std need 1 or 3 values each, std > 0. {hint}")
+    return mean, std
 
 
 @dataclass(frozen=True)
@@ -224,6 +265,15 @@ class VTAB1kDataModule(L.LightningDataModule):
         seed: shuffling seed; the order of epoch ``e`` depends only on (seed, e).
         predict_list: what ``predict`` reads: a list file (relative paths, labels optional) or a
             folder of images; default the task's ``test.txt``.
+        normalization: ``backbone`` (default: the mean/std of ``backbone_name``'s timm pretrained
+            config; ImageNet's when there is no name or no config), ``imagenet``, or ``[mean, std]``.
+        backbone_name: the timm name of the backbone the images are for; the CLI links it from
+            ``model.init_args.model_name``.
+        prepare: build the task folder from TensorFlow Datasets in ``prepare_data()`` if it is
+            missing (the 19 VTAB-1K tasks; needs ``pip install 'petl-lightning[prepare]'``). The
+            folder then need not exist when the module is built: it is read and checked in ``setup()``.
+        tfds_data_dir: tfds' data folder for ``prepare`` (default: tfds' own, ``~/tensorflow_datasets``);
+            manual downloads go in its ``downloads/manual/``.
     """
 
     def __init__(
@@ -240,6 +290,10 @@ class VTAB1kDataModule(L.LightningDataModule):
         check_images: Literal["exists", "header", "none"] = "exists",
         cache: bool = False,
         seed: int = 0,
+        normalization: Normalization = "backbone",
+        backbone_name: str | None = None,
+        prepare: bool = False,
+        tfds_data_dir: str | None = None,
         predict_list: str | None = None,
     ) -> None:
         super().__init__()
@@ -255,20 +309,37 @@ class VTAB1kDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.mean, self.std = resolve_normalization(normalization, backbone_name)
         self.transform = petl_transform(img_size, self.mean, self.std)
         self.predict_source = Path(predict_list).expanduser() if predict_list else None
         self.cache = cache
         self.seed = seed
+        self.prepare, self.tfds_data_dir = prepare, tfds_data_dir
+        self.check_images = check_images
+        self._num_classes_arg = num_classes
         self.info = VTAB_TASKS.get(task)
+        self.task_dir = self.root / task
+        self.splits: dict[str, list[Sample]] = {}
+        self._datasets: dict[str, FileListDataset] = {}
+        if prepare and self.info is None:
+            raise DataError(
+                f"prepare=True builds the 19 VTAB-1K tasks from TensorFlow Datasets; {task!r} is not one of "
+                f"them. Put a custom task's folder under the root and leave prepare off."
+            )
+        if prepare and not self.task_dir.is_dir():
+            self.num_classes = self.info.num_classes if num_classes is None else num_classes  # read in setup()
+        else:
+            self._load()
+
+    def _load(self) -> None:
+        """Finds and reads the task's lists and checks labels and images (once)."""
         self.task_dir = self._find_task_dir()
         self.splits = self._read_splits()
-        self.num_classes = self._resolve_num_classes(num_classes)
+        self.num_classes = self._resolve_num_classes(self._num_classes_arg)
         self._check_labels()
-        if check_images != "none":
+        if self.check_images != "none":
             for name in self._used_lists():
-                _check_images(self.splits[name], check_images)
-        self._datasets: dict[str, FileListDataset] = {}
+                _check_images(self.splits[name], self.check_images)
 
     # -- validation ------------------------------------------------------------------------------
     def _find_task_dir(self) -> Path:
@@ -282,9 +353,12 @@ class VTAB1kDataModule(L.LightningDataModule):
             return task_dir
         present = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if self.info is not None:
+            fix = ("prepare_data() builds it (a Trainer calls it before setup)" if self.prepare else
+                   "Download/extract it there, or pass prepare=True (--data.init_args.prepare true) to build it "
+                   "from TensorFlow Datasets")
             raise DataError(
                 f"Task folder {str(task_dir)!r} is missing. {self.task!r} is a VTAB-1K task, but the root "
-                f"holds only: {', '.join(present) or '(nothing)'}. Download/extract it there."
+                f"holds only: {', '.join(present) or '(nothing)'}. {fix}."
             )
         close = difflib.get_close_matches(self.task, list(VTAB_TASKS) + present, n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -329,6 +403,24 @@ class VTAB1kDataModule(L.LightningDataModule):
                     )
 
     # -- Lightning hooks -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Builds the task folder from TensorFlow Datasets if it is missing (``data/prepare.py``).
+
+        Lightning calls this on local rank 0 only, before ``setup`` runs on every process; a task
+        that exists is skipped without importing tfds. Without ``prepare=True`` the folder had to
+        exist when the module was built, so there is nothing to do.
+        """
+        if self.task_dir.is_dir():
+            return
+        from petl_lightning.data.prepare import prepare_task
+
+        prepare_task(self.root, self.task, data_dir=self.tfds_data_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Reads and checks the task (already done at construction unless ``prepare`` deferred it)."""
+        if not self.splits:
+            self._load()
+
     @property
     def group(self) -> str:
         """``natural``/``specialized``/``structured`` for VTAB-1K tasks, ``custom`` otherwise."""
@@ -352,6 +444,7 @@ class VTAB1kDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> FileListDataset:
         """The dataset of a list (``train800``, ``val200``, ``train800val200``, ``test``, or
         ``predict``: :attr:`predict_source`, default ``test``)."""
+        self.setup()
         if split not in self._datasets:
             if split == "predict":
                 samples = read_images(self.predict_source) if self.predict_source is not None else self.splits["test"]
@@ -401,5 +494,5 @@ class VTAB1kDataModule(L.LightningDataModule):
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "VTAB_TASKS", "TaskInfo", "VTAB1kDataModule", "FileListDataset",
-    "EpochShuffleSampler", "petl_transform", "read_list", "tasks_in_group",
+    "EpochShuffleSampler", "petl_transform", "read_list", "resolve_normalization", "tasks_in_group",
 ]
