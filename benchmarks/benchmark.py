@@ -38,8 +38,6 @@ if str(ROOT) not in sys.path:  # so `python benchmarks/benchmark.py` finds the `
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
 from benchmarks.common import (  # noqa: E402
     Entry,
     configure_malloc_for_rss,
@@ -48,6 +46,7 @@ from benchmarks.common import (  # noqa: E402
     round_robin_inference,
     train_step_stats,
 )
+from torch import Tensor, nn  # noqa: E402
 
 
 class _Logits(nn.Module):
@@ -68,15 +67,22 @@ def base_entries(model_name: str, img_size: int, num_classes: int) -> list[Entry
     from petl_lightning.flops import vit_flops
     from petl_lightning.methods.baselines import LinearProbe
 
-    probe = LinearProbe(cache_features=False, num_classes=num_classes, model_name=model_name,
-                        pretrained=False, img_size=img_size).eval()
+    probe = LinearProbe(
+        cache_features=False, num_classes=num_classes, model_name=model_name, pretrained=False, img_size=img_size
+    ).eval()
     backbone = timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=img_size)
     backbone.eval().requires_grad_(False)
     gflops = vit_flops(probe.vit.shape(), num_classes) / 1e9
     return [
         Entry("Frozen backbone", backbone, 0, gflops, "plain timm ViT + linear head; nothing trained"),
-        Entry("LinearProbe", _Logits(probe).eval(), count_trainable(probe), probe.inference_flops() / 1e9,
-              "head only", train_module=probe),
+        Entry(
+            "LinearProbe",
+            _Logits(probe).eval(),
+            count_trainable(probe),
+            probe.inference_flops() / 1e9,
+            "head only",
+            train_module=probe,
+        ),
     ]
 
 
@@ -84,14 +90,16 @@ def base_entries(model_name: str, img_size: int, num_classes: int) -> list[Entry
 ENTRY_ORDER = ("repadapter_arc_entries", "dyt_entries", "dyn_adapter_entries")
 
 
-def discover_entries(model_name: str, img_size: int, num_classes: int,
-                     only: list[str] | None = None) -> tuple[list[Entry], list[str]]:
+def discover_entries(
+    model_name: str, img_size: int, num_classes: int, only: list[str] | None = None
+) -> tuple[list[Entry], list[str]]:
     """Base entries plus those of every ``benchmarks/*_entries.py``; import failures are reported."""
     entries = base_entries(model_name, img_size, num_classes)
     problems = []
     order = {name: i for i, name in enumerate(ENTRY_ORDER)}
-    paths = sorted(Path(__file__).resolve().parent.glob("*_entries.py"),
-                   key=lambda p: (order.get(p.stem, len(order)), p.stem))
+    paths = sorted(
+        Path(__file__).resolve().parent.glob("*_entries.py"), key=lambda p: (order.get(p.stem, len(order)), p.stem)
+    )
     for path in paths:
         name = f"benchmarks.{path.stem}"
         if only and not any(o.lower() in path.stem.lower() for o in only):
@@ -139,7 +147,9 @@ def _training_form(e: Entry) -> nn.Module | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (cuda when available)")
     p.add_argument("--batch-size", type=int, default=None, help="inference batch (default 256 on GPU, 32 on CPU)")
     p.add_argument("--train-batch-size", type=int, default=None, help="training batch (default: --batch-size)")
@@ -151,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-repeats", type=int, default=2, help="timed training steps (after one warm-up)")
     p.add_argument("--no-train", action="store_true", help="skip the training step")
     p.add_argument("--only", nargs="*", default=None, help="entries modules to include (substring of the file name)")
-    p.add_argument("--select", default=None,
-                   help="regular expression: keep only entries whose label matches (re.search)")
+    p.add_argument(
+        "--select", default=None, help="regular expression: keep only entries whose label matches (re.search)"
+    )
     p.add_argument("--no-fused-attn", action="store_true", help="use timm's unfused attention")
     p.add_argument("--compile", action="store_true", help="torch.compile each inference forward")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
@@ -197,14 +208,26 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             fn = torch.compile(fn)
         fns.append(fn)
     x = torch.randn(bs, 3, args.img_size, args.img_size, device=device)
-    print(f"[bench] {len(entries)} entries on {device_description(device)}; inference batch {bs}, "
-          f"{args.repeats} round-robin repeats", file=sys.stderr, flush=True)
+    print(
+        f"[bench] {len(entries)} entries on {device_description(device)}; inference batch {bs}, "
+        f"{args.repeats} round-robin repeats",
+        file=sys.stderr,
+        flush=True,
+    )
     times = round_robin_inference(fns, x, device, repeats=args.repeats, warmup=args.warmup, amp_dtype=amp)
     rows: list[dict[str, Any]] = []
     for e, ts in zip(entries, times):
-        rows.append({"label": e.label, "notes": e.notes, "trainable_params": e.trainable_params,
-                     "gflops": e.gflops, "infer_s": ts, "infer_img_s": images_per_second(bs, ts),
-                     "extra": e.extra})
+        rows.append(
+            {
+                "label": e.label,
+                "notes": e.notes,
+                "trainable_params": e.trainable_params,
+                "gflops": e.gflops,
+                "infer_s": ts,
+                "infer_img_s": images_per_second(bs, ts),
+                "extra": e.extra,
+            }
+        )
     if not args.no_train:
         xt = torch.randn(tbs, 3, args.img_size, args.img_size, device=device)
         yt = torch.randint(0, args.num_classes, (tbs,), device=device)
@@ -226,18 +249,26 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     meta = {
         "device": device_description(device),
         "dtype": "bf16 autocast" if amp else "fp32",
-        "torch": torch.__version__, "timm": timm.__version__, "lightning": lightning.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "lightning": lightning.__version__,
         "python": platform.python_version(),
-        "model": args.model, "img_size": args.img_size, "num_classes": args.num_classes,
-        "batch_size": bs, "train_batch_size": tbs, "repeats": args.repeats,
-        "fused_attn": not args.no_fused_attn, "compile": args.compile,
+        "model": args.model,
+        "img_size": args.img_size,
+        "num_classes": args.num_classes,
+        "batch_size": bs,
+        "train_batch_size": tbs,
+        "repeats": args.repeats,
+        "fused_attn": not args.no_fused_attn,
+        "compile": args.compile,
         "command": "python -m benchmarks.benchmark " + " ".join(shlex.quote(a) for a in argv),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "wall_s": time.time() - t_start,
         "problems": problems,
-        "memory": "torch.cuda.max_memory_allocated above the pre-step allocation" if gpu else
-                  "peak process RSS growth during the step, sampled every 1 ms"
-                  + (" (glibc mmap threshold 1 MiB)" if malloc_rss else ""),
+        "memory": "torch.cuda.max_memory_allocated above the pre-step allocation"
+        if gpu
+        else "peak process RSS growth during the step, sampled every 1 ms"
+        + (" (glibc mmap threshold 1 MiB)" if malloc_rss else ""),
     }
     table = markdown(rows, meta)
     print(table)
@@ -248,16 +279,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def training_step_stats(module: nn.Module, x: Tensor, y: Tensor, device: torch.device, repeats: int,
-                        amp: torch.dtype | None) -> dict[str, float]:
+def training_step_stats(
+    module: nn.Module, x: Tensor, y: Tensor, device: torch.device, repeats: int, amp: torch.dtype | None
+) -> dict[str, float]:
     """One optimiser step's speed and memory, with the method's own ``training_loss`` if it has one
     (e.g. DyT's distillation and rate losses, Dyn-Adapter's exit losses), else cross-entropy."""
     if hasattr(module, "training_loss"):
         try:
             return train_step_stats(_LossModule(module, y), x, y, device, repeats, amp, loss_is_output=True)
         except (RuntimeError, AttributeError) as err:  # e.g. a loss schedule that needs a Trainer
-            print(f"[bench] training_loss unavailable outside a Trainer ({err}); using cross-entropy",
-                  file=sys.stderr)
+            print(f"[bench] training_loss unavailable outside a Trainer ({err}); using cross-entropy", file=sys.stderr)
     return train_step_stats(module, x, y, device, repeats, amp)
 
 
@@ -284,19 +315,39 @@ def _num(v: float, digits: int | None = None) -> str:
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The results table plus the device, versions and command it was measured with."""
-    head = ["method", "trainable params (M)", "GFLOPs", "GFLOPs × backbone", "inference img/s (min–max)",
-            "× backbone", "training img/s", "train step peak mem (MiB)", "notes"]
+    head = [
+        "method",
+        "trainable params (M)",
+        "GFLOPs",
+        "GFLOPs × backbone",
+        "inference img/s (min–max)",
+        "× backbone",
+        "training img/s",
+        "train step peak mem (MiB)",
+        "notes",
+    ]
     bs = meta["batch_size"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
         train = [_num(r.get("train_img_s", float("nan"))), _num(r.get("peak_mem_mib", float("nan")), 0)]
         if r.get("train_same_as"):  # e.g. a merged form: it is trained as its unmerged form
             train = [f"= {r['train_same_as']}"] * 2
-        lines.append("| " + " | ".join([
-            r["label"], f"{r['trainable_params'] / 1e6:.3f}", f"{r['gflops']:.2f}", f"{r['gflops_ratio']:.3f}",
-            f"{_num(r['infer_img_s'])} ({_num(bs / max(r['infer_s']))}–{_num(bs / min(r['infer_s']))})",
-            f"{r['infer_ratio']:.2f}", *train, r["notes"],
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["label"],
+                    f"{r['trainable_params'] / 1e6:.3f}",
+                    f"{r['gflops']:.2f}",
+                    f"{r['gflops_ratio']:.3f}",
+                    f"{_num(r['infer_img_s'])} ({_num(bs / max(r['infer_s']))}–{_num(bs / min(r['infer_s']))})",
+                    f"{r['infer_ratio']:.2f}",
+                    *train,
+                    r["notes"],
+                ]
+            )
+            + " |"
+        )
     info = [
         "",
         f"- Device: {meta['device']}; {meta['dtype']}; inference batch {meta['batch_size']}, training batch "
@@ -306,8 +357,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"torch.compile: {'yes' if meta['compile'] else 'no'}.",
         f"- Versions: torch {meta['torch']}, timm {meta['timm']}, lightning {meta['lightning']}, "
         f"Python {meta['python']}.",
-        f"- Training peak memory: {meta['memory']}; it covers activations, gradients and AdamW state, "
-        f"not the weights.",
+        f"- Training peak memory: {meta['memory']}; it covers activations, gradients and AdamW state, not the weights.",
         f"- Command: `{meta['command']}` ({meta['date']}, {meta['wall_s'] / 60:.1f} min).",
     ]
     if meta["problems"]:

@@ -13,9 +13,9 @@ not exactly, it.
 from __future__ import annotations
 
 import torch
+from benchmarks.common import Entry
 from torch import Tensor, nn
 
-from benchmarks.common import Entry
 from petl_lightning.methods.dyn_adapter import DynAdapter, candidate_thresholds, evaluate_thresholds
 
 BUDGETS = (0.3, 0.5, 0.7)
@@ -37,8 +37,9 @@ class DynamicLogits(nn.Module):
         return self.method.dynamic_forward(x).logits
 
 
-def build(model_name: str, img_size: int, num_classes: int, calib_images: int = 128, batch: int = 32,
-          seed: int = 0) -> tuple[DynAdapter, dict[float, dict]]:
+def build(
+    model_name: str, img_size: int, num_classes: int, calib_images: int = 128, batch: int = 32, seed: int = 0
+) -> tuple[DynAdapter, dict[float, dict]]:
     """A random-weight RepAdapter-based DynAdapter, merged (adapters folded into copies of the
     blocks, as RepAdapter does at inference), and thresholds for each budget.
 
@@ -47,8 +48,14 @@ def build(model_name: str, img_size: int, num_classes: int, calib_images: int = 
     confidence quantiles of the images still running), the most expensive one within the budget.
     """
     torch.manual_seed(seed)
-    m = DynAdapter(num_classes=num_classes, model_name=model_name, pretrained=False, img_size=img_size,
-                   calibrate_budget=None, eval_all_exits=False)
+    m = DynAdapter(
+        num_classes=num_classes,
+        model_name=model_name,
+        pretrained=False,
+        img_size=img_size,
+        calibrate_budget=None,
+        eval_all_exits=False,
+    )
     with torch.no_grad():  # non-zero adapters; heads with spread-out confidences
         for name, p in m.named_parameters():
             if p.requires_grad:
@@ -64,8 +71,12 @@ def build(model_name: str, img_size: int, num_classes: int, calib_images: int = 
     calib = {}
     for b in BUDGETS:
         i = int(torch.where(cost <= b * full, cost, torch.full_like(cost, -1.0)).argmax())
-        calib[b] = {"thresholds": cands[i].tolist(), "gflops": float(cost[i]) / 1e9,
-                    "flops_ratio": float(cost[i]) / full, "exit_share": share[i].tolist()}
+        calib[b] = {
+            "thresholds": cands[i].tolist(),
+            "gflops": float(cost[i]) / 1e9,
+            "flops_ratio": float(cost[i]) / full,
+            "exit_share": share[i].tolist(),
+        }
     return m, calib
 
 
@@ -76,12 +87,17 @@ def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
     rows = []
     for b, c in calib.items():
         mix = "/".join(f"{s:.2f}" for s in c["exit_share"])
-        rows.append(Entry(
-            f"Dyn-Adapter (budget {b:g})", DynamicLogits(m, c["thresholds"]).eval(), trainable, c["gflops"],
-            f"RepAdapter base (merged); exit mix {mix} after blocks {m.exit_depths}; {c['flops_ratio']:.2f} of full",
-            train_module=m,  # one shared training form (all exits' weighted loss), timed once
-            extra={"budget": b, "exit_share": c["exit_share"], "thresholds": c["thresholds"]},
-        ))
+        rows.append(
+            Entry(
+                f"Dyn-Adapter (budget {b:g})",
+                DynamicLogits(m, c["thresholds"]).eval(),
+                trainable,
+                c["gflops"],
+                f"RepAdapter base (merged); exit mix {mix} after blocks {m.exit_depths}; {c['flops_ratio']:.2f} of full",
+                train_module=m,  # one shared training form (all exits' weighted loss), timed once
+                extra={"budget": b, "exit_share": c["exit_share"], "thresholds": c["thresholds"]},
+            )
+        )
     return rows
 
 

@@ -12,9 +12,9 @@ r = 0.5 module, through its ``training_loss``.
 from __future__ import annotations
 
 import torch
+from benchmarks.common import Entry
 from torch import Tensor, nn
 
-from benchmarks.common import Entry
 from petl_lightning.methods.dyt import DyT
 
 RATES = (0.3, 0.5, 0.7)
@@ -53,11 +53,27 @@ def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
     rows = []
     for rate in RATES:
         gflops = method.executed_flops(method.expected_record(rate), 1) / 1e9
-        rows.append(Entry(f"DyT r={rate}", DyTLogits(method, rate).eval(), trainable, gflops,
-                          f"mlp dispatch d=8, gather/scatter, keep {rate} (top-k)", train_module=method))
+        rows.append(
+            Entry(
+                f"DyT r={rate}",
+                DyTLogits(method, rate).eval(),
+                trainable,
+                gflops,
+                f"mlp dispatch d=8, gather/scatter, keep {rate} (top-k)",
+                train_module=method,
+            )
+        )
     full = method.executed_flops(method.expected_record(1.0), 1) / 1e9
-    rows.append(Entry("DyT r=0.5 (masked)", DyTLogits(method, 0.5, "mask").eval(), trainable, full,
-                      "reference path: all tokens through the MLP, output masked", train_module=method))
+    rows.append(
+        Entry(
+            "DyT r=0.5 (masked)",
+            DyTLogits(method, 0.5, "mask").eval(),
+            trainable,
+            full,
+            "reference path: all tokens through the MLP, output masked",
+            train_module=method,
+        )
+    )
     return rows
 
 

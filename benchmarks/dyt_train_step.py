@@ -100,13 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     r = train_step_times(args.model, args.img_size, args.batch_size, args.num_classes, args.repeats, args.device)
-    print(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.device}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.device}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print(f"  LinearProbe step:                    {r['linear_probe_s']:.3f} s")
-    print(f"  DyT step (full loss, two forwards):  {r['dyt_full_s']:.3f} s  "
-          f"({r['dyt_full_vs_linear_probe']:.2f}x LinearProbe)")
-    print(f"  DyT step (single forward):           {r['dyt_single_forward_s']:.3f} s  "
-          f"(full loss = {r['dyt_full_vs_single_forward']:.2f}x this)")
+    print(
+        f"  DyT step (full loss, two forwards):  {r['dyt_full_s']:.3f} s  "
+        f"({r['dyt_full_vs_linear_probe']:.2f}x LinearProbe)"
+    )
+    print(
+        f"  DyT step (single forward):           {r['dyt_single_forward_s']:.3f} s  "
+        f"(full loss = {r['dyt_full_vs_single_forward']:.2f}x this)"
+    )
     return 0
 
 

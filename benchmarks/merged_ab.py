@@ -21,21 +21,26 @@ name = "vit_base_patch16_224"
 base = timm.create_model(name, pretrained=False, num_classes=100).eval()
 rep = RepAdapter(num_classes=100, model_name=name, pretrained=False).eval()
 for p in rep.parameters():
-    if p.requires_grad: torch.nn.init.normal_(p, std=0.02)
+    if p.requires_grad:
+        torch.nn.init.normal_(p, std=0.02)
 m_rep = rep.merge().eval()
 arc = ARC(num_classes=100, model_name=name, pretrained=False).eval()
 for p in arc.parameters():
-    if p.requires_grad: torch.nn.init.normal_(p, std=0.02)
+    if p.requires_grad:
+        torch.nn.init.normal_(p, std=0.02)
 m_arc = arc.merge().eval()
 x = torch.randn(16, 3, 224, 224)
 mods = {"backbone": base, "repadapter merged": m_rep, "arc merged": m_arc}
 t = {k: [] for k in mods}
 with torch.inference_mode():
-    for m in mods.values(): m(x)
+    for m in mods.values():
+        m(x)
     for r in range(8):
         order = list(mods) if r % 2 == 0 else list(mods)[::-1]
         for k in order:
-            s = time.perf_counter(); mods[k](x); t[k].append(time.perf_counter() - s)
+            s = time.perf_counter()
+            mods[k](x)
+            t[k].append(time.perf_counter() - s)
 b = statistics.median(t["backbone"])
 for k, v in t.items():
-    print(f"{k:20s} {16/statistics.median(v):6.2f} img/s  x{b/statistics.median(v):.3f}")
+    print(f"{k:20s} {16 / statistics.median(v):6.2f} img/s  x{b / statistics.median(v):.3f}")

@@ -8,9 +8,9 @@ backbone's; its training step is the unmerged form's (training always runs unmer
 from __future__ import annotations
 
 import torch
+from benchmarks.common import Entry
 from torch import Tensor, nn
 
-from benchmarks.common import Entry
 from petl_lightning.methods.arc import ARC
 from petl_lightning.methods.base import PETLModule
 from petl_lightning.methods.repadapter import RepAdapter
@@ -38,8 +38,14 @@ def _pair(name: str, method: RepAdapter | ARC, notes: str) -> list[Entry]:
     merged = method.merge().eval().requires_grad_(False)
     return [
         Entry(f"{name} (unmerged)", unmerged, trainable, method.unmerged_flops() / 1e9, notes),
-        Entry(f"{name} (merged)", merged, trainable, method.inference_flops() / 1e9,
-              f"{notes}; plain timm ViT", train_module=unmerged),
+        Entry(
+            f"{name} (merged)",
+            merged,
+            trainable,
+            method.inference_flops() / 1e9,
+            f"{notes}; plain timm ViT",
+            train_module=unmerged,
+        ),
     ]
 
 

@@ -60,8 +60,13 @@ def fit_and_test(module: Any, datamodule: Any, max_epochs: int, seed: int = 0) -
 
     L.seed_everything(seed, verbose=False)
     trainer = L.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, datamodule)
     return float(trainer.test(module, datamodule, verbose=False)[0]["test/acc"])
@@ -75,8 +80,14 @@ def recipe_config(recipe: Path) -> dict[str, Any]:
     import yaml
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "petl_lightning", "fit", "-c", str(recipe), "--print_config"],
-                          cwd=recipe.parent.parent, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "petl_lightning", "fit", "-c", str(recipe), "--print_config"],
+        cwd=recipe.parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return yaml.safe_load(proc.stdout)
 
@@ -84,20 +95,33 @@ def recipe_config(recipe: Path) -> dict[str, Any]:
 # The short dtd10 budget of RepAdapter's and ARC's comparison with LinearProbe: the shared budget
 # (DTD10_BUDGET: 112 px, 5 epochs) costs about 15 CPU-minutes per method that back-propagates
 # through the backbone, so it keeps the task, weights and batch size but uses 56 px and 1 epoch.
-DTD10_SHORT: dict[str, Any] = {"img_size": 56, "max_epochs": 1, "lr": 1e-2, "warmup_epochs": 0,
-                               "scheduler_interval": "step"}
+DTD10_SHORT: dict[str, Any] = {
+    "img_size": 56,
+    "max_epochs": 1,
+    "lr": 1e-2,
+    "warmup_epochs": 0,
+    "scheduler_interval": "step",
+}
 
 
-def method_vs_linear_probe_dtd10(method_cls: Any, weights: Path, datamodule_factory: Any, **method_kwargs: Any) -> tuple[float, float]:
+def method_vs_linear_probe_dtd10(
+    method_cls: Any, weights: Path, datamodule_factory: Any, **method_kwargs: Any
+) -> tuple[float, float]:
     """Test accuracies (method, LinearProbe) on dtd10, both trained under :data:`DTD10_SHORT`."""
     from petl_lightning.methods.baselines import LinearProbe
 
     def make_dm() -> Any:
         return datamodule_factory(img_size=DTD10_SHORT["img_size"])
 
-    kwargs = dict(num_classes=make_dm().num_classes, model_name=DTD10_BUDGET["model_name"],
-                  checkpoint_path=str(weights), img_size=DTD10_SHORT["img_size"], lr=DTD10_SHORT["lr"],
-                  warmup_epochs=DTD10_SHORT["warmup_epochs"], scheduler_interval=DTD10_SHORT["scheduler_interval"])
+    kwargs = dict(
+        num_classes=make_dm().num_classes,
+        model_name=DTD10_BUDGET["model_name"],
+        checkpoint_path=str(weights),
+        img_size=DTD10_SHORT["img_size"],
+        lr=DTD10_SHORT["lr"],
+        warmup_epochs=DTD10_SHORT["warmup_epochs"],
+        scheduler_interval=DTD10_SHORT["scheduler_interval"],
+    )
     lp_acc = fit_and_test(LinearProbe(**kwargs), make_dm(), DTD10_SHORT["max_epochs"])
     acc = fit_and_test(method_cls(**kwargs, **method_kwargs), make_dm(), DTD10_SHORT["max_epochs"])
     return acc, lp_acc
@@ -109,8 +133,14 @@ def dtd10_datamodule_factory(dtd10_root: Path, dtd10_budget: dict[str, Any]):
     from petl_lightning.data.vtab import VTAB1kDataModule
 
     def make(**overrides: Any) -> VTAB1kDataModule:
-        kwargs = dict(root=str(dtd10_root), task=dtd10_budget["task"], img_size=dtd10_budget["img_size"],
-                      batch_size=dtd10_budget["batch_size"], num_workers=0, cache=True)
+        kwargs = dict(
+            root=str(dtd10_root),
+            task=dtd10_budget["task"],
+            img_size=dtd10_budget["img_size"],
+            batch_size=dtd10_budget["batch_size"],
+            num_workers=0,
+            cache=True,
+        )
         kwargs.update(overrides)
         return VTAB1kDataModule(**kwargs)
 
@@ -124,8 +154,12 @@ def linear_probe_dtd10(vits_weights: Path, dtd10_datamodule_factory, dtd10_budge
 
     dm = dtd10_datamodule_factory()
     model = LinearProbe(
-        num_classes=dm.num_classes, model_name=dtd10_budget["model_name"], checkpoint_path=str(vits_weights),
-        img_size=dtd10_budget["img_size"], lr=1e-2, warmup_epochs=1,
+        num_classes=dm.num_classes,
+        model_name=dtd10_budget["model_name"],
+        checkpoint_path=str(vits_weights),
+        img_size=dtd10_budget["img_size"],
+        lr=1e-2,
+        warmup_epochs=1,
     )
     acc = fit_and_test(model, dm, dtd10_budget["max_epochs"])
     return {"acc": acc, **dtd10_budget}

@@ -8,10 +8,10 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import method_vs_linear_probe_dtd10
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import method_vs_linear_probe_dtd10
 from petl_lightning.errors import PETLError
 from petl_lightning.layers.arc import ARCBasis, ARCLayer
 from petl_lightning.methods.arc import ARC
@@ -98,7 +98,8 @@ def test_every_arc_parameter_gets_gradient_and_changes() -> None:
     m = ARC(num_classes=4, lr=1e-2, weight_decay=0.0, warmup_epochs=0, **TINY)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     expected = {"basis_attn.weight", "basis_mlp.weight", "head.weight", "head.bias"} | {
-        f"blocks.{i}.{a}_adapter.{t}" for i in range(2) for a in ("attn", "mlp") for t in ("coeff", "bias")}
+        f"blocks.{i}.{a}_adapter.{t}" for i in range(2) for a in ("attn", "mlp") for t in ("coeff", "bias")
+    }
     assert trainable == expected
     initial = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
 
@@ -106,14 +107,22 @@ def test_every_arc_parameter_gets_gradient_and_changes() -> None:
 
     class Recorder(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-            nonzero_grads.append({n for n, p in pl_module.named_parameters()
-                                  if p.grad is not None and p.grad.abs().max() > 0})
+            nonzero_grads.append(
+                {n for n, p in pl_module.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+            )
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g))
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-                        callbacks=[Recorder()])
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        callbacks=[Recorder()],
+    )
     trainer.fit(m, DataLoader(data, batch_size=8))
     assert nonzero_grads[0] == {"head.weight", "head.bias"}
     assert nonzero_grads[1] == expected - {"basis_attn.weight"}

@@ -37,11 +37,12 @@ def google_npz(vit: torch.nn.Module, path: Path) -> None:
         out[p + "LayerNorm_2/scale"], out[p + "LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
         qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
         for j, name in enumerate(("query", "key", "value")):
-            w = qkv_w[j * dim:(j + 1) * dim]
+            w = qkv_w[j * dim : (j + 1) * dim]
             out[p + f"MultiHeadDotProductAttention_1/{name}/kernel"] = w.T.reshape(dim, heads, hd)
-            out[p + f"MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[j * dim:(j + 1) * dim].reshape(heads, hd)
+            out[p + f"MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[j * dim : (j + 1) * dim].reshape(heads, hd)
         out[p + "MultiHeadDotProductAttention_1/out/kernel"] = (
-            sd[b + "attn.proj.weight"].reshape(dim, heads, hd).transpose(1, 2, 0))
+            sd[b + "attn.proj.weight"].reshape(dim, heads, hd).transpose(1, 2, 0)
+        )
         out[p + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
         for j, fc in enumerate(("fc1", "fc2")):
             out[p + f"MlpBlock_3/Dense_{j}/kernel"] = sd[b + f"mlp.{fc}.weight"].T
@@ -90,8 +91,9 @@ def test_pieces_compose_to_timm_forward(reference, images) -> None:
 def test_real_vits_weights_resample_to_patch16(vits_weights: Path) -> None:
     """The shared DINOv2-layout ViT-S loads into patch-14 and, resampled, patch-16 models."""
     a = FrozenViT("vit_small_patch14_dinov2", checkpoint_path=str(vits_weights), img_size=56).eval()
-    b = FrozenViT("vit_small_patch16_224", checkpoint_path=str(vits_weights), img_size=64,
-                  model_kwargs={"init_values": 1.0}).eval()
+    b = FrozenViT(
+        "vit_small_patch16_224", checkpoint_path=str(vits_weights), img_size=64, model_kwargs={"init_values": 1.0}
+    ).eval()
     assert a.shape().patch_size == 14 and b.shape().patch_size == 16
     assert float(a.vit.blocks[0].ls1.gamma.abs().mean()) > 0  # LayerScale weights came from the file
     torch.testing.assert_close(a.vit.blocks[3].mlp.fc1.weight, b.vit.blocks[3].mlp.fc1.weight)

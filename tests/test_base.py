@@ -45,9 +45,16 @@ class TinyData(L.LightningDataModule):
 
 
 def trainer(tmp_path: Path, max_epochs: int, callbacks: list | None = None) -> L.Trainer:
-    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks or [],
-                     enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []))
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=callbacks or [],
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
+    )
 
 
 def test_warmup_cosine_shape() -> None:

@@ -31,8 +31,9 @@ from petl_lightning.stats import InferenceOutput, InferenceStats
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32,
-            model_kwargs={"depth": 3, "patch_size": 16})  # 3 blocks, 4 patches + CLS
+TINY = dict(
+    model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 3, "patch_size": 16}
+)  # 3 blocks, 4 patches + CLS
 K = 4
 N = 20
 
@@ -48,9 +49,17 @@ def loader(n: int = N, batch_size: int = 6, seed: int = 0) -> DataLoader:
 
 def trainer(tmp_path: Path, callbacks: list, logger: Any = None, **kw: Any) -> L.Trainer:
     kw.setdefault("max_epochs", 1)
-    return L.Trainer(accelerator="cpu", devices=1, logger=logger if logger is not None else False,
-                     callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                     enable_checkpointing=False, default_root_dir=tmp_path, **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
 
 
 class FakeDynamic(PETLModule):
@@ -133,8 +142,14 @@ def test_validation_epochs_do_not_accumulate(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = FakeDynamic(num_classes=K, **TINY)
     logger = CSVLogger(tmp_path, name="csv")
-    tr = trainer(tmp_path, [ExitRateLogger(charts=False), FlopsLogger()], logger=logger, max_epochs=3,
-                 limit_train_batches=1, num_sanity_val_steps=0)
+    tr = trainer(
+        tmp_path,
+        [ExitRateLogger(charts=False), FlopsLogger()],
+        logger=logger,
+        max_epochs=3,
+        limit_train_batches=1,
+        num_sanity_val_steps=0,
+    )
     tr.fit(model, loader(), loader(n=10, seed=2))
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/images")]
@@ -167,8 +182,7 @@ def test_dyn_adapter_shares_and_flops_match_its_forward(tmp_path: Path) -> None:
     from petl_lightning.methods.dyn_adapter import DynAdapter
 
     torch.manual_seed(0)
-    model = DynAdapter(num_classes=K, exits={"blocks": [1, 2], "hidden": [16, 0]}, calibration={"budget": None},
-                       **TINY)
+    model = DynAdapter(num_classes=K, exits={"blocks": [1, 2], "hidden": [16, 0]}, calibration={"budget": None}, **TINY)
     x, y = data()
     model.eval()
     with torch.no_grad():
@@ -181,7 +195,9 @@ def test_dyn_adapter_shares_and_flops_match_its_forward(tmp_path: Path) -> None:
     tr.test(model, loader(), verbose=False)
     m = metrics_of(tr)
     for k, d in enumerate(model.exit_depths):
-        assert m[f"test/exit_share/block{d:02d}"] == pytest.approx(float((ref.exit_index == k).double().mean()), abs=1e-6)
+        assert m[f"test/exit_share/block{d:02d}"] == pytest.approx(
+            float((ref.exit_index == k).double().mean()), abs=1e-6
+        )
     assert min(m["test/exit_share/block01"], m["test/exit_share/block02"]) > 0.2
     assert m["test/gflops_per_image"] == pytest.approx(float(ref.flops.mean()) / 1e9, rel=1e-6)
     assert m["test/flops_vs_full"] == pytest.approx(float(ref.flops.mean()) / model.full_flops(), rel=1e-6)
@@ -234,8 +250,14 @@ def test_throughput_monitor_logs_images_per_second(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = FakeDynamic(num_classes=K, **TINY)
     logger = CSVLogger(tmp_path, name="csv")
-    tr = trainer(tmp_path, [ImageThroughputMonitor(window_size=2)], logger=logger, max_epochs=1,
-                 log_every_n_steps=1, limit_val_batches=0)
+    tr = trainer(
+        tmp_path,
+        [ImageThroughputMonitor(window_size=2)],
+        logger=logger,
+        max_epochs=1,
+        log_every_n_steps=1,
+        limit_val_batches=0,
+    )
     tr.fit(model, loader(n=24, batch_size=4))
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/device/samples_per_sec")]
@@ -267,9 +289,15 @@ def test_images_in_batch_and_plot() -> None:
     assert images_in_batch({"image": x}) == 5 and images_in_batch(x) == 5
     with pytest.raises(TypeError):
         images_in_batch("not a batch")
-    stats = {"exit_share": torch.tensor([0.5, 0.25, 0.25]), "exit_acc": torch.tensor([0.9, float("nan"), 0.5]),
-             "exit_depths": torch.tensor([3.0, 6.0, 12.0]), "keep_rate_per_layer": torch.tensor([0.5] * 12),
-             "keep_rate": torch.tensor(0.5), "gflops": torch.tensor(8.0), "gflops_backbone": torch.tensor(17.58)}
+    stats = {
+        "exit_share": torch.tensor([0.5, 0.25, 0.25]),
+        "exit_acc": torch.tensor([0.9, float("nan"), 0.5]),
+        "exit_depths": torch.tensor([3.0, 6.0, 12.0]),
+        "keep_rate_per_layer": torch.tensor([0.5] * 12),
+        "keep_rate": torch.tensor(0.5),
+        "gflops": torch.tensor(8.0),
+        "gflops_backbone": torch.tensor(17.58),
+    }
     fig = inference_stats_figure(stats, "test")
     assert len(fig.axes) == 2
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["3", "6", "12"]

@@ -44,22 +44,49 @@ def test_print_config_shows_the_recipe() -> None:
 
 def test_missing_data_root_fails_cleanly_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = run("fit", "-c", "recipes/linear_probe.yaml", "--data.init_args.root", str(tmp_path / "nowhere"),
-               "--model.init_args.pretrained", "false", "--trainer.default_root_dir", str(out))
+    proc = run(
+        "fit",
+        "-c",
+        "recipes/linear_probe.yaml",
+        "--data.init_args.root",
+        str(tmp_path / "nowhere"),
+        "--model.init_args.pretrained",
+        "false",
+        "--trainer.default_root_dir",
+        str(out),
+    )
     assert_user_error(proc, r"error: VTAB-1K data root .* does not exist")
     assert not out.exists()
 
 
 def test_unknown_model_name_fails_cleanly(dtd10_root: Path) -> None:
-    proc = run("fit", "-c", "recipes/linear_probe.yaml", "--data.init_args.root", str(dtd10_root),
-               "--data.init_args.task", "dtd10", "--model.init_args.model_name", "vit_smal_patch16_224",
-               script="lightning")
+    proc = run(
+        "fit",
+        "-c",
+        "recipes/linear_probe.yaml",
+        "--data.init_args.root",
+        str(dtd10_root),
+        "--data.init_args.task",
+        "dtd10",
+        "--model.init_args.model_name",
+        "vit_smal_patch16_224",
+        script="lightning",
+    )
     assert_user_error(proc, r"Unknown timm model name 'vit_smal_patch16_224'.*vit_small_patch16_224")
 
 
 def test_offline_without_weights_says_how_to_pass_a_file(dtd10_root: Path, tmp_path: Path) -> None:
-    proc = run("fit", "-c", "recipes/linear_probe.yaml", "--data.init_args.root", str(dtd10_root),
-               "--data.init_args.task", "dtd10", "--trainer.default_root_dir", str(tmp_path / "run"))
+    proc = run(
+        "fit",
+        "-c",
+        "recipes/linear_probe.yaml",
+        "--data.init_args.root",
+        str(dtd10_root),
+        "--data.init_args.task",
+        "dtd10",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    )
     assert_user_error(proc, r"not in the local Hugging Face cache.*--model.checkpoint_path")
     assert not (tmp_path / "run").exists()
 
@@ -69,23 +96,49 @@ def test_lightning_script_hands_other_commands_on() -> None:
     assert proc.returncode != 0 and "not a petl_lightning command" in proc.stderr
 
 
-def test_linear_probe_on_dtd10_through_the_lightning_script(dtd10_root: Path, vits_weights: Path,
-                                                            tmp_path: Path) -> None:
+def test_linear_probe_on_dtd10_through_the_lightning_script(
+    dtd10_root: Path, vits_weights: Path, tmp_path: Path
+) -> None:
     """The acceptance run: fit, then test and validate from the small adapter-only checkpoint."""
     out = tmp_path / "lp"
-    common = ["--model.init_args.model_name", "vit_small_patch14_dinov2",
-              "--model.init_args.checkpoint_path", str(vits_weights), "--model.init_args.img_size", "112",
-              "--data.init_args.root", str(dtd10_root), "--data.init_args.task", "dtd10",
-              "--data.init_args.img_size", "112", "--data.init_args.num_workers", "0",
-              "--data.init_args.cache", "true", "--trainer.enable_progress_bar", "false"]
-    fit = run("fit", "-c", "recipes/linear_probe.yaml", *common, "--trainer.max_epochs", "20",
-              "--model.init_args.warmup_epochs", "1", "--trainer.default_root_dir", str(out), script="lightning")
+    common = [
+        "--model.init_args.model_name",
+        "vit_small_patch14_dinov2",
+        "--model.init_args.checkpoint_path",
+        str(vits_weights),
+        "--model.init_args.img_size",
+        "112",
+        "--data.init_args.root",
+        str(dtd10_root),
+        "--data.init_args.task",
+        "dtd10",
+        "--data.init_args.img_size",
+        "112",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.cache",
+        "true",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    fit = run(
+        "fit",
+        "-c",
+        "recipes/linear_probe.yaml",
+        *common,
+        "--trainer.max_epochs",
+        "20",
+        "--model.init_args.warmup_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(out),
+        script="lightning",
+    )
     assert fit.returncode == 0, fit.stderr[-4000:]
     ckpts = list(out.rglob("*.ckpt"))
     assert len(ckpts) == 1 and ckpts[0].stat().st_size < 1_000_000
     config = next(out.rglob("config.yaml"))
-    test = run("test", "-c", str(config), "--ckpt_path", str(ckpts[0]), "--trainer.logger", "false",
-               script="lightning")
+    test = run("test", "-c", str(config), "--ckpt_path", str(ckpts[0]), "--trainer.logger", "false", script="lightning")
     assert test.returncode == 0, test.stderr[-4000:]
     acc = metric(test.stdout, "test/acc")
     print(f"LinearProbe dtd10 test accuracy: {acc:.4f}, checkpoint {ckpts[0].stat().st_size} bytes")
@@ -99,8 +152,19 @@ def test_linear_probe_on_dtd10_through_the_lightning_script(dtd10_root: Path, vi
     assert_user_error(bad, r"not a Lightning checkpoint|holds no 'state_dict'")
     missing = run("validate", "-c", str(config), "--ckpt_path", str(tmp_path / "none.ckpt"))
     assert_user_error(missing, r"Checkpoint not found")
-    other = run("validate", "-c", str(config), "--ckpt_path", str(ckpts[0]), "--model.init_args.num_classes", "12",
-                "--data.init_args.num_classes", "12", "--trainer.logger", "false")
+    other = run(
+        "validate",
+        "-c",
+        str(config),
+        "--ckpt_path",
+        str(ckpts[0]),
+        "--model.init_args.num_classes",
+        "12",
+        "--data.init_args.num_classes",
+        "12",
+        "--trainer.logger",
+        "false",
+    )
     assert_user_error(other, r"num_classes 10 \(checkpoint\) vs 12 \(this run\)")
 
 
@@ -109,16 +173,36 @@ def test_model_follows_the_data_image_size(dtd10_root: Path) -> None:
     start in Lightning's hparams merge: model img_size None vs data 64)."""
     from petl_lightning.cli import PETLCLI
 
-    cli = PETLCLI(args=["-c", str(ROOT / "recipes" / "dyt.yaml"), f"--data.init_args.root={dtd10_root}",
-                        "--data.init_args.task=dtd10", "--data.init_args.img_size=64",
-                        "--model.init_args.model_name=vit_tiny_patch16_224", "--model.init_args.pretrained=false"],
-                  run=False)
+    cli = PETLCLI(
+        args=[
+            "-c",
+            str(ROOT / "recipes" / "dyt.yaml"),
+            f"--data.init_args.root={dtd10_root}",
+            "--data.init_args.task=dtd10",
+            "--data.init_args.img_size=64",
+            "--model.init_args.model_name=vit_tiny_patch16_224",
+            "--model.init_args.pretrained=false",
+        ],
+        run=False,
+    )
     assert cli.model.hparams.img_size == 64 == cli.datamodule.hparams.img_size
     assert cli.model.vit.shape().num_patches == (64 // 16) ** 2
 
 
 def test_conflicting_image_sizes_fail_cleanly(dtd10_root: Path) -> None:
-    proc = run("fit", "-c", "recipes/linear_probe.yaml", "--data.init_args.root", str(dtd10_root),
-               "--data.init_args.task", "dtd10", "--model.init_args.pretrained", "false",
-               "--model.init_args.img_size", "32", "--data.init_args.img_size", "48")
+    proc = run(
+        "fit",
+        "-c",
+        "recipes/linear_probe.yaml",
+        "--data.init_args.root",
+        str(dtd10_root),
+        "--data.init_args.task",
+        "dtd10",
+        "--model.init_args.pretrained",
+        "false",
+        "--model.init_args.img_size",
+        "32",
+        "--data.init_args.img_size",
+        "48",
+    )
     assert_user_error(proc, r"--model.init_args.img_size=32 but --data.init_args.img_size=48")

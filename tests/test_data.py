@@ -10,14 +10,20 @@ import torch
 from PIL import Image
 
 from petl_lightning.data.vtab import (
-    IMAGENET_MEAN, IMAGENET_STD, VTAB_TASKS, EpochShuffleSampler, VTAB1kDataModule, resolve_normalization,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VTAB_TASKS,
+    EpochShuffleSampler,
+    VTAB1kDataModule,
+    resolve_normalization,
     tasks_in_group,
 )
 from petl_lightning.errors import DataError
 
 
-def make_task(root: Path, task: str = "dtd", classes: int = 3, per_split: int = 4, size: int = 20,
-              classes_txt: bool = False) -> Path:
+def make_task(
+    root: Path, task: str = "dtd", classes: int = 3, per_split: int = 4, size: int = 20, classes_txt: bool = False
+) -> Path:
     """A small task folder in the VTAB-1K layout with random RGB images."""
     rng = np.random.default_rng(0)
     task_dir = root / task
@@ -81,11 +87,13 @@ def test_normalization_comes_from_the_backbone_cfg(tmp_path: Path) -> None:
             resolve_normalization(bad, None)
     task_dir = make_task(tmp_path, "dtd", size=20)
     Image.new("RGB", (20, 20), (255, 0, 0)).save(task_dir / "images/test_0.jpg")
-    dm = VTAB1kDataModule(str(tmp_path), "dtd", img_size=32, num_workers=0,
-                          backbone_name="vit_base_patch16_224.orig_in21k")
+    dm = VTAB1kDataModule(
+        str(tmp_path), "dtd", img_size=32, num_workers=0, backbone_name="vit_base_patch16_224.orig_in21k"
+    )
     assert (dm.mean, dm.std) == half
-    torch.testing.assert_close(dm.dataset("test")[0][0].mean(dim=(1, 2)), torch.tensor([1.0, -1.0, -1.0]),
-                               atol=0.05, rtol=0)
+    torch.testing.assert_close(
+        dm.dataset("test")[0][0].mean(dim=(1, 2)), torch.tensor([1.0, -1.0, -1.0]), atol=0.05, rtol=0
+    )
 
 
 def test_cli_links_the_models_backbone_into_the_normalisation(tmp_path: Path) -> None:
@@ -93,8 +101,13 @@ def test_cli_links_the_models_backbone_into_the_normalisation(tmp_path: Path) ->
 
     make_task(tmp_path, "digits", classes=10, classes_txt=True)
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"  # vit_tiny_patch16_224: cfg 0.5/0.5
-    args = ["-c", str(recipe), f"--data.init_args.root={tmp_path}", "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path / 'runs'}"]
+    args = [
+        "-c",
+        str(recipe),
+        f"--data.init_args.root={tmp_path}",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+    ]
     cli = PETLCLI(args=args, run=False)
     assert cli.datamodule.hparams.backbone_name == "vit_tiny_patch16_224"
     assert (cli.datamodule.mean, cli.datamodule.std) == ((0.5,) * 3, (0.5,) * 3)

@@ -25,8 +25,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32,
-            model_kwargs={"depth": 3, "patch_size": 8})
+TINY = dict(
+    model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 3, "patch_size": 8}
+)
 NUM_CLASSES = 4
 # Evaluation-set sizes: a multiple of the world size (exact), and an odd one (DistributedSampler
 # pads one repeated image, which the statistics then count; see the docs).
@@ -66,9 +67,16 @@ def run_case(case: str, devices: int, strategy: str = "auto") -> dict[str, Any]:
 
     x, y = eval_data(N_ODD if case.endswith("odd") else N_EVEN)
     exits, flops = ExitRateLogger(charts=False, per_block=True), FlopsLogger()
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
-                        callbacks=[exits, flops], enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        callbacks=[exits, flops],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.test(build(case), DataLoader(TensorDataset(x, y), batch_size=4), verbose=False)
     return {
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
@@ -92,10 +100,23 @@ def _close(a: float, b: float) -> bool:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("ddp") / "ddp.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), str(out)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).resolve()),
+        str(out),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     elapsed = time.perf_counter() - t0
@@ -125,7 +146,9 @@ def test_ddp_metrics_equal_single_process(ddp_results: dict[str, Any], case: str
         assert min(shares[:2]) > 0.2, f"median thresholds should send images out early: {shares}"
         assert m["test/flops_vs_backbone"] < 1.0
         # The accuracy equals the exit-weighted accuracy of the images that left at each exit.
-        weighted = sum(m[f"test/exit_share/block{d:02d}"] * m.get(f"test/exit_acc/block{d:02d}", 0.0) for d in (1, 2, 3))
+        weighted = sum(
+            m[f"test/exit_share/block{d:02d}"] * m.get(f"test/exit_acc/block{d:02d}", 0.0) for d in (1, 2, 3)
+        )
         assert math.isclose(weighted, m["test/acc"], abs_tol=1e-6)
     else:
         assert 0.0 < m["test/keep_rate"] < 1.0

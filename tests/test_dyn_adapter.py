@@ -10,9 +10,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import timm
 import torch
 from lightning.pytorch.loggers import Logger
-import timm
 from timm.models.vision_transformer import Block
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -53,9 +53,17 @@ def tiny(base: str = "repadapter", **kw) -> DynAdapter:
     """A 4-block random ViT-Tiny at 32 px with exits after blocks 1, 2, 3, whose PETL modules and
     heads are randomised (a fresh model's adapters are the identity and its heads near-uniform)."""
     torch.manual_seed(0)
-    args = dict(base=base, num_classes=K, model_name="vit_tiny_patch16_224", pretrained=False, img_size=32,
-                model_kwargs={"depth": 4}, exits={"blocks": [1, 2, 3]}, calibration={"budget": None},
-                adapter_dim=16 if base == "arc" else None)
+    args = dict(
+        base=base,
+        num_classes=K,
+        model_name="vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        model_kwargs={"depth": 4},
+        exits={"blocks": [1, 2, 3]},
+        calibration={"budget": None},
+        adapter_dim=16 if base == "arc" else None,
+    )
     args.update(kw)
     m = DynAdapter(**args)
     with torch.no_grad():
@@ -114,8 +122,12 @@ def test_batched_dynamic_path_equals_per_image_loop(base: str, conf: str) -> Non
     mixed = mixed_thresholds(m, x)
     skip_middle = mixed.clone()
     skip_middle[1] = math.inf  # exit 2 takes no image, so its head is not even evaluated
-    settings = {"mixed": mixed, "skip a head": skip_middle, "all_early": torch.zeros(3),
-                "none_early": torch.full((3,), math.inf)}
+    settings = {
+        "mixed": mixed,
+        "skip a head": skip_middle,
+        "all_early": torch.zeros(3),
+        "none_early": torch.full((3,), math.inf),
+    }
     with torch.no_grad():
         for name, thr in settings.items():
             m.thresholds.copy_(thr)
@@ -234,8 +246,14 @@ def test_fresh_petl_is_identity_and_heads_are_balanced() -> None:
     """Untrained adapter/LoRA/RepAdapter bases leave the backbone unchanged; head widths fall with depth."""
     from petl_lightning.backbone import FrozenViT
 
-    kw = dict(num_classes=K, model_name="vit_tiny_patch16_224", pretrained=False, img_size=32,
-              model_kwargs={"depth": 4}, exits={"blocks": [1, 2, 3]})
+    kw = dict(
+        num_classes=K,
+        model_name="vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        model_kwargs={"depth": 4},
+        exits={"blocks": [1, 2, 3]},
+    )
     x = torch.randn(2, 3, 32, 32)
     for base in ("adapter", "lora", "repadapter"):
         torch.manual_seed(0)
@@ -285,14 +303,19 @@ def test_exit_grad_scale_scales_or_stops_the_early_exit_gradient() -> None:
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, K, (4,))
     grads = {}
     for scale in (1.0, 0.5, 0.0):
-        m = tiny(exits={"blocks": [1, 2, 3], "grad_scale": scale, "dropout": 0.0},
-                 sparsity={"adapter_dropout": [0.0, 0.0]}).train()
+        m = tiny(
+            exits={"blocks": [1, 2, 3], "grad_scale": scale, "dropout": 0.0}, sparsity={"adapter_dropout": [0.0, 0.0]}
+        ).train()
         torch.nn.functional.cross_entropy(m.forward_exits(x)[1], y).backward()  # exit after block 2 only
-        grads[scale] = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                        for n, p in m.named_parameters() if p.requires_grad}
+        grads[scale] = {
+            n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for n, p in m.named_parameters()
+            if p.requires_grad
+        }
     below = [n for n in grads[1.0] if n.startswith(("blocks.0.", "blocks.1."))]
-    above = [n for n in grads[1.0]
-             if n.startswith(("blocks.2.", "blocks.3.", "head.", "exit_heads.0.", "exit_heads.2."))]
+    above = [
+        n for n in grads[1.0] if n.startswith(("blocks.2.", "blocks.3.", "head.", "exit_heads.0.", "exit_heads.2."))
+    ]
     assert sum(grads[1.0][n].abs().sum() for n in below) > 0
     for n in below:
         torch.testing.assert_close(grads[0.5][n], 0.5 * grads[1.0][n])
@@ -318,8 +341,9 @@ def test_adapter_dropout_falls_with_depth_and_only_acts_in_training() -> None:
 
 def _loader(n: int = 32, bs: int = 16, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, K, (n,), generator=g)),
-                      batch_size=bs)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, K, (n,), generator=g)), batch_size=bs
+    )
 
 
 def test_gradient_mask_gradient_mode() -> None:
@@ -340,12 +364,22 @@ def test_gradient_mask_gradient_mode() -> None:
 def test_gradient_mask_update_mode_in_a_real_step() -> None:
     """With keep=0.3 about 30% of the PETL entries move in a step; heads all move; keep=1 moves all."""
     for keep in (0.3, 1.0):
-        m = tiny(sparsity={"grad_keep": keep, "grad_mask_mode": "update", "adapter_dropout": [0.0, 0.0]}, lr=1e-2,
-                 warmup_epochs=0).train()
+        m = tiny(
+            sparsity={"grad_keep": keep, "grad_mask_mode": "update", "adapter_dropout": [0.0, 0.0]},
+            lr=1e-2,
+            warmup_epochs=0,
+        ).train()
         before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
         L.seed_everything(0)
-        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer = L.Trainer(
+            max_steps=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         trainer.fit(m, _loader())
         petl_ids = {id(p) for p in m.adapter_parameters()}
         moved = {n: (p.detach() != before[n]) for n, p in m.named_parameters() if p.requires_grad}
@@ -391,8 +425,9 @@ def test_search_thresholds_matches_brute_force() -> None:
 def test_heads_are_paid_only_where_they_can_take_images() -> None:
     """Cost of leaving at exit k: its depth, its own head, and the earlier heads with a finite
     threshold; "everything at exit k" therefore costs exactly the model truncated after exit k."""
-    costs = ExitCosts(torch.tensor([10.0, 20.0, 30.0, 40.0], dtype=torch.float64),
-                      torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    costs = ExitCosts(
+        torch.tensor([10.0, 20.0, 30.0, 40.0], dtype=torch.float64), torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    )
     inf = math.inf
     got = costs.of(torch.tensor([[0.5, inf, 0.5], [inf, inf, inf], [inf, -inf, inf]]))
     assert got.tolist() == [[11, 23, 35, 45], [11, 22, 34, 40], [11, 22, 36, 42]]
@@ -485,9 +520,16 @@ def test_every_validation_epoch_calibrates_and_fit_draws_the_curve(tmp_path: Pat
     from petl_lightning.callbacks import ExitRateLogger, FlopsLogger, PETLCheckpoint
 
     calib, flops = ExitCalibration(), FlopsLogger()
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=logger, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                        callbacks=[calib, ExitRateLogger(charts=False), flops, PETLCheckpoint()])
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        callbacks=[calib, ExitRateLogger(charts=False), flops, PETLCheckpoint()],
+    )
     trainer.fit(m, datamodule=_RandomData())
     res = m.calibration_result
     assert res is not None and res["budget"] == 0.6 and res["step"] == trainer.global_step
@@ -503,16 +545,22 @@ def test_every_validation_epoch_calibrates_and_fit_draws_the_curve(tmp_path: Pat
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["petl"]["calibration"]["thresholds"] == pytest.approx(m.thresholds.tolist())
     with pytest.raises(ConfigError, match="must come before"):
-        L.Trainer(callbacks=[ExitRateLogger(), ExitCalibration()], logger=False, max_steps=1,
-                  enable_progress_bar=False).fit(tiny(calibration={"budget": 0.6}), datamodule=_RandomData())
+        L.Trainer(
+            callbacks=[ExitRateLogger(), ExitCalibration()], logger=False, max_steps=1, enable_progress_bar=False
+        ).fit(tiny(calibration={"budget": 0.6}), datamodule=_RandomData())
 
 
 def test_test_calibrates_on_the_held_out_split_first() -> None:
     """``trainer.test`` of an uncalibrated model calibrates on the DataModule's validation split
     before testing; with no held-out split it warns and keeps +inf."""
     m = tiny(calibration={"budget": 0.5})
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[ExitCalibration()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ExitCalibration()],
+    )
     trainer.test(m, datamodule=_RandomData(), verbose=False)
     assert m.calibrated and m.calibration_result["flops_ratio"] <= 0.5
     assert torch.isfinite(m.thresholds).any() and m.inference_stats()["images"].item() == 32
@@ -526,8 +574,9 @@ def test_test_calibrates_on_the_held_out_split_first() -> None:
 def test_thresholds_survive_a_checkpoint(tmp_path: Path) -> None:
     m = tiny()
     m.calibrate(_loader(), 0.5)
-    trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=0, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.strategy.connect(m)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     state = torch.load(tmp_path / "m.ckpt", weights_only=True)["state_dict"]
@@ -540,8 +589,9 @@ def test_thresholds_survive_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_raise_clear_errors() -> None:
-    common = dict(num_classes=K, model_name="vit_tiny_patch16_224", pretrained=False, img_size=32,
-                  model_kwargs={"depth": 4})
+    common = dict(
+        num_classes=K, model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 4}
+    )
     for bad, match in [
         (dict(exits={"blocks": [2, 1]}), "exits.blocks"),
         (dict(exits={"blocks": [4]}), "exits.blocks"),
@@ -581,8 +631,9 @@ def test_recipe_parses_and_builds() -> None:
 # Real data
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_real_dtd10_every_exit_reported_and_half_budget_keeps_accuracy(vits_weights: Path, dtd10_root: Path,
-                                                                       tmp_path: Path) -> None:
+def test_real_dtd10_every_exit_reported_and_half_budget_keeps_accuracy(
+    vits_weights: Path, dtd10_root: Path, tmp_path: Path
+) -> None:
     """ViT-S (real weights) on dtd10 at 84 px, 3 epochs on train800; at the end of fit the thresholds
     are calibrated on val200 for half the full model's FLOPs. On test: every exit's accuracy is
     logged, early exit stays within 3 points of the final head alone and executes <= 0.55 of its
@@ -591,14 +642,30 @@ def test_real_dtd10_every_exit_reported_and_half_budget_keeps_accuracy(vits_weig
     from petl_lightning.data.vtab import VTAB1kDataModule
 
     L.seed_everything(0, verbose=False)
-    dm = VTAB1kDataModule(str(dtd10_root), "dtd10", protocol="train_val", img_size=84, batch_size=32,
-                          num_workers=0, cache=True)
-    m = DynAdapter(num_classes=dm.num_classes, model_name="vit_small_patch14_dinov2",
-                   checkpoint_path=str(vits_weights), img_size=84, lr=3e-3, warmup_epochs=1,
-                   calibration={"budget": 0.5})
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        check_val_every_n_epoch=100, default_root_dir=tmp_path, callbacks=[ExitCalibration()])
+    dm = VTAB1kDataModule(
+        str(dtd10_root), "dtd10", protocol="train_val", img_size=84, batch_size=32, num_workers=0, cache=True
+    )
+    m = DynAdapter(
+        num_classes=dm.num_classes,
+        model_name="vit_small_patch14_dinov2",
+        checkpoint_path=str(vits_weights),
+        img_size=84,
+        lr=3e-3,
+        warmup_epochs=1,
+        calibration={"budget": 0.5},
+    )
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=100,
+        default_root_dir=tmp_path,
+        callbacks=[ExitCalibration()],
+    )
     trainer.fit(m, dm)
     calib = m.calibration_result
     assert calib is not None and m.calibrated and calib["flops_ratio"] <= 0.5
@@ -606,10 +673,12 @@ def test_real_dtd10_every_exit_reported_and_half_budget_keeps_accuracy(vits_weig
     metrics = trainer.test(m, dm, verbose=False)[0]
     stats = m.inference_stats()
     exit_acc = {d: metrics[f"test/acc_exit{d}"] for d in m.exit_depths}
-    print(f"\ndtd10 test: exit acc {exit_acc}; dynamic acc {metrics['test/acc']:.4f} at "
-          f"{float(stats['flops_ratio']):.3f} of the full FLOPs ({float(stats['gflops']):.4f} of "
-          f"{float(stats['gflops_full']):.4f} GFLOPs); exit shares {stats['exit_share'].tolist()}; "
-          f"val200 calibration {calib}")
+    print(
+        f"\ndtd10 test: exit acc {exit_acc}; dynamic acc {metrics['test/acc']:.4f} at "
+        f"{float(stats['flops_ratio']):.3f} of the full FLOPs ({float(stats['gflops']):.4f} of "
+        f"{float(stats['gflops_full']):.4f} GFLOPs); exit shares {stats['exit_share'].tolist()}; "
+        f"val200 calibration {calib}"
+    )
     assert stats["images"].item() == 200 and all(a > 0.3 for a in exit_acc.values())  # chance is 0.1
     assert metrics["test/acc"] >= exit_acc[m.exit_depths[-1]] - 0.03
     assert float(stats["flops_ratio"]) <= 0.55

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import recipe_config
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import recipe_config
 from petl_lightning.errors import PETLError
 from petl_lightning.flops import mlp_flops, vit_flops
 from petl_lightning.layers.adapter import Adapter, MoEAdapter
@@ -120,8 +120,11 @@ def test_executed_flops_equal_flop_counter_and_show_the_saving(placement: str) -
         # FlopCounterMode: 2 per multiply-add, no LayerNorm
         assert counted[mode] == 2 * int(m.executed_flops(kept[mode], mode == "gather", norm=False).sum()), mode
     s = m.vit.shape()
-    extra = sum(7 * (d.flops(s.num_tokens) + a.flops(s.num_tokens))
-                for blk in m.blocks for d, a in zip(blk.dispatchers.values(), blk.adapters.values()))
+    extra = sum(
+        7 * (d.flops(s.num_tokens) + a.flops(s.num_tokens))
+        for blk in m.blocks
+        for d, a in zip(blk.dispatchers.values(), blk.adapters.values())
+    )
     # masking alone executes the whole backbone (plus dispatchers and adapters)
     assert counted["mask"] == 2 * (7 * vit_flops(s, 5, norm=False) + extra)
     # about half the patch tokens skip; attention dispatch still projects K/V of every token
@@ -143,8 +146,10 @@ def test_inference_stats_keep_rates_and_gflops() -> None:
             masks_all.append(masks)
             for i in range(x.shape[0]):  # per image, from the closed form
                 kept = [int(mk.sum()) + s.num_prefix_tokens for mk in masks[i]]
-                extra = sum(blk.dispatchers["mlp"].flops(s.num_tokens) + blk.adapters["mlp"].flops(s.num_tokens)
-                            for blk in m.blocks)
+                extra = sum(
+                    blk.dispatchers["mlp"].flops(s.num_tokens) + blk.adapters["mlp"].flops(s.num_tokens)
+                    for blk in m.blocks
+                )
                 per_image_flops.append(vit_flops(s, 5, mlp_tokens=kept, extra=extra))
     stats = m.inference_stats()
     masks = torch.cat(masks_all).double()
@@ -185,7 +190,8 @@ def test_calibrated_threshold_hits_the_rate_on_the_data() -> None:
     assert m.inference_stats()["keep_rate"].item() == pytest.approx(0.25, abs=0.03) == res["keep_rate"]
     state = m.state_dict()  # the calibrated threshold travels with the checkpoint
     assert state["blocks.0.dispatchers.mlp.logit_threshold"].item() == pytest.approx(
-        torch.logit(torch.tensor(res["threshold"])).item(), abs=1e-4)
+        torch.logit(torch.tensor(res["threshold"])).item(), abs=1e-4
+    )
 
 
 # -- training: the mask, the loss ------------------------------------------------------------------
@@ -223,7 +229,8 @@ def test_training_loss_terms_weights_and_switches() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert terms["loss_rate"].item() == pytest.approx((terms["keep_rate"].item() - 0.3) ** 2, rel=1e-5)
     assert terms["loss_distill"].item() > 0 and terms["loss_cls"].item() == pytest.approx(
-        F.cross_entropy(logits, y).item(), rel=1e-6)
+        F.cross_entropy(logits, y).item(), rel=1e-6
+    )
     loss.backward()
     for blk in m.blocks:  # gradients reach every dispatcher (through the straight-through mask)
         assert blk.dispatchers["mlp"].proj.weight.grad.abs().sum() > 0
@@ -308,7 +315,9 @@ def test_dispatcher_init_std() -> None:
     m = DyT(num_classes=5, dispatcher_init_std=0.5, **TINY)
     w = torch.cat([d.proj.weight.flatten() for blk in m.blocks for d in blk.dispatchers.values()])
     assert 0.4 < w.std().item() < 0.6
-    w = torch.cat([d.proj.weight.flatten() for blk in DyT(num_classes=5, **TINY).blocks for d in blk.dispatchers.values()])
+    w = torch.cat(
+        [d.proj.weight.flatten() for blk in DyT(num_classes=5, **TINY).blocks for d in blk.dispatchers.values()]
+    )
     assert 0.015 < w.std().item() < 0.025
 
 
@@ -375,19 +384,29 @@ DTD10_SHORT = dict(img_size=56, max_epochs=5, lr=1e-2, warmup_epochs=0.3, schedu
 DYT_SHORT = dict(target_rate=0.5, adapter_scale=0.1, dispatcher_init_std=1.0, w_rate=50.0)
 
 
-def test_dtd10_half_the_tokens_stays_level_with_linear_probe(vits_weights, dtd10_datamodule_factory, fit_and_test) -> None:
+def test_dtd10_half_the_tokens_stays_level_with_linear_probe(
+    vits_weights, dtd10_datamodule_factory, fit_and_test
+) -> None:
     dm = dtd10_datamodule_factory(img_size=DTD10_SHORT["img_size"])
-    common = dict(num_classes=dm.num_classes, model_name="vit_small_patch14_dinov2",
-                  checkpoint_path=str(vits_weights), img_size=DTD10_SHORT["img_size"], lr=DTD10_SHORT["lr"],
-                  warmup_epochs=DTD10_SHORT["warmup_epochs"], scheduler_interval=DTD10_SHORT["scheduler_interval"])
+    common = dict(
+        num_classes=dm.num_classes,
+        model_name="vit_small_patch14_dinov2",
+        checkpoint_path=str(vits_weights),
+        img_size=DTD10_SHORT["img_size"],
+        lr=DTD10_SHORT["lr"],
+        warmup_epochs=DTD10_SHORT["warmup_epochs"],
+        scheduler_interval=DTD10_SHORT["scheduler_interval"],
+    )
     lp_acc = fit_and_test(LinearProbe(**common), dm, DTD10_SHORT["max_epochs"])
     model = DyT(**DYT_SHORT, **common)
     acc = fit_and_test(model, dm, DTD10_SHORT["max_epochs"])
     stats = model.inference_stats()  # the test set only (no validation during fit)
     ratio = stats["gflops"].item() / stats["gflops_backbone"].item()
-    print(f"\nDTD-10 @56px, {DTD10_SHORT['max_epochs']} epochs: DyT r=0.5 acc {acc:.4f} vs LinearProbe {lp_acc:.4f}; test keep rate "
-          f"{stats['keep_rate'].item():.3f} (per layer {[round(v, 2) for v in stats['keep_rate_per_layer'].tolist()]}); "
-          f"executed GFLOPs {stats['gflops'].item():.4f} = {ratio:.3f} x backbone")
+    print(
+        f"\nDTD-10 @56px, {DTD10_SHORT['max_epochs']} epochs: DyT r=0.5 acc {acc:.4f} vs LinearProbe {lp_acc:.4f}; test keep rate "
+        f"{stats['keep_rate'].item():.3f} (per layer {[round(v, 2) for v in stats['keep_rate_per_layer'].tolist()]}); "
+        f"executed GFLOPs {stats['gflops'].item():.4f} = {ratio:.3f} x backbone"
+    )
     assert stats["images"].item() == 200
     assert acc >= lp_acc - 0.05  # level with the probe (see above); adapter_scale=1.0 gave 0.49 here
     assert abs(stats["keep_rate"].item() - 0.5) <= 0.1

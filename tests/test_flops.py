@@ -9,8 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from petl_lightning.backbone import FrozenViT, ViTShape
 from petl_lightning.flops import block_flops, non_block_flops, vit_flops
 
-VIT_B = ViTShape(dim=768, depth=12, num_heads=12, mlp_hidden=3072, num_patches=196, num_prefix_tokens=1,
-                 patch_size=16)
+VIT_B = ViTShape(dim=768, depth=12, num_heads=12, mlp_hidden=3072, num_patches=196, num_prefix_tokens=1, patch_size=16)
 
 
 def test_vit_b16_matches_the_papers_convention() -> None:

@@ -27,8 +27,13 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore",
-       "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "PYTHONWARNINGS": "ignore",
+    "OMP_NUM_THREADS": "1",
+}
 METHODS = ("linear_probe", "repadapter", "arc", "dyt", "dyn_adapter")
 EPOCHS = 3
 
@@ -55,11 +60,11 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def cli(*args: str, cwd: Path, script: str = "petl-lightning", timeout: int = 600,
-        check: bool = True) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path, script: str = "petl-lightning", timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([str(BIN / script), *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([str(BIN / script), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -67,19 +72,47 @@ def cli(*args: str, cwd: Path, script: str = "petl-lightning", timeout: int = 60
 
 def method_args(method: str, weights: Path, root: Path, run_dir: Path, epochs: int = EPOCHS) -> list[str]:
     """The method's recipe, shrunk to the tiny ViT and the digits task."""
-    args = ["-c", str(RECIPES / f"{method}.yaml"),
-            "--model.init_args.model_name", "vit_tiny_patch16_224",
-            "--model.init_args.checkpoint_path", str(weights),
-            "--model.init_args.model_kwargs", "{depth: 4}",
-            "--model.init_args.warmup_epochs", "1",
-            "--data.init_args.root", str(root), "--data.init_args.task", "digits",
-            "--data.init_args.img_size", "32", "--data.init_args.batch_size", "50",
-            "--data.init_args.eval_batch_size", "100", "--data.init_args.num_workers", "0",
-            "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run_dir)]
+    args = [
+        "-c",
+        str(RECIPES / f"{method}.yaml"),
+        "--model.init_args.model_name",
+        "vit_tiny_patch16_224",
+        "--model.init_args.checkpoint_path",
+        str(weights),
+        "--model.init_args.model_kwargs",
+        "{depth: 4}",
+        "--model.init_args.warmup_epochs",
+        "1",
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.task",
+        "digits",
+        "--data.init_args.img_size",
+        "32",
+        "--data.init_args.batch_size",
+        "50",
+        "--data.init_args.eval_batch_size",
+        "100",
+        "--data.init_args.num_workers",
+        "0",
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(run_dir),
+    ]
     if method == "dyn_adapter":
-        args += ["--model.init_args.exits.blocks", "[1, 2, 3]", "--trainer.check_val_every_n_epoch", "1",
-                 "--data.init_args.protocol", "train_val"]
+        args += [
+            "--model.init_args.exits.blocks",
+            "[1, 2, 3]",
+            "--trainer.check_val_every_n_epoch",
+            "1",
+            "--data.init_args.protocol",
+            "train_val",
+        ]
     if method == "linear_probe":
         args += ["--model.init_args.cache_features", "false"]
     return args
@@ -103,8 +136,14 @@ def fit_interrupted(args: list[str], run_dir: Path, cwd: Path) -> int:
     """Start ``fit``, press Ctrl-C (SIGINT) once the first epoch's checkpoint exists, wait for exit;
     the global step of the checkpoint it left."""
     cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([str(BIN / "petl-lightning"), "fit", *args], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "petl-lightning"), "fit", *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not last_ckpt(run_dir).is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -153,8 +192,11 @@ def test_interrupt_and_resume_is_exact(method: str, lifecycle: Any) -> None:
     assert 0 < runs["interrupted_at"] < EPOCHS * steps  # the interrupt came mid-fit: the resume trained on
     a, b = trainable_state(last_ckpt(runs["straight"])), trainable_state(last_ckpt(runs["killed"]))
     assert a.keys() == b.keys()
-    worst = max(float(torch.where(a[k] == b[k], 0.0, (a[k].double() - b[k].double()).abs()).max())
-                for k in a if a[k].is_floating_point())  # == first: equal infinities (thresholds) differ by 0
+    worst = max(
+        float(torch.where(a[k] == b[k], 0.0, (a[k].double() - b[k].double()).abs()).max())
+        for k in a
+        if a[k].is_floating_point()
+    )  # == first: equal infinities (thresholds) differ by 0
     assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst:.3g}"
     moved = max(float(a[k].abs().max()) for k in a if k.startswith("head.") and a[k].is_floating_point())
     assert moved > 0
@@ -167,8 +209,15 @@ def test_test_from_last_in_a_new_process(method: str, lifecycle: Any, tiny_weigh
     args = method_args(method, tiny_weights, digits_root, runs["straight"])
     by_last = cli("test", *args, "--ckpt_path", "last", "--trainer.logger", "false", cwd=runs["base"] / "t1")
     assert "no last checkpoint" not in by_last.stderr
-    explicit = cli("test", *args, "--ckpt_path", str(last_ckpt(runs["straight"])), "--trainer.logger", "false",
-                   cwd=runs["base"] / "t2")
+    explicit = cli(
+        "test",
+        *args,
+        "--ckpt_path",
+        str(last_ckpt(runs["straight"])),
+        "--trainer.logger",
+        "false",
+        cwd=runs["base"] / "t2",
+    )
     acc = metric(by_last.stdout, "test/acc")
     assert acc == metric(explicit.stdout, "test/acc")
     assert acc > 0.3  # trained: chance is 0.1
@@ -178,30 +227,50 @@ def test_test_from_last_in_a_new_process(method: str, lifecycle: Any, tiny_weigh
 def test_checkpoint_of_another_method_is_refused(lifecycle: Any, tiny_weights: Path, digits_root: Path) -> None:
     arc = lifecycle("arc")
     out = arc["base"] / "refused"
-    proc = cli("test", *method_args("repadapter", tiny_weights, digits_root, out), "--ckpt_path",
-               str(last_ckpt(arc["straight"])), cwd=out, check=False)
+    proc = cli(
+        "test",
+        *method_args("repadapter", tiny_weights, digits_root, out),
+        "--ckpt_path",
+        str(last_ckpt(arc["straight"])),
+        cwd=out,
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert re.search(r"error: .*ARC.*RepAdapter|error: .*RepAdapter.*ARC", proc.stderr), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_relocated_weights_path_on_the_command_line_wins(lifecycle: Any, tiny_weights: Path, digits_root: Path,
-                                                         tmp_path: Path) -> None:
+def test_relocated_weights_path_on_the_command_line_wins(
+    lifecycle: Any, tiny_weights: Path, digits_root: Path, tmp_path: Path
+) -> None:
     runs = lifecycle("repadapter")
     moved = tmp_path / "moved" / "weights.safetensors"
     moved.parent.mkdir()
     moved.write_bytes(tiny_weights.read_bytes())
     args = method_args("repadapter", moved, digits_root, runs["straight"])
-    proc = cli("test", *args, "--ckpt_path", str(last_ckpt(runs["straight"])), "--trainer.logger", "false",
-               cwd=tmp_path / "cwd")
+    proc = cli(
+        "test",
+        *args,
+        "--ckpt_path",
+        str(last_ckpt(runs["straight"])),
+        "--trainer.logger",
+        "false",
+        cwd=tmp_path / "cwd",
+    )
     assert metric(proc.stdout, "test/acc") > 0.3
 
 
-def test_test_time_budget_and_thresholds_win_over_the_stored_ones(lifecycle: Any, tiny_weights: Path,
-                                                                  digits_root: Path) -> None:
+def test_test_time_budget_and_thresholds_win_over_the_stored_ones(
+    lifecycle: Any, tiny_weights: Path, digits_root: Path
+) -> None:
     runs = lifecycle("dyn_adapter")
-    args = [*method_args("dyn_adapter", tiny_weights, digits_root, runs["straight"]), "--ckpt_path",
-            str(last_ckpt(runs["straight"])), "--trainer.logger", "false"]
+    args = [
+        *method_args("dyn_adapter", tiny_weights, digits_root, runs["straight"]),
+        "--ckpt_path",
+        str(last_ckpt(runs["straight"])),
+        "--trainer.logger",
+        "false",
+    ]
     stored = torch.load(last_ckpt(runs["straight"]), map_location="cpu", weights_only=True)["petl"]["calibration"]
     assert stored["budget"] == 0.5
     budget = cli("test", *args, "--model.init_args.calibration.budget", "0.6", cwd=runs["base"] / "b")
@@ -225,8 +294,15 @@ def test_dyn_adapter_checkpoint_keeps_its_calibration(lifecycle: Any) -> None:
 def test_predict_writes_a_csv(method: str, lifecycle: Any, tiny_weights: Path, digits_root: Path) -> None:
     runs = lifecycle(method)
     args = method_args(method, tiny_weights, digits_root, runs["straight"])
-    cli("predict", *args, "--ckpt_path", "last", "--data.init_args.predict_list",
-        str(digits_root / "digits" / "test.txt"), cwd=runs["base"] / "p1")
+    cli(
+        "predict",
+        *args,
+        "--ckpt_path",
+        "last",
+        "--data.init_args.predict_list",
+        str(digits_root / "digits" / "test.txt"),
+        cwd=runs["base"] / "p1",
+    )
     csvs = sorted((runs["straight"] / "predictions").glob("*.csv"))
     assert csvs, f"no predictions CSV under {runs['straight']}"
     with open(csvs[-1]) as f:
@@ -245,8 +321,9 @@ def test_predict_writes_a_csv(method: str, lifecycle: Any, tiny_weights: Path, d
 
 # -- problem 7: exported models carry metadata and load in plain timm at any image size --------------
 @pytest.mark.parametrize("method", ["linear_probe", "repadapter", "arc"])
-def test_export_loads_in_plain_timm_with_equal_predictions(method: str, lifecycle: Any, tiny_weights: Path,
-                                                           digits_root: Path) -> None:
+def test_export_loads_in_plain_timm_with_equal_predictions(
+    method: str, lifecycle: Any, tiny_weights: Path, digits_root: Path
+) -> None:
     import timm
     from PIL import Image
     from safetensors import safe_open
@@ -257,14 +334,21 @@ def test_export_loads_in_plain_timm_with_equal_predictions(method: str, lifecycl
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["model_name"] == "vit_tiny_patch16_224" and meta["img_size"] == "32"
-    model = timm.create_model(meta["model_name"], num_classes=int(meta["num_classes"]), img_size=int(meta["img_size"]),
-                              checkpoint_path=str(out), **json.loads(meta.get("model_kwargs", "{}"))).eval()
+    model = timm.create_model(
+        meta["model_name"],
+        num_classes=int(meta["num_classes"]),
+        img_size=int(meta["img_size"]),
+        checkpoint_path=str(out),
+        **json.loads(meta.get("model_kwargs", "{}")),
+    ).eval()
     with open(sorted((runs["straight"] / "predictions").glob("*.csv"))[-1]) as f:
         rows = list(csv.DictReader(f))[:50]
     mean, std = json.loads(meta["mean"]), json.loads(meta["std"])
     import torchvision.transforms as T
 
-    tf = T.Compose([T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(), T.Normalize(mean, std)])
+    tf = T.Compose(
+        [T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(), T.Normalize(mean, std)]
+    )
     x = torch.stack([tf(Image.open(r["path"]).convert("RGB")) for r in rows])
     with torch.no_grad():
         pred = model(x).argmax(-1).tolist()

@@ -15,14 +15,15 @@ from petl_lightning.flops import vit_flops
 from petl_lightning.layers.arc import ARCBasis, ARCLayer
 from petl_lightning.layers.repadapter import RepAdapterLayer
 from petl_lightning.merge import MergeError, fold_affine_into_linear
-from petl_lightning.methods.foldable import FoldableBlock
 from petl_lightning.methods.arc import ARC
+from petl_lightning.methods.foldable import FoldableBlock
 from petl_lightning.methods.repadapter import RepAdapter
 
 TOL = 1e-4
 TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 2})
-SMALL_LS = dict(model_name="vit_small_patch16_224", pretrained=False, img_size=32,
-                model_kwargs={"depth": 2, "init_values": 0.1})
+SMALL_LS = dict(
+    model_name="vit_small_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 2, "init_values": 0.1}
+)
 METHODS = {
     "repblock": (RepAdapter, dict(placement="attn_mlp", adapter_scale=0.7)),
     "repattn": (RepAdapter, dict(placement="attn", adapter_scale=5.0)),
@@ -50,8 +51,9 @@ def build(method: str, base: dict, num_classes: int = 7) -> nn.Module:
 
 
 def fresh_timm(base: dict, num_classes: int) -> nn.Module:
-    return timm.create_model(base["model_name"], pretrained=False, num_classes=num_classes,
-                             img_size=base["img_size"], **base["model_kwargs"]).eval()
+    return timm.create_model(
+        base["model_name"], pretrained=False, num_classes=num_classes, img_size=base["img_size"], **base["model_kwargs"]
+    ).eval()
 
 
 # -- the folding primitive -------------------------------------------------------------------------
@@ -91,8 +93,11 @@ def test_fold_errors() -> None:
 @pytest.mark.parametrize("kind", ["repadapter", "arc"])
 def test_layer_affine_form_equals_forward(kind: str) -> None:
     torch.manual_seed(0)
-    layer = RepAdapterLayer(48, adapter_dim=8, groups=4, scale=0.3) if kind == "repadapter" else ARCLayer(
-        ARCBasis(48, 12), 48, adapter_dim=12, coeff_init="xavier")
+    layer = (
+        RepAdapterLayer(48, adapter_dim=8, groups=4, scale=0.3)
+        if kind == "repadapter"
+        else ARCLayer(ARCBasis(48, 12), 48, adapter_dim=12, coeff_init="xavier")
+    )
     randomize(layer, std=0.2)
     layer.eval()
     x = torch.randn(3, 10, 48)
@@ -135,8 +140,7 @@ def test_merge_equals_unmerged_and_loads_strictly(method: str, base: dict) -> No
 
 @pytest.mark.parametrize("method", ["repblock", "arc"])
 def test_merge_real_vit_s_weights_with_layerscale(method: str, vits_weights) -> None:
-    base = dict(model_name="vit_small_patch14_dinov2", checkpoint_path=str(vits_weights), img_size=56,
-                model_kwargs={})
+    base = dict(model_name="vit_small_patch14_dinov2", checkpoint_path=str(vits_weights), img_size=56, model_kwargs={})
     cls, kw = METHODS[method]
     torch.manual_seed(0)
     m = cls(num_classes=10, **base, **kw)
@@ -173,8 +177,13 @@ def test_export_safetensors_loads_in_timm(method: str, tmp_path) -> None:
         meta = f.metadata()
     assert (meta["model_name"], meta["img_size"], meta["num_classes"]) == ("vit_tiny_patch16_224", "32", "5")
     assert json.loads(meta["model_kwargs"]) == {"depth": 2} and len(json.loads(meta["mean"])) == 3
-    loaded = timm.create_model(meta["model_name"], num_classes=int(meta["num_classes"]), img_size=int(meta["img_size"]),
-                               checkpoint_path=str(path), **json.loads(meta["model_kwargs"])).eval()
+    loaded = timm.create_model(
+        meta["model_name"],
+        num_classes=int(meta["num_classes"]),
+        img_size=int(meta["img_size"]),
+        checkpoint_path=str(path),
+        **json.loads(meta["model_kwargs"]),
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (loaded(x) - m(x)).abs().max().item() < TOL
@@ -190,8 +199,12 @@ def test_flops_unmerged_adds_adapters_merged_is_backbone(method: str) -> None:
     x = torch.randn(1, 3, 32, 32)
     shape, n = m.vit.shape(), m.vit.num_tokens
     extra = sum(blk.adapter_flops(n) for blk in m.blocks)
-    per_token = {"repblock": 2 * (192 * 8 + 192 * 4), "repattn": 192 * 8 + 192 * 4,
-                 "arc": 2 * 2 * 192 * 50, "arc_att": 2 * 192 * 50}[method]
+    per_token = {
+        "repblock": 2 * (192 * 8 + 192 * 4),
+        "repattn": 192 * 8 + 192 * 4,
+        "arc": 2 * 2 * 192 * 50,
+        "arc_att": 2 * 192 * 50,
+    }[method]
     assert extra == 2 * n * per_token  # depth 2
     assert m.unmerged_flops() == vit_flops(shape, 5, extra=extra)
     assert m.inference_flops() == m.backbone_flops() == vit_flops(shape, 5)

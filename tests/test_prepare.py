@@ -28,7 +28,12 @@ from petl_lightning.data import prepare
 from petl_lightning.data.check import check_main
 from petl_lightning.data.vtab import VTAB_TASKS, VTAB1kDataModule
 from petl_lightning.data.vtab_splits import (
-    MANUAL_DOWNLOAD_TASKS, VTAB_SOURCES, bin_names, limit_spec, slice_ranges, slice_size,
+    MANUAL_DOWNLOAD_TASKS,
+    VTAB_SOURCES,
+    bin_names,
+    limit_spec,
+    slice_ranges,
+    slice_size,
 )
 from petl_lightning.errors import DataError
 
@@ -40,15 +45,34 @@ TEST_LIMIT = 300  # test images built for the tasks whose canonical test list is
 # -- the definitions, as pure Python ---------------------------------------------------------------
 def test_every_task_has_vtabs_split_sizes_and_class_count() -> None:
     assert list(SRC) == list(VTAB_TASKS)
-    published = {"cifar": 10000, "caltech101": 6084, "dtd": 1880, "oxford_flowers102": 6149, "oxford_iiit_pet": 3669,
-                 "svhn": 26032, "sun397": 21750, "patch_camelyon": 32768, "eurosat": 5400, "resisc45": 6300,
-                 "diabetic_retinopathy": 42670, "clevr_count": 15000, "clevr_dist": 15000, "dmlab": 22735,
-                 "kitti": 711, "dsprites_loc": 73728, "dsprites_ori": 73728, "smallnorb_azi": 12150,
-                 "smallnorb_ele": 12150}
+    published = {
+        "cifar": 10000,
+        "caltech101": 6084,
+        "dtd": 1880,
+        "oxford_flowers102": 6149,
+        "oxford_iiit_pet": 3669,
+        "svhn": 26032,
+        "sun397": 21750,
+        "patch_camelyon": 32768,
+        "eurosat": 5400,
+        "resisc45": 6300,
+        "diabetic_retinopathy": 42670,
+        "clevr_count": 15000,
+        "clevr_dist": 15000,
+        "dmlab": 22735,
+        "kitti": 711,
+        "dsprites_loc": 73728,
+        "dsprites_ori": 73728,
+        "smallnorb_azi": 12150,
+        "smallnorb_ele": 12150,
+    }
     for task, src in SRC.items():
         sizes = {name: slice_size(spec, src.sizes) for name, spec in src.lists.items()}
-        assert sizes == {"train800": 800, "val200": 200, "test": published[task]} == {
-            "train800": 800, "val200": 200, "test": src.test_size}, task
+        assert (
+            sizes
+            == {"train800": 800, "val200": 200, "test": published[task]}
+            == {"train800": 800, "val200": 200, "test": src.test_size}
+        ), task
         if src.class_names is not None:
             assert len(src.class_names) == VTAB_TASKS[task].num_classes, task
     assert MANUAL_DOWNLOAD_TASKS == ("resisc45", "diabetic_retinopathy")
@@ -63,12 +87,19 @@ def test_slices_are_vtabs() -> None:
     assert SRC["eurosat"].lists == {"train800": "train[:800]", "val200": "train[16200:16400]", "test": "train[21600:]"}
     assert SRC["resisc45"].lists["test"] == "train[25200:]"
     assert SRC["clevr_count"].lists == {"train800": "train[:800]", "val200": "train[63000:63200]", "test": "validation"}
-    assert SRC["dsprites_loc"].lists == {"train800": "train[:800]", "val200": "train[589824:590024]",
-                                         "test": "train[663552:]"}
+    assert SRC["dsprites_loc"].lists == {
+        "train800": "train[:800]",
+        "val200": "train[589824:590024]",
+        "test": "train[663552:]",
+    }
     assert SRC["smallnorb_azi"].lists == {"train800": "train[:800]", "val200": "test[:200]", "test": "test[12150:]"}
     assert SRC["dtd"].lists == {"train800": "train[:800]", "val200": "validation[:200]", "test": "test"}
     assert {SRC[t].tfds_name for t in ("sun397", "diabetic_retinopathy", "dmlab", "kitti")} == {
-        "sun397/tfds:4.*.*", "diabetic_retinopathy_detection/btgraham-300:3.*.*", "dmlab:2.0.1", "kitti:3.1.0"}
+        "sun397/tfds:4.*.*",
+        "diabetic_retinopathy_detection/btgraham-300:3.*.*",
+        "dmlab:2.0.1",
+        "kitti:3.1.0",
+    }
 
 
 def test_slice_arithmetic_and_limits() -> None:
@@ -93,7 +124,15 @@ def test_label_functions_on_hand_made_examples() -> None:
     coords = lambda *depths: _objects(pixel_coords=[[10.0, 20.0, d] for d in depths])  # noqa: E731
     # bins (0, 8], (8, 8.5], (8.5, 9], (9, 9.5], (9.5, 10], (10, 100] of the closest object's depth
     assert [dist(coords(*d)) for d in ([12.0, 7.5], [8.0], [8.2], [9.2, 30.0], [9.5], [9.7], [10.5], [99.0])] == [
-        0, 0, 1, 3, 3, 4, 5, 5]
+        0,
+        0,
+        1,
+        3,
+        3,
+        4,
+        5,
+        5,
+    ]
     kitti = SRC["kitti"].label
     car, van, truck, pedestrian, tram = 0, 1, 2, 3, 6
     scene = lambda *objs: _objects(type=[t for t, _ in objs], location=[[1.0, 1.5, z] for _, z in objs])  # noqa: E731
@@ -130,12 +169,18 @@ def test_images_are_written_as_tfds_stores_them() -> None:
 
 
 def test_a_tfds_version_with_other_split_sizes_is_refused() -> None:
-    builder = SimpleNamespace(data_dir_root="/tfds", is_prepared=lambda: True, download_and_prepare=lambda **_: None,
-                              info=SimpleNamespace(full_name="dtd/9.0.0", splits={
-                                  "train": SimpleNamespace(num_examples=1880),
-                                  "validation": SimpleNamespace(num_examples=1000)}))
-    tfds = SimpleNamespace(builder=lambda name, data_dir: builder,
-                           download=SimpleNamespace(DownloadConfig=lambda manual_dir: None))
+    builder = SimpleNamespace(
+        data_dir_root="/tfds",
+        is_prepared=lambda: True,
+        download_and_prepare=lambda **_: None,
+        info=SimpleNamespace(
+            full_name="dtd/9.0.0",
+            splits={"train": SimpleNamespace(num_examples=1880), "validation": SimpleNamespace(num_examples=1000)},
+        ),
+    )
+    tfds = SimpleNamespace(
+        builder=lambda name, data_dir: builder, download=SimpleNamespace(DownloadConfig=lambda manual_dir: None)
+    )
     with pytest.raises(DataError, match=r"dtd/9.0.0 has 1000 examples in 'validation', VTAB-1K's slices assume 1880"):
         prepare._open_builder(tfds, SRC["dtd"], None, None)
 
@@ -147,8 +192,9 @@ def test_without_tfds_prepare_data_names_the_extra(tmp_path: Path, monkeypatch: 
     assert dm.num_classes == 47
     with pytest.raises(DataError) as err:
         dm.prepare_data()
-    assert str(err.value) == ("Cannot build VTAB-1K tasks: tensorflow-datasets is not installed: "
-                              "pip install 'petl-lightning[prepare]'.")
+    assert str(err.value) == (
+        "Cannot build VTAB-1K tasks: tensorflow-datasets is not installed: pip install 'petl-lightning[prepare]'."
+    )
     assert not (tmp_path / "vtab").exists()  # nothing written
     with pytest.raises(DataError, match="root .* does not exist"):  # setup() runs the usual checks
         dm.setup("fit")
@@ -161,7 +207,12 @@ def test_prepare_refuses_custom_tasks_and_unknown_names(tmp_path: Path) -> None:
         prepare.prepare_task(tmp_path, "mytask")
     assert prepare.prepare_main(["--root", str(tmp_path), "--tasks", "dtd,cifarr"]) == 2
     assert prepare.parse_tasks("specialized,dtd,eurosat") == [
-        "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy", "dtd"]
+        "patch_camelyon",
+        "eurosat",
+        "resisc45",
+        "diabetic_retinopathy",
+        "dtd",
+    ]
 
 
 # -- builds on mock data (needs the [prepare] extra) -----------------------------------------------
@@ -176,8 +227,14 @@ def mock() -> Any:
 
 # dtd, eurosat and kitti at their canonical sizes; the others' test lists are 12k-74k images, so
 # they are built with TEST_LIMIT test images (their canonical sizes are checked above).
-BUILDS = {"dtd": None, "eurosat": None, "kitti": None, "clevr_count": TEST_LIMIT, "dsprites_loc": TEST_LIMIT,
-          "smallnorb_azi": TEST_LIMIT}
+BUILDS = {
+    "dtd": None,
+    "eurosat": None,
+    "kitti": None,
+    "clevr_count": TEST_LIMIT,
+    "dsprites_loc": TEST_LIMIT,
+    "smallnorb_azi": TEST_LIMIT,
+}
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +251,11 @@ def _lines(path: Path) -> list[tuple[str, int]]:
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_built_tasks_have_exact_sizes_labels_and_manifest(built: Path) -> None:
@@ -271,8 +331,11 @@ with tfds_mock.vtab_mock_data():
 
 
 def test_a_killed_build_resumes_and_skips_finished_tasks(built: Path, mock: Any, tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD.format(tests=str(TESTS), root=str(tmp_path))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILD.format(tests=str(TESTS), root=str(tmp_path))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob(".eurosat.partial-*/images/test/*")) and time.monotonic() < deadline:
         assert proc.poll() is None, "the build ended before it could be killed"
@@ -290,19 +353,22 @@ def test_a_killed_build_resumes_and_skips_finished_tasks(built: Path, mock: Any,
     assert _tree_digest(tmp_path / "eurosat") == _tree_digest(built / "eurosat")
 
 
-def test_manual_download_tasks_say_what_is_needed_and_others_still_build(mock: Any, tmp_path: Path,
-                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_manual_download_tasks_say_what_is_needed_and_others_still_build(
+    mock: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     manual = tmp_path / "manual"
     with mock.vtab_mock_data():
-        code = prepare.prepare_main(["--root", str(tmp_path / "vtab"), "--tasks", "diabetic_retinopathy,kitti",
-                                     "--manual-dir", str(manual)])
+        code = prepare.prepare_main(
+            ["--root", str(tmp_path / "vtab"), "--tasks", "diabetic_retinopathy,kitti", "--manual-dir", str(manual)]
+        )
     out, err = capsys.readouterr()
     assert code == 1 and (tmp_path / "vtab" / "kitti" / "test.txt").is_file()
     assert not (tmp_path / "vtab" / "diabetic_retinopathy").exists()
     assert err.strip() == (
         "error: diabetic_retinopathy: tfds needs a manual download of diabetic_retinopathy_detection/btgraham-300: "
         f"{SRC['diabetic_retinopathy'].manual}; tfds expects train, test, sample, trainLabels.csv in {manual}/ "
-        "(set manual_dir to use another folder), then run again.")
+        "(set manual_dir to use another folder), then run again."
+    )
     assert out.splitlines()[-1] == "1 built, 0 already there, 1 not built: diabetic_retinopathy."
 
 
@@ -370,10 +436,18 @@ def test_ddp_prepares_once_on_rank_0(mock: Any, built: Path, tmp_path: Path) -> 
     script, log, root = tmp_path / "ddp_prepare.py", tmp_path / "log.txt", tmp_path / "vtab"
     script.write_text(DDP_SCRIPT.format(tests=str(TESTS), log=str(log), root=str(root)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(log.read_text().splitlines()) == [
-        "prepare_data on rank 0", "rank 0 tested 1880 images", "rank 1 tested 1880 images"]
+        "prepare_data on rank 0",
+        "rank 0 tested 1880 images",
+        "rank 1 tested 1880 images",
+    ]
     assert _tree_digest(root / "dtd") == _tree_digest(built / "dtd")
     assert sorted(p.name for p in root.iterdir()) == [".dtd.lock", "dtd"]

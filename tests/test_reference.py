@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from petl_lightning.data.vtab import VTAB_TASKS
 from petl_lightning.errors import PETLError

@@ -4,18 +4,17 @@ checkpoints carry into merges, and real training on DTD-10 against the linear pr
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import lightning as L
 import pytest
 import timm
 import torch
-from conftest import method_vs_linear_probe_dtd10
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import method_vs_linear_probe_dtd10
 from petl_lightning.data.vtab import VTAB_TASKS
 from petl_lightning.errors import PETLError
 from petl_lightning.layers.repadapter import GroupedLinear, RepAdapterLayer
@@ -78,7 +77,9 @@ def test_official_scale_table() -> None:
         assert set(REPADAPTER_SCALES[placement].values()) <= {0.1, 0.5, 1, 5, 10}
     scale = {t: RepAdapter.task_overrides(t, {})["adapter_scale"] for t in VTAB_TASKS}
     assert [scale[t] for t in ("cifar", "caltech101", "svhn", "smallnorb_azi", "kitti")] == [0.1, 5, 10, 10, 5]
-    attn = {t: RepAdapter.task_overrides(t, {"placement": "attn"})["adapter_scale"] for t in ("dtd", "resisc45", "eurosat")}
+    attn = {
+        t: RepAdapter.task_overrides(t, {"placement": "attn"})["adapter_scale"] for t in ("dtd", "resisc45", "eurosat")
+    }
     assert list(attn.values()) == [0.1, 0.1, 5]
     assert RepAdapter.task_overrides("cifar100", {}) == {}  # outside the table: nothing to override
     m = RepAdapter(num_classes=4, adapter_scale=10.0, **TINY)
@@ -99,18 +100,25 @@ def test_cli_fills_the_task_scale_before_building(tmp_path) -> None:
     Image.new("RGB", (32, 32)).save(task / "images" / "a.png")
     for name in ("train800val200", "test"):
         (task / f"{name}.txt").write_text("images/a.png 0\n")
-    args = ["-c", str(Path(__file__).parents[1] / "recipes" / "repadapter.yaml"), f"--data.init_args.root={task.parent}",
-            "--data.init_args.task=svhn", "--model.init_args.pretrained=false",
-            "--model.init_args.model_name=vit_tiny_patch16_224", "--data.init_args.img_size=32",
-            f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    args = [
+        "-c",
+        str(Path(__file__).parents[1] / "recipes" / "repadapter.yaml"),
+        f"--data.init_args.root={task.parent}",
+        "--data.init_args.task=svhn",
+        "--model.init_args.pretrained=false",
+        "--model.init_args.model_name=vit_tiny_patch16_224",
+        "--data.init_args.img_size=32",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+    ]
     cli = PETLCLI(args=args, run=False)
     assert cli.model.hparams.adapter_scale == 10.0 == cli.model.scale
     assert PETLCLI(args=[*args, "--model.init_args.adapter_scale=0.5"], run=False).model.scale == 0.5
 
 
 # -- parameter counts (ViT-B/16, spec section 2.4) -------------------------------------------------
-@pytest.mark.parametrize("placement, with_bias, weights_only", [("attn_mlp", 239_808, 221_184),
-                                                                 ("attn", 119_904, 110_592)])
+@pytest.mark.parametrize(
+    "placement, with_bias, weights_only", [("attn_mlp", 239_808, 221_184), ("attn", 119_904, 110_592)]
+)
 def test_vit_b16_parameter_counts(placement: str, with_bias: int, weights_only: int) -> None:
     m = RepAdapter(num_classes=100, model_name="vit_base_patch16_224", pretrained=False, placement=placement)
     adapter = [(n, p) for n, p in m.named_parameters() if p.requires_grad and not n.startswith("head.")]
@@ -138,11 +146,19 @@ def test_scale_from_datamodule_is_saved_and_used_by_merge(tmp_path) -> None:
     torch.manual_seed(0)
     weights = tmp_path / "tiny_backbone.safetensors"  # the backbone's source, rebuilt on load
     save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2).state_dict(), str(weights))
-    model = RepAdapter(num_classes=4, lr=1e-2, warmup_epochs=0, **{**TINY, "pretrained": True,
-                                                                     "checkpoint_path": str(weights)})
+    model = RepAdapter(
+        num_classes=4, lr=1e-2, warmup_epochs=0, **{**TINY, "pretrained": True, "checkpoint_path": str(weights)}
+    )
     assert model.scale == 1.0
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=_RandomTask("svhn"))
     assert model.scale == 10.0
     ckpt = tmp_path / "ra.ckpt"

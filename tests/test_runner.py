@@ -115,15 +115,19 @@ def test_task_selection(fake_root: Path) -> None:
         plan.resolve_tasks(["natural"], fake_root)
 
 
-def test_plan_per_task_overrides_gpu_slots_and_dry_run(fake_root: Path, recipe: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_per_task_overrides_gpu_slots_and_dry_run(
+    fake_root: Path, recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Each pair's arguments: recipe, then the task's own settings, then the user's (who wins); the
     method's per-task hyper-parameters come from its task_overrides hook through the CLI's own
     parser; --gpus maps workers to one CUDA device each; --dry-run prints the plan and runs nothing."""
     rep = tmp_path / "rep.yaml"
-    rep.write_text(RECIPE.replace("petl_lightning.methods.baselines.LinearProbe", "petl_lightning.methods.repadapter.RepAdapter"))
-    runs, out, _ = plan.plan_runs([str(rep)], ["--model.init_args.lr", "0.5"], ["eurosat", "mytask"], [3],
-                             str(tmp_path / "o"), str(fake_root))
+    rep.write_text(
+        RECIPE.replace("petl_lightning.methods.baselines.LinearProbe", "petl_lightning.methods.repadapter.RepAdapter")
+    )
+    runs, out, _ = plan.plan_runs(
+        [str(rep)], ["--model.init_args.lr", "0.5"], ["eurosat", "mytask"], [3], str(tmp_path / "o"), str(fake_root)
+    )
     a = runs[0].cli_args
     assert a[:2] == ["--config", str(rep)]
     assert a[a.index("--data.init_args.task") + 1] == "eurosat" and a[a.index("--seed_everything") + 1] == "3"
@@ -133,8 +137,22 @@ def test_plan_per_task_overrides_gpu_slots_and_dry_run(fake_root: Path, recipe: 
     assert scale == {"eurosat": 1.0, "mytask": None}  # the official table; a custom task has no entry
     slots = launch.make_slots("0,1", 1)
     assert [s.env for s in slots] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
-    assert vtab.vtab_main(["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd",
-                           "--out", str(tmp_path / "p"), "--dry-run"]) == 0
+    assert (
+        vtab.vtab_main(
+            [
+                "-c",
+                str(recipe),
+                "--data.root",
+                str(fake_root),
+                "--tasks",
+                "dtd",
+                "--out",
+                str(tmp_path / "p"),
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     assert "[todo] dtd seed 0:" in capsys.readouterr().out
     assert not (tmp_path / "p").exists()
     # The runner owns the task and seed.
@@ -142,12 +160,25 @@ def test_plan_per_task_overrides_gpu_slots_and_dry_run(fake_root: Path, recipe: 
     assert "use --tasks" in capsys.readouterr().err
 
 
-def test_second_run_on_the_same_output_is_refused(fake_root: Path, recipe: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_second_run_on_the_same_output_is_refused(
+    fake_root: Path, recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "o"
     with launch.output_lock(out):  # as a first run holds it
-        code = vtab.vtab_main(["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd", "--out", str(out),
-                               "--launcher", "inprocess"])
+        code = vtab.vtab_main(
+            [
+                "-c",
+                str(recipe),
+                "--data.root",
+                str(fake_root),
+                "--tasks",
+                "dtd",
+                "--out",
+                str(out),
+                "--launcher",
+                "inprocess",
+            ]
+        )
     err = capsys.readouterr().err
     assert code == 2 and re.search(r"error: .* is in use by another 'petl-lightning vtab' run .*\.vtab\.lock", err)
     assert not (out / "runs").exists()
@@ -159,11 +190,24 @@ def test_table_means_std_and_partial_groups(tmp_path: Path) -> None:
     rng = np.random.RandomState(1)
     accs = {(t, s): float(rng.uniform(20, 95)) for t in [*VTAB_TASKS, "mytask"] for s in (0, 1, 2)}
     for (task, seed), acc in accs.items():
-        rec = {"task": task, "group": VTAB_TASKS[task].group if task in VTAB_TASKS else "custom",
-               "seed": seed, "acc": acc, "trainable_params": 1000, "trainable_params_no_head": 500,
-               "gflops": 17.58, "gflops_backbone": 17.58, "gflops_ratio": 1.0, "keep_rate": 1.0,
-               "exit_share": [1.0], "method": "RepAdapter", "model_name": "vit_base_patch16_224",
-               "hparams": {"placement": "attn_mlp"}, "fingerprint": "x", "wall_s": 60.0}
+        rec = {
+            "task": task,
+            "group": VTAB_TASKS[task].group if task in VTAB_TASKS else "custom",
+            "seed": seed,
+            "acc": acc,
+            "trainable_params": 1000,
+            "trainable_params_no_head": 500,
+            "gflops": 17.58,
+            "gflops_backbone": 17.58,
+            "gflops_ratio": 1.0,
+            "keep_rate": 1.0,
+            "exit_share": [1.0],
+            "method": "RepAdapter",
+            "model_name": "vit_base_patch16_224",
+            "hparams": {"placement": "attn_mlp"},
+            "fingerprint": "x",
+            "wall_s": 60.0,
+        }
         run.atomic_write(tmp_path / "runs" / task / f"seed{seed}" / "result.json", json.dumps(rec))
     report.write_tables(tmp_path)
     rows = read_csv(tmp_path / "results.csv")
@@ -174,8 +218,10 @@ def test_table_means_std_and_partial_groups(tmp_path: Path) -> None:
     assert cells[1] == "cifar"
     sd = statistics.stdev(accs[("cifar", s)] for s in (0, 1, 2))
     assert cells[2] == f"{means['cifar']:.2f} ± {sd:.2f}"
-    assert md_row(md, "custom")[1:3] == ["mytask", f"{means['mytask']:.2f} ± "
-                                         f"{statistics.stdev(accs[('mytask', s)] for s in (0, 1, 2)):.2f}"]
+    assert md_row(md, "custom")[1:3] == [
+        "mytask",
+        f"{means['mytask']:.2f} ± {statistics.stdev(accs[('mytask', s)] for s in (0, 1, 2)):.2f}",
+    ]
     nat = statistics.fmean(means[t] for t in VTAB_TASKS if VTAB_TASKS[t].group == "natural")
     spe = statistics.fmean(means[t] for t in VTAB_TASKS if VTAB_TASKS[t].group == "specialized")
     stru = statistics.fmean(means[t] for t in VTAB_TASKS if VTAB_TASKS[t].group == "structured")
@@ -201,13 +247,24 @@ class SimulatedKill(BaseException):
     """Stands for the process being killed between two tasks."""
 
 
-def test_run_table_and_resume_after_crash(fake_root: Path, recipe: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_table_and_resume_after_crash(
+    fake_root: Path, recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Run in-process on 3 tasks, 'kill' it after the first, re-run: the finished task is not
     recomputed, the rest are, and the tables hold correct numbers for all three."""
     out = tmp_path / "out"
-    argv = ["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd,eurosat,mytask",
-            "--out", str(out), "--launcher", "inprocess"]
+    argv = [
+        "-c",
+        str(recipe),
+        "--data.root",
+        str(fake_root),
+        "--tasks",
+        "dtd,eurosat,mytask",
+        "--out",
+        str(out),
+        "--launcher",
+        "inprocess",
+    ]
     calls: list[str] = []
     real_run_task = run.run_task
 
@@ -274,8 +331,18 @@ def test_failed_task_is_reported_then_finished(fake_root: Path, recipe: Path, tm
     good = (root / "kitti/test.txt").read_text()
     (root / "kitti/test.txt").write_text(good.replace(" 2\n", " 9\n", 1))  # kitti has 4 classes
     out = tmp_path / "out"
-    argv = ["-c", str(recipe), "--data.root", str(root), "--tasks", "kitti,dtd", "--out", str(out),
-            "--launcher", "inprocess"]
+    argv = [
+        "-c",
+        str(recipe),
+        "--data.root",
+        str(root),
+        "--tasks",
+        "kitti,dtd",
+        "--out",
+        str(out),
+        "--launcher",
+        "inprocess",
+    ]
     assert vtab.vtab_main(argv) == 1
     md = (out / "results.md").read_text()
     assert re.search(r"failed: kitti seed 0: error: .*label 9 is outside \[0, 4\)", md)
@@ -291,23 +358,42 @@ def test_failed_task_is_reported_then_finished(fake_root: Path, recipe: Path, tm
 
 
 @pytest.mark.parametrize("method", ["LinearProbe", "RepAdapter"])
-def test_interrupted_fit_resumes_from_checkpoint_exactly(fake_root: Path, recipe: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str], method: str) -> None:
+def test_interrupted_fit_resumes_from_checkpoint_exactly(
+    fake_root: Path,
+    recipe: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    method: str,
+) -> None:
     """A pair killed at the start of epoch 2 of 2 resumes from its epoch-1 ``last.ckpt`` (every
     method writes one, whatever the protocol); the result equals an uninterrupted run (optimiser,
     scheduler, RNG and data order all restored)."""
     from petl_lightning.methods.base import PETLModule
 
-    path = {"LinearProbe": "petl_lightning.methods.baselines.LinearProbe",
-            "RepAdapter": "petl_lightning.methods.repadapter.RepAdapter"}[method]
+    path = {
+        "LinearProbe": "petl_lightning.methods.baselines.LinearProbe",
+        "RepAdapter": "petl_lightning.methods.repadapter.RepAdapter",
+    }[method]
     recipe.write_text(RECIPE.replace("petl_lightning.methods.baselines.LinearProbe", path))
     extra = ["--model.init_args.cache_features", "false"] if method == "LinearProbe" else []
 
     def pair(run_dir: Path) -> plan.TaskRun:
-        args = ["--config", str(recipe), "--data.init_args.root", str(fake_root), "--data.init_args.task",
-                "eurosat", "--trainer.default_root_dir", str(run_dir), "--trainer.max_epochs", "2",
-                "--model.init_args.warmup_epochs", "1", *extra]
+        args = [
+            "--config",
+            str(recipe),
+            "--data.init_args.root",
+            str(fake_root),
+            "--data.init_args.task",
+            "eurosat",
+            "--trainer.default_root_dir",
+            str(run_dir),
+            "--trainer.max_epochs",
+            "2",
+            "--model.init_args.warmup_epochs",
+            "1",
+            *extra,
+        ]
         return plan.TaskRun("eurosat", 0, run_dir, args, "fp")
 
     straight = run.run_task(pair(tmp_path / "a"))
@@ -333,8 +419,21 @@ def test_interrupted_fit_resumes_from_checkpoint_exactly(fake_root: Path, recipe
 def test_subprocess_workers_in_parallel(fake_root: Path, recipe: Path, tmp_path: Path) -> None:
     """The default launcher: one process per pair, two side by side (--jobs 2), two seeds."""
     out = tmp_path / "out"
-    argv = ["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd", "--seeds", "0", "1",
-            "--out", str(out), "--jobs", "2"]
+    argv = [
+        "-c",
+        str(recipe),
+        "--data.root",
+        str(fake_root),
+        "--tasks",
+        "dtd",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+    ]
     assert vtab.vtab_main(argv) == 0
     rows = read_csv(out / "results.csv")
     assert [(r["task"], r["seed"]) for r in rows] == [("dtd", "0"), ("dtd", "1")]
@@ -361,15 +460,39 @@ def test_real_assets_end_to_end(tmp_path: Path, dtd10_root: Path, vits_weights: 
     if not (root / "cifar10" / "test.txt").is_file():
         pytest.skip(f"cifar10 assets not found under {root}")
     recipe = tmp_path / "probe.yaml"
-    recipe.write_text(RECIPE.replace("vit_tiny_patch16_224", "vit_small_patch14_dinov2")
-                      .replace("model_kwargs: {depth: 2}", f"checkpoint_path: {weights}")
-                      .replace("pretrained: false", "pretrained: true").replace("lr: 0.05", "lr: 0.01")
-                      .replace("img_size: 32", "img_size: 56").replace("batch_size: 4", "batch_size: 32"))
+    recipe.write_text(
+        RECIPE.replace("vit_tiny_patch16_224", "vit_small_patch14_dinov2")
+        .replace("model_kwargs: {depth: 2}", f"checkpoint_path: {weights}")
+        .replace("pretrained: false", "pretrained: true")
+        .replace("lr: 0.05", "lr: 0.01")
+        .replace("img_size: 32", "img_size: 56")
+        .replace("batch_size: 4", "batch_size: 32")
+    )
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["vtab", "-c", str(recipe), "--data.root", str(root), "--tasks", "dtd10,cifar10", "--out", str(out),
-              "--launcher", "inprocess", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
-              "--trainer.limit_test_batches", "2", "--data.init_args.eval_batch_size", "50"])
+        main(
+            [
+                "vtab",
+                "-c",
+                str(recipe),
+                "--data.root",
+                str(root),
+                "--tasks",
+                "dtd10,cifar10",
+                "--out",
+                str(out),
+                "--launcher",
+                "inprocess",
+                "--trainer.max_epochs",
+                "2",
+                "--trainer.limit_train_batches",
+                "3",
+                "--trainer.limit_test_batches",
+                "2",
+                "--data.init_args.eval_batch_size",
+                "50",
+            ]
+        )
     assert exit_info.value.code == 0
     rows = {r["task"]: r for r in read_csv(out / "results.csv")}
     assert list(rows) == ["cifar10", "dtd10"]

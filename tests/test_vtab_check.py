@@ -47,12 +47,15 @@ def test_a_sound_folder_passes(clean_root: Path, capsys: pytest.CaptureFixture[s
     assert check_task(clean_root / "kitti", "kitti") == []
     assert check_main(["--root", str(clean_root)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"kitti: ok (800/200/1000/{KITTI_TEST} images in train800.txt, val200.txt, train800val200.txt, "
-                   f"test.txt)", "vtab-check: all 1 task folders are sound"]
+    assert out == [
+        f"kitti: ok (800/200/1000/{KITTI_TEST} images in train800.txt, val200.txt, train800val200.txt, test.txt)",
+        "vtab-check: all 1 task folders are sound",
+    ]
 
 
-def test_catches_a_deleted_image_a_train_test_duplicate_and_a_bad_label(clean_root: Path, tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_catches_a_deleted_image_a_train_test_duplicate_and_a_bad_label(
+    clean_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     task_dir = tmp_path / "kitti"
     shutil.copytree(clean_root / "kitti", task_dir)
     (task_dir / "images/val200/000017.png").unlink()
@@ -95,14 +98,17 @@ def test_a_train_path_listed_in_test_and_a_malformed_list(clean_root: Path, tmp_
     (task_dir / "test.txt").write_text("\n".join(lines) + "\n")
     (task_dir / "train800.txt").write_text("images/train800/000000.png zero\n")
     problems = check_task(task_dir, "kitti")
-    assert problems[0] == "kitti: train800.txt:1: expected '<relative image path> <integer label>', got " \
-                          "'images/train800/000000.png zero'."
+    assert (
+        problems[0] == "kitti: train800.txt:1: expected '<relative image path> <integer label>', got "
+        "'images/train800/000000.png zero'."
+    )
     assert "kitti: test.txt:1: test image images/train800/000003.png is also listed in train800val200.txt:4" in problems
     assert "kitti: image images/test/000000.png is in no list file" in problems
 
 
-def test_bad_input_exits_2_and_missing_folders_are_problems(clean_root: Path, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exits_2_and_missing_folders_are_problems(
+    clean_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert check_main(["--root", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert check_main(["--root", str(tmp_path)]) == 2  # no VTAB-1K task folder in it

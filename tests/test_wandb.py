@@ -28,8 +28,9 @@ RECIPES = REPO / "recipes"
 NUM_CLASSES = 5  # not any default of the model, so the linked value is visible
 
 
-def make_tiny_vtab(root: Path, task: str = "tiny", num_classes: int = NUM_CLASSES, per_class: int = 4,
-                   size: int = 32, seed: int = 0) -> Path:
+def make_tiny_vtab(
+    root: Path, task: str = "tiny", num_classes: int = NUM_CLASSES, per_class: int = 4, size: int = 32, seed: int = 0
+) -> Path:
     """A task in the VTAB-1K list layout: class-coloured noise PNGs and the four list files."""
     rng = np.random.default_rng(seed)
     task_dir = root / task
@@ -61,11 +62,11 @@ def read_wandb_records(path: Path) -> Iterator[Any]:
         if left < 7:  # block trailer
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:  # zero padding
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 1:  # full
             payload = chunk
@@ -98,8 +99,10 @@ def summarize_run(run_file: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
 
 
 TINY_BACKBONE = [
-    "--model.init_args.model_name=vit_tiny_patch16_224", "--model.init_args.checkpoint_path=null",
-    "--model.init_args.pretrained=false", "--model.init_args.img_size=32",
+    "--model.init_args.model_name=vit_tiny_patch16_224",
+    "--model.init_args.checkpoint_path=null",
+    "--model.init_args.pretrained=false",
+    "--model.init_args.img_size=32",
     "--model.init_args.model_kwargs={depth: 3, patch_size: 8}",
 ]
 
@@ -107,20 +110,38 @@ TINY_BACKBONE = [
 def tiny_fit_args(recipe: str, data_root: Path, *model_args: str) -> list[str]:
     """``fit`` of a method recipe shrunk to a tiny random ViT on the tiny task, W&B stacked."""
     return [
-        "fit", "-c", str(RECIPES / recipe), "-c", str(RECIPES / "loggers" / "wandb.yaml"), *TINY_BACKBONE, *model_args,
-        f"--data.init_args.root={data_root}", "--data.init_args.task=tiny",
-        "--data.init_args.protocol=train_val", "--data.init_args.img_size=32",
-        "--data.init_args.batch_size=10", "--data.init_args.eval_batch_size=10", "--data.init_args.num_workers=0",
-        "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.num_sanity_val_steps=0",
-        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.enable_progress_bar=false",
+        "fit",
+        "-c",
+        str(RECIPES / recipe),
+        "-c",
+        str(RECIPES / "loggers" / "wandb.yaml"),
+        *TINY_BACKBONE,
+        *model_args,
+        f"--data.init_args.root={data_root}",
+        "--data.init_args.task=tiny",
+        "--data.init_args.protocol=train_val",
+        "--data.init_args.img_size=32",
+        "--data.init_args.batch_size=10",
+        "--data.init_args.eval_batch_size=10",
+        "--data.init_args.num_workers=0",
+        "--trainer.max_epochs=1",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.enable_progress_bar=false",
         "--trainer.logger.init_args.project=petl-test",
     ]
 
 
 def tiny_dyn_adapter_args(data_root: Path) -> list[str]:
     return tiny_fit_args(
-        "dyn_adapter.yaml", data_root, "--model.init_args.exit_blocks=[1, 2]", "--model.init_args.exit_hidden=[32, 0]",
-        "--model.init_args.exit_thresholds=0.2", "--model.init_args.calibrate_budget=null",
+        "dyn_adapter.yaml",
+        data_root,
+        "--model.init_args.exit_blocks=[1, 2]",
+        "--model.init_args.exit_hidden=[32, 0]",
+        "--model.init_args.exit_thresholds=0.2",
+        "--model.init_args.calibrate_budget=null",
     )
 
 
@@ -174,8 +195,14 @@ def test_wandb_offline_run_holds_exit_table_flops_and_effective_config(
         logged.update(row)
 
     # FLOPs scalars reached the run: executed GFLOPs below the backbone's (images left early).
-    for key in ("val/gflops_per_image", "val/gflops_backbone", "val/flops_vs_backbone", "val/images",
-                "val/exit_share/block01", "val/acc"):
+    for key in (
+        "val/gflops_per_image",
+        "val/gflops_backbone",
+        "val/flops_vs_backbone",
+        "val/images",
+        "val/exit_share/block01",
+        "val/acc",
+    ):
         assert key in logged, f"{key} not in the run history; have {sorted(logged)[:40]}"
     assert math.isclose(logged["val/gflops_per_image"], metrics["val/gflops_per_image"], rel_tol=1e-6)
     assert logged["val/flops_vs_backbone"] < 1.0
@@ -196,7 +223,9 @@ def test_wandb_offline_run_holds_exit_table_flops_and_effective_config(
     assert "seed_everything" in config
 
 
-def test_wandb_disabled_runs_and_writes_nothing(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_disabled_runs_and_writes_nothing(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """DyT through the same W&B stack with W&B switched off: keep-rate tables and charts are made
     for a disabled run without error, the scalars still reach the trainer, no W&B files appear."""
     import wandb
@@ -222,8 +251,16 @@ def test_one_flag_wandb_logger_parses(capsys: pytest.CaptureFixture[str]) -> Non
     from petl_lightning.cli import PETLCLI
 
     with pytest.raises(SystemExit) as exc:
-        PETLCLI(args=["fit", "-c", str(RECIPES / "linear_probe.yaml"), "--trainer.logger=WandbLogger",
-                      "--trainer.logger.project=my-project", "--print_config"])
+        PETLCLI(
+            args=[
+                "fit",
+                "-c",
+                str(RECIPES / "linear_probe.yaml"),
+                "--trainer.logger=WandbLogger",
+                "--trainer.logger.project=my-project",
+                "--print_config",
+            ]
+        )
     assert exc.value.code in (0, None)
     cfg = yaml.safe_load(capsys.readouterr().out)
     logger = cfg["trainer"]["logger"]

@@ -17,14 +17,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+from tensorflow_datasets.testing.mocking import RandomFakeGenerator  # noqa: E402
 
 # petl_lightning (torch, timm: triton's native library) must load before TensorFlow: loading triton
 # after TensorFlow segfaults (tensorflow-cpu 2.21 with triton 3.x). The package always does so.
 from petl_lightning.data.vtab_splits import VTAB_SOURCES, slice_ranges
-
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-from tensorflow_datasets.testing.mocking import RandomFakeGenerator  # noqa: E402
 
 
 def _sizes(builder: Any) -> dict[str, int]:
@@ -71,8 +70,9 @@ def _arrays(encoded: Any) -> Any:
     return encoded
 
 
-def _as_dataset(self: Any, split: str, decoders: Any = None, read_config: Any = None,
-                shuffle_files: bool = False) -> tf.data.Dataset:
+def _as_dataset(
+    self: Any, split: str, decoders: Any = None, read_config: Any = None, shuffle_files: bool = False
+) -> tf.data.Dataset:
     features = self.info.features
     ranges = slice_ranges(str(split), _sizes(self))
 
@@ -83,7 +83,8 @@ def _as_dataset(self: Any, split: str, decoders: Any = None, read_config: Any = 
 
     specs = features.get_serialized_info()
     ds = tf.data.Dataset.from_generator(
-        examples, output_signature=tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.tf_dtype), specs))
+        examples, output_signature=tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.tf_dtype), specs)
+    )
     return ds.map(lambda ex: features.decode_example(ex, decoders=decoders))
 
 

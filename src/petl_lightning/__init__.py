@@ -7,7 +7,12 @@ when a callback first draws).
 
 from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT
 from petl_lightning.callbacks import (
-    ExitCalibration, ExitRateLogger, FlopsLogger, ImageThroughputMonitor, PETLCheckpoint, PredictionWriter,
+    ExitCalibration,
+    ExitRateLogger,
+    FlopsLogger,
+    ImageThroughputMonitor,
+    PETLCheckpoint,
+    PredictionWriter,
 )
 from petl_lightning.data.vtab import VTAB_TASKS, VTAB1kDataModule
 from petl_lightning.errors import CheckpointError, ConfigError, DataError, ModelNameError, PETLError
@@ -21,8 +26,30 @@ from petl_lightning.methods.repadapter import RepAdapter
 __version__ = "0.2.0"
 
 __all__ = [
-    "ARC", "DEFAULT_MODEL", "CalibrationConfig", "CheckpointError", "ConfigError", "DataError", "DyT", "DynAdapter",
-    "ExitCalibration", "ExitConfig", "ExitRateLogger", "FlopsLogger", "FrozenViT", "FullFinetune",
-    "ImageThroughputMonitor", "LinearProbe", "LossSchedule", "ModelNameError", "PETLCheckpoint", "PETLError",
-    "PETLModule", "PredictionWriter", "RepAdapter", "SparsityConfig", "VTAB1kDataModule", "VTAB_TASKS",
+    "ARC",
+    "DEFAULT_MODEL",
+    "CalibrationConfig",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DyT",
+    "DynAdapter",
+    "ExitCalibration",
+    "ExitConfig",
+    "ExitRateLogger",
+    "FlopsLogger",
+    "FrozenViT",
+    "FullFinetune",
+    "ImageThroughputMonitor",
+    "LinearProbe",
+    "LossSchedule",
+    "ModelNameError",
+    "PETLCheckpoint",
+    "PETLError",
+    "PETLModule",
+    "PredictionWriter",
+    "RepAdapter",
+    "SparsityConfig",
+    "VTAB1kDataModule",
+    "VTAB_TASKS",
 ]

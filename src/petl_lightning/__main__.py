@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from petl_lightning.cli import SUBCOMMANDS, PETLCLI
+from petl_lightning.cli import PETLCLI, SUBCOMMANDS
 from petl_lightning.errors import run_user_command
 
 
@@ -42,12 +42,14 @@ def lightning_main(argv: list[str] | None = None) -> None:
     try:
         from lightning_sdk.cli.entrypoint import main_cli  # type: ignore[import-not-found]
     except ImportError:
-        print(f"error: 'lightning {args[0]}' is not a petl_lightning command (use fit, validate, test or predict), "
-              f"and lightning-sdk, whose CLI has other commands, is not installed.", file=sys.stderr)
+        print(
+            f"error: 'lightning {args[0]}' is not a petl_lightning command (use fit, validate, test or predict), "
+            f"and lightning-sdk, whose CLI has other commands, is not installed.",
+            file=sys.stderr,
+        )
         sys.exit(2)
     sys.argv = ["lightning", *args]
     main_cli()
-
 
 
 if __name__ == "__main__":

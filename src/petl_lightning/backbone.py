@@ -78,8 +78,7 @@ def load_weights(vit: VisionTransformer, checkpoint_path: str | os.PathLike) -> 
     suffix = path.suffix.lower()
     if suffix not in WEIGHT_SUFFIXES:
         raise CheckpointError(
-            f"Unknown weights format {suffix!r} for {str(path)!r}; expected one of "
-            f"{', '.join(WEIGHT_SUFFIXES)}."
+            f"Unknown weights format {suffix!r} for {str(path)!r}; expected one of {', '.join(WEIGHT_SUFFIXES)}."
         )
     if suffix == ".npz":
         try:
@@ -102,8 +101,11 @@ def load_weights(vit: VisionTransformer, checkpoint_path: str | os.PathLike) -> 
         raise CheckpointError(f"{str(path)!r} does not fit {type(vit).__name__}: {err}") from None
     state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_KEY_PREFIXES)}
     own = vit.state_dict()
-    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state.items() if k in own and own[k].shape != v.shape]
+    bad = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     missing = sorted(set(own) - set(state) - {k for k in own if k.startswith(_IGNORED_KEY_PREFIXES)})
     unexpected = sorted(set(state) - set(own))
     if bad or missing or unexpected:
@@ -243,8 +245,11 @@ class FrozenViT(nn.Module):
 def frozen_state_ids(module: nn.Module) -> set[int]:
     """Identities of the frozen tensors in ``module``'s state dict: every tensor except trainable
     parameters (a LoRA layer injected into the backbone trains, so it is kept in checkpoints)."""
-    return {id(t) for t in module.state_dict(keep_vars=True).values()
-            if not (isinstance(t, nn.Parameter) and t.requires_grad)}
+    return {
+        id(t)
+        for t in module.state_dict(keep_vars=True).values()
+        if not (isinstance(t, nn.Parameter) and t.requires_grad)
+    }
 
 
 __all__ = ["DEFAULT_MODEL", "FrozenViT", "check_model_name", "load_weights", "frozen_state_ids"]

@@ -56,7 +56,9 @@ class PETLCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggerSaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False, **{s: {"exit_on_error": False} for s in SUBCOMMANDS}})
+        kwargs.setdefault(
+            "parser_kwargs", {"exit_on_error": False, **{s: {"exit_on_error": False} for s in SUBCOMMANDS}}
+        )
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -91,26 +93,34 @@ class PETLCLI(LightningCLI):
             if path is None:
                 if sub == "fit":
                     return  # nothing to resume yet: Lightning starts from scratch
-                raise CheckpointError(f"--ckpt_path last: no last.ckpt in {self._checkpoint_dir(cfg)}. Fit first (same "
-                                      f"--trainer.default_root_dir), or pass the .ckpt file.")
+                raise CheckpointError(
+                    f"--ckpt_path last: no last.ckpt in {self._checkpoint_dir(cfg)}. Fit first (same "
+                    f"--trainer.default_root_dir), or pass the .ckpt file."
+                )
             cfg["ckpt_path"] = str(path)
         ckpt = read_checkpoint(path)
         cls = import_class(cfg["model.class_path"])
         stored_cls = import_class(ckpt.get("petl", {}).get("method", ""))
         if stored_cls is not None and cls is not None and stored_cls is not cls:
-            raise CheckpointError(f"{path} was written by {stored_cls.__name__}, but this run builds {cls.__name__}: "
-                                  f"use the {stored_cls.__name__} recipe (or the run's config.yaml) with this checkpoint.")
+            raise CheckpointError(
+                f"{path} was written by {stored_cls.__name__}, but this run builds {cls.__name__}: "
+                f"use the {stored_cls.__name__} recipe (or the run's config.yaml) with this checkpoint."
+            )
         stored = ckpt.get("hyper_parameters", {})
         args = cfg["model.init_args"]
         if "model_name" in stored and stored["model_name"] != args.get("model_name"):
-            raise CheckpointError(f"{path} was trained on backbone {stored['model_name']!r}, but this run builds "
-                                  f"{args.get('model_name')!r}: pass --model.init_args.model_name {stored['model_name']}.")
+            raise CheckpointError(
+                f"{path} was trained on backbone {stored['model_name']!r}, but this run builds "
+                f"{args.get('model_name')!r}: pass --model.init_args.model_name {stored['model_name']}."
+            )
         structural = set(getattr(cls, "STRUCTURAL_HPARAMS", ()))
         for key, value in stored.items():
             if key not in args or key.startswith("_") or key == "num_classes":
                 continue
             if key in structural or args[key] is None:
-                args[key] = Namespace(**value) if isinstance(value, dict) and isinstance(args[key], Namespace) else value
+                args[key] = (
+                    Namespace(**value) if isinstance(value, dict) and isinstance(args[key], Namespace) else value
+                )
 
     def _checkpoint_dir(self, cfg: Namespace) -> Path:
         return Path(cfg.get("checkpoint.dirpath") or Path(cfg["trainer.default_root_dir"] or ".") / "checkpoints")
@@ -129,9 +139,11 @@ class PETLCLI(LightningCLI):
             if model_size is None and data_size is not None:
                 cfg["model.init_args.img_size"] = data_size
             elif model_size is not None and data_size is not None and model_size != data_size:
-                raise ConfigError(f"--model.init_args.img_size={model_size} but --data.init_args.img_size={data_size}: "
-                                  f"the backbone must be built for the size of its images. Set both to the same value, "
-                                  f"or set only --data.init_args.img_size (the model follows it).")
+                raise ConfigError(
+                    f"--model.init_args.img_size={model_size} but --data.init_args.img_size={data_size}: "
+                    f"the backbone must be built for the size of its images. Set both to the same value, "
+                    f"or set only --data.init_args.img_size (the model follows it)."
+                )
         cls = import_class(cfg.get("model.class_path") or "")
         task = cfg.get("data.init_args.task")
         if cls is not None and task and hasattr(cls, "task_overrides"):
@@ -141,7 +153,9 @@ class PETLCLI(LightningCLI):
                     args[key] = value
         epochs = cfg.get("trainer.max_epochs")
         if epochs is not None and (epochs < -1 or epochs == 0):
-            raise ConfigError(f"--trainer.max_epochs must be a positive number of epochs (or -1 for no limit), got {epochs}.")
+            raise ConfigError(
+                f"--trainer.max_epochs must be a positive number of epochs (or -1 for no limit), got {epochs}."
+            )
         check_writable(Path(cfg.get("trainer.default_root_dir") or "."))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
@@ -177,9 +191,11 @@ def check_writable(folder: Path) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"Cannot create the output folder {str(folder)!r}: {str(probe)!r} is "
-                          f"{'not a folder' if not probe.is_dir() else 'not writable'}; pass a writable "
-                          f"--trainer.default_root_dir.")
+        raise ConfigError(
+            f"Cannot create the output folder {str(folder)!r}: {str(probe)!r} is "
+            f"{'not a folder' if not probe.is_dir() else 'not writable'}; pass a writable "
+            f"--trainer.default_root_dir."
+        )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -190,11 +206,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure means: not a checkpoint
-        raise CheckpointError(f"{str(p)!r} is not a Lightning checkpoint ({type(err).__name__}). --ckpt_path takes a "
-                              f".ckpt written by a fit run; backbone weights go to --model.init_args.checkpoint_path.") from None
+        raise CheckpointError(
+            f"{str(p)!r} is not a Lightning checkpoint ({type(err).__name__}). --ckpt_path takes a "
+            f".ckpt written by a fit run; backbone weights go to --model.init_args.checkpoint_path."
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{str(p)!r} holds no 'state_dict', so it is not a Lightning checkpoint. Backbone weights "
-                              f"go to --model.init_args.checkpoint_path.")
+        raise CheckpointError(
+            f"{str(p)!r} holds no 'state_dict', so it is not a Lightning checkpoint. Backbone weights "
+            f"go to --model.init_args.checkpoint_path."
+        )
     return ckpt
 
 

@@ -20,19 +20,30 @@ import yaml
 
 #: Keys renamed by the redesign (old init argument -> new one; None: removed, with the reason).
 RENAMED: dict[str, dict[str, str | None]] = {
-    "RepAdapter": {"r": "adapter_dim", "groups": "adapter_groups", "scale": "adapter_scale",
-                   "scale_task": None},
+    "RepAdapter": {"r": "adapter_dim", "groups": "adapter_groups", "scale": "adapter_scale", "scale_task": None},
     "ARC": {"r": "adapter_dim"},
     "DyT": {"variant": "placement", "force_keep_rate": "fixed_keep_rate", "bottleneck": "adapter_dim"},
     "DynAdapter": {
-        "exit_blocks": "exits.blocks", "exit_hidden": "exits.hidden", "exit_dropout": "exits.dropout",
-        "exit_pool": "exits.pool", "exit_grad_scale": "exits.grad_scale", "lora_rank": "adapter_dim",
-        "arc_rank": "adapter_dim", "lora_alpha": "adapter_scale", "loss_schedule": "loss.kind",
-        "loss_weight_start": "loss.start", "loss_weight_end": "loss.end", "loss_ramp": "loss.ramp",
-        "final_loss_weight": "loss.final_weight", "petl_dropout": "sparsity.adapter_dropout",
-        "grad_keep": "sparsity.grad_keep", "grad_mask_mode": "sparsity.grad_mask_mode",
-        "confidence": "calibration.confidence", "exit_thresholds": "calibration.thresholds",
-        "calibrate_budget": "calibration.budget", "calibration_policy": "calibration.policy",
+        "exit_blocks": "exits.blocks",
+        "exit_hidden": "exits.hidden",
+        "exit_dropout": "exits.dropout",
+        "exit_pool": "exits.pool",
+        "exit_grad_scale": "exits.grad_scale",
+        "lora_rank": "adapter_dim",
+        "arc_rank": "adapter_dim",
+        "lora_alpha": "adapter_scale",
+        "loss_schedule": "loss.kind",
+        "loss_weight_start": "loss.start",
+        "loss_weight_end": "loss.end",
+        "loss_ramp": "loss.ramp",
+        "final_loss_weight": "loss.final_weight",
+        "petl_dropout": "sparsity.adapter_dropout",
+        "grad_keep": "sparsity.grad_keep",
+        "grad_mask_mode": "sparsity.grad_mask_mode",
+        "confidence": "calibration.confidence",
+        "exit_thresholds": "calibration.thresholds",
+        "calibrate_budget": "calibration.budget",
+        "calibration_policy": "calibration.policy",
     },
 }
 REMOVED_WHY = {"scale_task": "leave adapter_scale null and the official scale of data.init_args.task is used"}
@@ -98,8 +109,9 @@ def init_arguments(cls: type) -> dict[str, inspect.Parameter]:
         if init is None:
             continue
         sig = inspect.signature(init)
-        params.update({n: p for n, p in sig.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD
-                       and n not in params})
+        params.update(
+            {n: p for n, p in sig.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD and n not in params}
+        )
         if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
             break
     return params
@@ -165,7 +177,8 @@ def _check_trainer(keys: dict[str, Any]) -> str | None:
         if parts[0] == "trainer" and len(parts) > 1 and parts[1] not in valid:
             close = difflib.get_close_matches(parts[1], valid, n=1, cutoff=0.5)
             return f"Trainer has no argument {parts[1]!r} (trainer.{parts[1]})" + (
-                f"; did you mean trainer.{close[0]}?" if close else ".")
+                f"; did you mean trainer.{close[0]}?" if close else "."
+            )
     return None
 
 

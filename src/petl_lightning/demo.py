@@ -34,8 +34,7 @@ def build_digits_task(root: Path, size: int = 32) -> Path:
         name = f"images/{i:04d}.png"
         img.save(task_dir / name)
         lines.append(f"{name} {digits.target[idx]}")
-    splits = {"train800": lines[:800], "val200": lines[800:1000], "train800val200": lines[:1000],
-              "test": lines[1000:]}
+    splits = {"train800": lines[:800], "val200": lines[800:1000], "train800val200": lines[:1000], "test": lines[1000:]}
     for split, rows in splits.items():
         (task_dir / f"{split}.txt").write_text("\n".join(rows) + "\n")
     (task_dir / "classes.txt").write_text("\n".join(str(d) for d in range(10)) + "\n")
@@ -54,8 +53,9 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     build_digits_task(Path(args.data_root))
-    cli = PETLCLI(args=["fit", "-c", args.config, "--data.init_args.root", args.data_root,
-                        "--trainer.default_root_dir", args.out])
+    cli = PETLCLI(
+        args=["fit", "-c", args.config, "--data.init_args.root", args.data_root, "--trainer.default_root_dir", args.out]
+    )
     result = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     stats = cli.model.inference_stats()
     summary = cli.model.parameter_summary()

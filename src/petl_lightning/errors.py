@@ -86,6 +86,14 @@ def run_user_command(fn: Callable[[], Any]) -> int:
 
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataError", "MissingExtraError", "ModelNameError", "PETLError",
-    "find_user_error", "one_line", "require", "run_user_command",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "MissingExtraError",
+    "ModelNameError",
+    "PETLError",
+    "find_user_error",
+    "one_line",
+    "require",
+    "run_user_command",
 ]

@@ -32,12 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, weights: str | None = None,
-                      fmt: str | None = None) -> Path:
+def export_checkpoint(
+    ckpt_path: str | Path, out: str | Path, weights: str | None = None, fmt: str | None = None
+) -> Path:
     """Rebuild the method of ``ckpt_path`` and export it to ``out``; returns the written path."""
     fmt = fmt or Path(out).suffix.lstrip(".")
     if fmt not in FORMATS:
-        raise ConfigError(f"Unknown export format {fmt!r} (from --out {str(out)!r}); choose one of {', '.join(FORMATS)}.")
+        raise ConfigError(
+            f"Unknown export format {fmt!r} (from --out {str(out)!r}); choose one of {', '.join(FORMATS)}."
+        )
     return load_trained(ckpt_path, weights).export(out)
 
 

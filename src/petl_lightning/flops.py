@@ -131,6 +131,16 @@ def gflops(flops: float) -> float:
 
 
 __all__ = [
-    "ViTShape", "attn_flops", "attn_kept_query_flops", "block_flops", "embed_flops", "gflops", "head_flops", "layernorm_flops",
-    "linear_flops", "mlp_flops", "non_block_flops", "vit_flops",
+    "ViTShape",
+    "attn_flops",
+    "attn_kept_query_flops",
+    "block_flops",
+    "embed_flops",
+    "gflops",
+    "head_flops",
+    "layernorm_flops",
+    "linear_flops",
+    "mlp_flops",
+    "non_block_flops",
+    "vit_flops",
 ]

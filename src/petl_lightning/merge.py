@@ -93,8 +93,11 @@ def merge_into_vit(
     source = backbone
     if any(isinstance(m, LoRALinear) for m in backbone.modules()):
         source = merge_lora(copy.deepcopy(backbone))
-    state = {k: v.float() if v.is_floating_point() else v
-             for k, v in source.state_dict().items() if not k.startswith("head.")}
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in source.state_dict().items()
+        if not k.startswith("head.")
+    }
     state["head.weight"], state["head.bias"] = head.weight.float(), head.bias.float()
     merged.load_state_dict(state, strict=True)
     device = next(backbone.parameters()).device

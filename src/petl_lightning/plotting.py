@@ -58,15 +58,24 @@ def inference_stats_figure(stats: dict[str, Tensor], title: str = "", charts: tu
                 text = f"{share[k]:.2f}"
                 if acc is not None and not math.isnan(float(acc[k])):
                     text += f"\nacc {float(acc[k]):.2f}"
-                ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                            fontsize=7, xytext=(0, 2), textcoords="offset points")
+                ax.annotate(
+                    text,
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
             ax.set_ylim(0, 1.15)
             ax.set_xlabel("exit (after block)")
             ax.set_ylabel("share of images")
             ax.set_title("exit shares", fontsize=9)
         elif chart == "keep":
             keep = stats["keep_rate_per_layer"].double().cpu()
-            ax.bar([lab.removeprefix("block").lstrip("0") for lab in block_labels(stats)], keep.tolist(), color="#55A868")
+            ax.bar(
+                [lab.removeprefix("block").lstrip("0") for lab in block_labels(stats)], keep.tolist(), color="#55A868"
+            )
             overall = float(stats["keep_rate"])
             ax.axhline(overall, color="gray", linestyle="--", linewidth=1)
             ax.set_ylim(0, 1.05)
@@ -85,8 +94,11 @@ def inference_stats_figure(stats: dict[str, Tensor], title: str = "", charts: tu
     return fig
 
 
-def accuracy_gflops_figure(series: dict[str, list[dict[str, Any]]], single_exits: list[dict[str, Any]] | None = None,
-                           title: str = "accuracy vs executed GFLOPs") -> Figure:
+def accuracy_gflops_figure(
+    series: dict[str, list[dict[str, Any]]],
+    single_exits: list[dict[str, Any]] | None = None,
+    title: str = "accuracy vs executed GFLOPs",
+) -> Figure:
     """Accuracy-vs-GFLOPs curves: one line per named series of points (``gflops``, ``acc``, and
     ``budget`` to annotate), plus each single exit's point. Budgets that chose the same point share
     one label; labels alternate above and below the line so they do not overlap."""
@@ -101,14 +113,31 @@ def accuracy_gflops_figure(series: dict[str, list[dict[str, Any]]], single_exits
             if "budget" in p:
                 labels.setdefault((round(p["gflops"], 6), round(100 * p["acc"], 4)), []).append(f"{p['budget']:g}")
         for i, (xy, names) in enumerate(sorted(labels.items())):
-            ax.annotate(",".join(names), xy, textcoords="offset points", xytext=(4, 8 if i % 2 else -12), fontsize=7,
-                        color=line.get_color())
+            ax.annotate(
+                ",".join(names),
+                xy,
+                textcoords="offset points",
+                xytext=(4, 8 if i % 2 else -12),
+                fontsize=7,
+                color=line.get_color(),
+            )
     if single_exits:
-        ax.plot([p["gflops"] for p in single_exits], [100 * p["acc"] for p in single_exits], "s--", color="gray",
-                label="single exit (model truncated there)")
+        ax.plot(
+            [p["gflops"] for p in single_exits],
+            [100 * p["acc"] for p in single_exits],
+            "s--",
+            color="gray",
+            label="single exit (model truncated there)",
+        )
         for p in single_exits:
-            ax.annotate(f"exit {p['exit']}", (p["gflops"], 100 * p["acc"]), textcoords="offset points", xytext=(4, 3),
-                        fontsize=7, color="gray")
+            ax.annotate(
+                f"exit {p['exit']}",
+                (p["gflops"], 100 * p["acc"]),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=7,
+                color="gray",
+            )
     ax.set_xlabel("executed GFLOPs per image")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"{title} (labels: FLOPs budget)", fontsize=9)
@@ -138,6 +167,12 @@ def log_figure(trainer: Any, key: str, fig: Figure, path: Path | None = None) ->
 
 
 __all__ = [
-    "accuracy_gflops_figure", "block_labels", "exit_labels", "has_exits", "inference_stats_figure", "log_figure",
-    "save_figure", "skips_tokens",
+    "accuracy_gflops_figure",
+    "block_labels",
+    "exit_labels",
+    "has_exits",
+    "inference_stats_figure",
+    "log_figure",
+    "save_figure",
+    "skips_tokens",
 ]

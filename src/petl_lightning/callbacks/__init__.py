@@ -8,6 +8,13 @@ from petl_lightning.callbacks.stats import ExitRateLogger, FlopsLogger, Inferenc
 from petl_lightning.callbacks.throughput import ImageThroughputMonitor, images_in_batch
 
 __all__ = [
-    "ExitCalibration", "ExitRateLogger", "FlopsLogger", "ImageThroughputMonitor", "InferenceStatsCallback",
-    "PETLCheckpoint", "PredictionWriter", "images_in_batch", "read_inference_stats",
+    "ExitCalibration",
+    "ExitRateLogger",
+    "FlopsLogger",
+    "ImageThroughputMonitor",
+    "InferenceStatsCallback",
+    "PETLCheckpoint",
+    "PredictionWriter",
+    "images_in_batch",
+    "read_inference_stats",
 ]

@@ -50,8 +50,10 @@ class ExitCalibration(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         ours = [cb for cb in trainer.callbacks if cb is self or isinstance(cb, InferenceStatsCallback)]
         if ours and ours[0] is not self:
-            raise ConfigError(f"ExitCalibration must come before {type(ours[0]).__name__} in trainer.callbacks (it "
-                              f"sets the thresholds the statistics are read at); move it up in the recipe.")
+            raise ConfigError(
+                f"ExitCalibration must come before {type(ours[0]).__name__} in trainer.callbacks (it "
+                f"sets the thresholds the statistics are read at); move it up in the recipe."
+            )
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self._active(pl_module):
@@ -61,8 +63,9 @@ class ExitCalibration(Callback):
             return
         res = pl_module.calibrate(out)
         pl_module.record_exits(pl_module.held_out_exits(gather=False))
-        pl_module.log_dict({"calib/acc": res["acc"], "calib/gflops": res["gflops"],
-                            "calib/flops_ratio": res["flops_ratio"]})
+        pl_module.log_dict(
+            {"calib/acc": res["acc"], "calib/gflops": res["gflops"], "calib/flops_ratio": res["flops_ratio"]}
+        )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active(pl_module):
@@ -78,10 +81,12 @@ class ExitCalibration(Callback):
             ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "")
             if ckpt:
                 trainer.save_checkpoint(ckpt)
-        rank_zero_info(f"DynAdapter: calibrated for budget {res['budget']:g} on {res['images']} held-out images: "
-                       f"thresholds {[round(t, 4) for t in res['thresholds']]}, acc {res['acc']:.4f}, "
-                       f"{res['gflops']:.4f} GFLOPs ({res['flops_ratio']:.3f} of the full model), exit shares "
-                       f"{[round(s, 3) for s in res['exit_share']]}")
+        rank_zero_info(
+            f"DynAdapter: calibrated for budget {res['budget']:g} on {res['images']} held-out images: "
+            f"thresholds {[round(t, 4) for t in res['thresholds']]}, acc {res['acc']:.4f}, "
+            f"{res['gflops']:.4f} GFLOPs ({res['flops_ratio']:.3f} of the full model), exit shares "
+            f"{[round(s, 3) for s in res['exit_share']]}"
+        )
         if self.curve and trainer.is_global_zero:
             self.draw_curve(trainer, pl_module, held_out)
 
@@ -96,15 +101,19 @@ class ExitCalibration(Callback):
         if held_out is None:
             return
         res = pl_module.calibrate(held_out)
-        rank_zero_info(f"DynAdapter: calibrated for budget {budget:g} on held-out data before testing: "
-                       f"{res['flops_ratio']:.3f} of the full FLOPs, held-out acc {res['acc']:.4f}")
+        rank_zero_info(
+            f"DynAdapter: calibrated for budget {budget:g} on held-out data before testing: "
+            f"{res['flops_ratio']:.3f} of the full FLOPs, held-out acc {res['acc']:.4f}"
+        )
 
     @staticmethod
     def _held_out(pl_module: LightningModule, dm: Any) -> Any:
         if dm is None or getattr(dm, "val_split", None) is None:
-            rank_zero_warn("ExitCalibration: no held-out split to calibrate the exit thresholds on (use the "
-                           "DataModule's protocol='train_val', or call model.calibrate(loader)); thresholds stay "
-                           f"at {pl_module.thresholds.tolist()}.")
+            rank_zero_warn(
+                "ExitCalibration: no held-out split to calibrate the exit thresholds on (use the "
+                "DataModule's protocol='train_val', or call model.calibrate(loader)); thresholds stay "
+                f"at {pl_module.thresholds.tolist()}."
+            )
             return None
         return pl_module.collect_exits(dm)
 
@@ -117,8 +126,11 @@ class ExitCalibration(Callback):
 
         out = pl_module.collect_exits(held_out)
         points = pl_module.curve(out, budgets=self.budgets)
-        fig = accuracy_gflops_figure({f"Dyn-Adapter ({pl_module.hparams.base}), early exit": points},
-                                     single_exit_points(out, pl_module.exit_costs()), "held-out accuracy vs GFLOPs")
+        fig = accuracy_gflops_figure(
+            {f"Dyn-Adapter ({pl_module.hparams.base}), early exit": points},
+            single_exit_points(out, pl_module.exit_costs()),
+            "held-out accuracy vs GFLOPs",
+        )
         self.curve_path = save_figure(fig, Path(trainer.log_dir or trainer.default_root_dir) / CURVE_FILE)
         log_figure(trainer, CURVE_KEY, fig, self.curve_path)
         rank_zero_info(f"DynAdapter: accuracy-vs-GFLOPs curve saved to {self.curve_path}")

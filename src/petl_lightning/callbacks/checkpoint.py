@@ -26,18 +26,35 @@ class PETLCheckpoint(ModelCheckpoint):
         **kwargs: further ``ModelCheckpoint`` arguments.
     """
 
-    def __init__(self, dirpath: str | None = None, monitor: str | None = "val/acc", mode: str = "max",
-                 save_top_k: int = 1, filename: str = "best-epoch{epoch}", auto_insert_metric_name: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        monitor: str | None = "val/acc",
+        mode: str = "max",
+        save_top_k: int = 1,
+        filename: str = "best-epoch{epoch}",
+        auto_insert_metric_name: bool = False,
+        **kwargs: Any,
+    ) -> None:
         kwargs.pop("save_last", None)
-        super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_top_k=save_top_k, filename=filename,
-                         save_last=False, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
+        super().__init__(
+            dirpath=dirpath,
+            monitor=monitor,
+            mode=mode,
+            save_top_k=save_top_k,
+            filename=filename,
+            save_last=False,
+            auto_insert_metric_name=auto_insert_metric_name,
+            **kwargs,
+        )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         dm = trainer.datamodule
-        if stage == "fit" and (not trainer.enable_validation or (dm is not None and getattr(dm, "val_split", "") is None)):
+        if stage == "fit" and (
+            not trainer.enable_validation or (dm is not None and getattr(dm, "val_split", "") is None)
+        ):
             self.monitor, self.save_top_k = None, 0  # no validation metric: keep last.ckpt only
         super().setup(trainer, pl_module, stage)
 

@@ -44,8 +44,16 @@ class PredictionWriter(BasePredictionWriter):
         self._writer = csv.writer(self._file)
         self._writer.writerow(COLUMNS)
 
-    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
-                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         dm = trainer.datamodule
         paths = getattr(dm, "predict_paths", lambda: None)()
         names = getattr(dm, "class_names", None)

@@ -56,8 +56,10 @@ class InferenceStatsCallback(Callback):
     def _read(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "inference_stats", None)):
             if not self._warned:
-                rank_zero_warn(f"{type(self).__name__}: {type(pl_module).__name__} has no inference_stats(); nothing "
-                               f"is logged. Use a petl_lightning module (a PETLModule).")
+                rank_zero_warn(
+                    f"{type(self).__name__}: {type(pl_module).__name__} has no inference_stats(); nothing "
+                    f"is logged. Use a petl_lightning module (a PETLModule)."
+                )
                 self._warned = True
             return
         if trainer.sanity_checking:
@@ -153,7 +155,9 @@ class ExitRateLogger(InferenceStatsCallback):
             log_figure(trainer, f"{stage}/inference_stats", fig)
 
     @staticmethod
-    def _wandb_charts(trainer: Trainer, stage: str, stats: dict[str, Tensor], wanted: tuple[str, ...], step: int) -> None:
+    def _wandb_charts(
+        trainer: Trainer, stage: str, stats: dict[str, Tensor], wanted: tuple[str, ...], step: int
+    ) -> None:
         from lightning.pytorch.loggers import WandbLogger
 
         from petl_lightning.plotting import block_labels, exit_labels
@@ -165,18 +169,22 @@ class ExitRateLogger(InferenceStatsCallback):
 
         media: dict[str, Any] = {}
         if "exits" in wanted:
-            rows = [[label, float(s), None if math.isnan(float(a)) else float(a)]
-                    for label, s, a in zip(exit_labels(stats), stats["exit_share"], stats["exit_acc"])]
+            rows = [
+                [label, float(s), None if math.isnan(float(a)) else float(a)]
+                for label, s, a in zip(exit_labels(stats), stats["exit_share"], stats["exit_acc"])
+            ]
             table = wandb.Table(data=rows, columns=["exit", "share", "accuracy"])
             media[f"{stage}/exit_share_table"] = table
-            media[f"{stage}/exit_share_chart"] = wandb.plot.bar(table, "exit", "share",
-                                                                title=f"{stage}: share of images per exit")
+            media[f"{stage}/exit_share_chart"] = wandb.plot.bar(
+                table, "exit", "share", title=f"{stage}: share of images per exit"
+            )
         if "keep" in wanted:
             rows = [[label, float(r)] for label, r in zip(block_labels(stats), stats["keep_rate_per_layer"])]
             table = wandb.Table(data=rows, columns=["block", "keep_rate"])
             media[f"{stage}/keep_rate_table"] = table
-            media[f"{stage}/keep_rate_chart"] = wandb.plot.bar(table, "block", "keep_rate",
-                                                               title=f"{stage}: token keep rate per block")
+            media[f"{stage}/keep_rate_chart"] = wandb.plot.bar(
+                table, "block", "keep_rate", title=f"{stage}: token keep rate per block"
+            )
         for lg in loggers:
             lg.log_metrics(media, step=step)
 

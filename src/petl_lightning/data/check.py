@@ -71,8 +71,10 @@ def _read_lists(task_dir: Path, task: str, problems: list[str]) -> dict[str, lis
         joint = Counter((s.path, s.label) for s in lists["train800val200"])
         if parts != joint:
             lost, extra = sum((parts - joint).values()), sum((joint - parts).values())
-            problems.append(f"train800val200.txt is not train800.txt + val200.txt ({lost} of their lines are "
-                            f"not in it, {extra} of its lines are in neither)")
+            problems.append(
+                f"train800val200.txt is not train800.txt + val200.txt ({lost} of their lines are "
+                f"not in it, {extra} of its lines are in neither)"
+            )
     return lists
 
 
@@ -103,8 +105,7 @@ def _check_images(task_dir: Path, lists: dict[str, list[Sample]], problems: list
     return readable
 
 
-def _check_duplicates(task_dir: Path, lists: dict[str, list[Sample]], readable: set[Path],
-                      problems: list[str]) -> None:
+def _check_duplicates(task_dir: Path, lists: dict[str, list[Sample]], readable: set[Path], problems: list[str]) -> None:
     train: dict[Path, Sample] = {}
     for name in TRAIN_LISTS:
         for s in lists.get(name, []):
@@ -118,8 +119,10 @@ def _check_duplicates(task_dir: Path, lists: dict[str, list[Sample]], readable: 
         if path in train:
             problems.append(f"{_where(s)}: test image {_rel(s, task_dir)} is also listed in {_where(train[path])}")
         elif path in readable and (twin := by_digest.get(sha256_of(path))) is not None:
-            problems.append(f"{_where(s)}: test image {_rel(s, task_dir)} has the same bytes as training image "
-                            f"{_rel(twin, task_dir)} ({_where(twin)})")
+            problems.append(
+                f"{_where(s)}: test image {_rel(s, task_dir)} has the same bytes as training image "
+                f"{_rel(twin, task_dir)} ({_where(twin)})"
+            )
 
 
 def _check_manifest(task_dir: Path, problems: list[str]) -> None:
@@ -160,11 +163,15 @@ def _tasks(spec: str, root: Path) -> list[str]:
 def check_main(argv: list[str] | None = None) -> int:
     """``petl-lightning vtab-check --root DIR [--tasks present]``: 0 when every checked task is sound,
     1 when problems were found (one line each), 2 for bad input."""
-    p = argparse.ArgumentParser(prog="petl-lightning vtab-check",
-                                description="Verify VTAB-1K task folders against the benchmark's splits.")
+    p = argparse.ArgumentParser(
+        prog="petl-lightning vtab-check", description="Verify VTAB-1K task folders against the benchmark's splits."
+    )
     p.add_argument("--root", required=True, help="the VTAB-1K root holding the task folders")
-    p.add_argument("--tasks", default="present",
-                   help="present (every VTAB-1K task folder under the root), all, a group, or a comma list")
+    p.add_argument(
+        "--tasks",
+        default="present",
+        help="present (every VTAB-1K task folder under the root), all, a group, or a comma list",
+    )
     try:
         args = p.parse_args(argv)
     except SystemExit as exit_:  # usage errors (status 2) and --help (status 0)
@@ -189,8 +196,11 @@ def check_main(argv: list[str] | None = None) -> int:
         else:
             sizes = "/".join(str(n) for n in expected_sizes(task).values())
             print(f"{task}: ok ({sizes} images in {', '.join(LIST_FILES)})")
-    print(f"vtab-check: {failing} of {len(tasks)} task folders have problems" if failing
-          else f"vtab-check: all {len(tasks)} task folders are sound")
+    print(
+        f"vtab-check: {failing} of {len(tasks)} task folders have problems"
+        if failing
+        else f"vtab-check: all {len(tasks)} task folders are sound"
+    )
     return 1 if failing else 0
 
 

@@ -102,8 +102,9 @@ def _open_builder(tfds: Any, src: TaskSource, data_dir: str | None, manual_dir: 
     try:
         builder = tfds.builder(src.tfds_name, data_dir=data_dir)
     except Exception as err:  # noqa: BLE001 - tfds raises several kinds for a missing builder/version
-        raise DataError(f"{src.task}: tfds has no {src.tfds_name} ({_first_line(err)}); "
-                        f"update tensorflow-datasets.") from None
+        raise DataError(
+            f"{src.task}: tfds has no {src.tfds_name} ({_first_line(err)}); update tensorflow-datasets."
+        ) from None
     manual = _manual_dir(builder, manual_dir)
     if src.manual and not builder.is_prepared():
         missing = [f for f in src.manual_files if not (manual / f).exists()]
@@ -115,8 +116,10 @@ def _open_builder(tfds: Any, src: TaskSource, data_dir: str | None, manual_dir: 
     try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
     except Exception as err:  # noqa: BLE001 - network, checksum and extraction errors of tfds
-        raise DataError(f"{src.task}: tfds could not download and prepare {src.tfds_name} "
-                        f"({type(err).__name__}: {_first_line(err)}). Fix that and run again.") from None
+        raise DataError(
+            f"{src.task}: tfds could not download and prepare {src.tfds_name} "
+            f"({type(err).__name__}: {_first_line(err)}). Fix that and run again."
+        ) from None
     for split, size in src.sizes.items():
         info = builder.info.splits.get(split)
         if info is not None and info.num_examples != size:
@@ -153,14 +156,20 @@ def _write_list(tfds: Any, builder: Any, src: TaskSource, name: str, spec: str, 
     num_classes = VTAB_TASKS[src.task].num_classes
     folder = out / "images" / name
     folder.mkdir(parents=True)
-    ds = builder.as_dataset(split=spec, shuffle_files=False, decoders={src.image_key: tfds.decode.SkipDecoding()},
-                            read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    ds = builder.as_dataset(
+        split=spec,
+        shuffle_files=False,
+        decoders={src.image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(interleave_cycle_length=1),
+    )
     lines = []
     for i, example in enumerate(tfds.as_numpy(ds)):
         label = src.label(example)
         if not 0 <= label < num_classes:
-            raise DataError(f"{src.task}: example {i} of tfds {spec!r} maps to label {label}, outside "
-                            f"[0, {num_classes}): the tfds data is not what VTAB-1K defines.")
+            raise DataError(
+                f"{src.task}: example {i} of tfds {spec!r} maps to label {label}, outside "
+                f"[0, {num_classes}): the tfds data is not what VTAB-1K defines."
+            )
         data, suffix = encode_image(example[src.image_key], src.scale_pixels)
         rel = f"images/{name}/{i:06d}{suffix}"
         (out / rel).write_bytes(data)
@@ -171,8 +180,10 @@ def _write_list(tfds: Any, builder: Any, src: TaskSource, name: str, spec: str, 
 def _class_names(builder: Any, src: TaskSource) -> list[str]:
     names = src.class_names or builder.info.features[src.label_key].names
     if len(names) != VTAB_TASKS[src.task].num_classes:
-        raise DataError(f"{src.task}: tfds has {len(names)} classes in {src.label_key!r}, VTAB-1K has "
-                        f"{VTAB_TASKS[src.task].num_classes}: use the dataset version VTAB defines ({src.tfds_name}).")
+        raise DataError(
+            f"{src.task}: tfds has {len(names)} classes in {src.label_key!r}, VTAB-1K has "
+            f"{VTAB_TASKS[src.task].num_classes}: use the dataset version VTAB defines ({src.tfds_name})."
+        )
     return list(names)
 
 
@@ -185,8 +196,10 @@ def _write_task(tfds: Any, builder: Any, src: TaskSource, out: Path, test_limit:
     for name in LISTS:
         rows[name] = _write_list(tfds, builder, src, name, specs[name], out)
         if len(rows[name]) != slice_size(specs[name], src.sizes):
-            raise DataError(f"{src.task}: tfds gave {len(rows[name])} examples for {specs[name]!r}, expected "
-                            f"{slice_size(specs[name], src.sizes)}.")
+            raise DataError(
+                f"{src.task}: tfds gave {len(rows[name])} examples for {specs[name]!r}, expected "
+                f"{slice_size(specs[name], src.sizes)}."
+            )
     rows["train800val200"] = rows["train800"] + rows["val200"]
     specs["train800val200"] = f"{specs['train800']}+{specs['val200']}"
     classes = _class_names(builder, src)
@@ -196,9 +209,13 @@ def _write_task(tfds: Any, builder: Any, src: TaskSource, out: Path, test_limit:
     files = [f"{n}.txt" for n in rows] + ["classes.txt"]
     manifest = {
         "task": src.task,
-        "source": {"tfds_builder": src.builder, "tfds_version_pattern": src.version,
-                   "dataset": builder.info.full_name, "version": str(builder.info.version),
-                   "tensorflow_datasets": tfds.__version__},
+        "source": {
+            "tfds_builder": src.builder,
+            "tfds_version_pattern": src.version,
+            "dataset": builder.info.full_name,
+            "version": str(builder.info.version),
+            "tensorflow_datasets": tfds.__version__,
+        },
         "splits": {n: {"tfds_split": specs[n], "images": len(rows[n])} for n in rows},
         "canonical": test_limit is None,
         "num_classes": len(classes),
@@ -209,8 +226,13 @@ def _write_task(tfds: Any, builder: Any, src: TaskSource, out: Path, test_limit:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def prepare_task(root: str | Path, task: str, data_dir: str | None = None, manual_dir: str | Path | None = None,
-                 test_limit: int | None = None) -> bool:
+def prepare_task(
+    root: str | Path,
+    task: str,
+    data_dir: str | None = None,
+    manual_dir: str | Path | None = None,
+    test_limit: int | None = None,
+) -> bool:
     """Builds ``root/task`` from tfds unless it exists; returns whether it was built.
 
     Args:
@@ -253,8 +275,13 @@ class PrepareReport:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def prepare_tasks(root: str | Path, tasks: Sequence[str], data_dir: str | None = None,
-                  manual_dir: str | Path | None = None, test_limit: int | None = None) -> PrepareReport:
+def prepare_tasks(
+    root: str | Path,
+    tasks: Sequence[str],
+    data_dir: str | None = None,
+    manual_dir: str | Path | None = None,
+    test_limit: int | None = None,
+) -> PrepareReport:
     """Builds each missing task; a task that fails (e.g. needs a manual download) does not stop the others."""
     for task in tasks:
         _source(task)  # every name is checked before anything is built
@@ -271,8 +298,10 @@ def prepare_tasks(root: str | Path, tasks: Sequence[str], data_dir: str | None =
             print(f"{task}: {'needs a manual download' if manual else 'failed'}, not built", flush=True)
             continue
         (report.built if built else report.skipped).append(task)
-        print(f"{task}: {'built' if built else 'already there, skipped'} ({time.perf_counter() - start:.1f} s)",
-              flush=True)
+        print(
+            f"{task}: {'built' if built else 'already there, skipped'} ({time.perf_counter() - start:.1f} s)",
+            flush=True,
+        )
     return report
 
 
@@ -281,8 +310,10 @@ def parse_tasks(spec: str) -> list[str]:
     tasks: list[str] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         if item != "all" and item not in GROUPS and item not in VTAB_TASKS:
-            raise DataError(f"Unknown VTAB-1K task {item!r}: use all, {', '.join(GROUPS)} or task names "
-                            f"({', '.join(VTAB_TASKS)}), comma-separated.")
+            raise DataError(
+                f"Unknown VTAB-1K task {item!r}: use all, {', '.join(GROUPS)} or task names "
+                f"({', '.join(VTAB_TASKS)}), comma-separated."
+            )
         tasks += tasks_in_group(item) if item == "all" or item in GROUPS else [item]
     if not tasks:
         raise DataError("No tasks given: use all, a group or a comma list of VTAB-1K tasks.")
@@ -292,8 +323,9 @@ def parse_tasks(spec: str) -> list[str]:
 def prepare_main(argv: list[str] | None = None) -> int:
     """``python -m petl_lightning.data.prepare --root DIR [--tasks all]``: exit 0 when every task is
     there, 1 when some could not be built (each said why), 2 for bad input."""
-    p = argparse.ArgumentParser(prog="python -m petl_lightning.data.prepare",
-                                description="Build VTAB-1K task folders from TensorFlow Datasets.")
+    p = argparse.ArgumentParser(
+        prog="python -m petl_lightning.data.prepare", description="Build VTAB-1K task folders from TensorFlow Datasets."
+    )
     p.add_argument("--root", required=True, help="the VTAB-1K root (task folders go here)")
     p.add_argument("--tasks", default="all", help="all, natural, specialized, structured or a comma list")
     p.add_argument("--data-dir", default=None, help="tfds data folder (default: tfds' own, ~/tensorflow_datasets)")
@@ -307,8 +339,10 @@ def prepare_main(argv: list[str] | None = None) -> int:
         return 2
     for reason in report.failed.values():
         print(f"error: {reason}", file=sys.stderr)
-    print(f"{len(report.built)} built, {len(report.skipped)} already there, {len(report.failed)} not built"
-          f"{': ' + ', '.join(report.failed) if report.failed else ''}.")
+    print(
+        f"{len(report.built)} built, {len(report.skipped)} already there, {len(report.failed)} not built"
+        f"{': ' + ', '.join(report.failed) if report.failed else ''}."
+    )
     return 1 if report.failed else 0
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from itertools import pairwise
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 Example = Mapping[str, Any]
@@ -151,8 +151,11 @@ def clevr_distance(ex: Example) -> int:
 def kitti_vehicle_distance(ex: Example) -> int:
     """Bin of the depth of the closest car, van or truck (``location[:, 2]``); 3 = no vehicle."""
     objects = ex["objects"]
-    depths = [float(loc[2]) for typ, loc in zip(objects["type"], objects["location"], strict=True)
-              if int(typ) in KITTI_VEHICLE_TYPES]
+    depths = [
+        float(loc[2])
+        for typ, loc in zip(objects["type"], objects["location"], strict=True)
+        if int(typ) in KITTI_VEHICLE_TYPES
+    ]
     return bin_by_thresholds(min([*depths, KITTI_NO_VEHICLE_DEPTH]), KITTI_VEHICLE_THRESHOLDS)
 
 
@@ -192,68 +195,232 @@ _DSPRITES_SIZES = {"train": 737280}
 _SMALLNORB_SIZES = {"train": 24300, "test": 24300}
 _DSPRITES_TEST = 737280 * 90 // 100  # VTAB: train 80%, val 10%, test the last 10% of tfds train
 _SMALLNORB_LISTS = _official(val="test", test="test[12150:]")  # VTAB: val the first half of test, test the rest
-_DR_MANUAL = ("Kaggle's diabetic-retinopathy-detection files "
-              "(https://www.kaggle.com/c/diabetic-retinopathy-detection/data): train.zip.00* unpacked into "
-              "train/, test.zip.00* into test/, sample.zip into sample/, and trainLabels.csv")
+_DR_MANUAL = (
+    "Kaggle's diabetic-retinopathy-detection files "
+    "(https://www.kaggle.com/c/diabetic-retinopathy-detection/data): train.zip.00* unpacked into "
+    "train/, test.zip.00* into test/, sample.zip into sample/, and trainLabels.csv"
+)
 
 VTAB_SOURCES: dict[str, TaskSource] = {
     s.task: s
     for s in [
-        TaskSource("cifar", "cifar100", "3.*.*", {"train": 50000, "test": 10000},
-                   {**_carved(50000, 90), "test": "test"}, 10000, label_feature, "tfds label (CIFAR-100 fine label)"),
-        TaskSource("caltech101", "caltech101", "3.*.*", {"train": 3060, "test": 6084},
-                   {**_carved(3060, 90), "test": "test"}, 6084, label_feature, "tfds label"),
-        TaskSource("dtd", "dtd", "3.*.*", {"train": 1880, "validation": 1880, "test": 1880}, _official(),
-                   1880, label_feature, "tfds label"),
-        TaskSource("oxford_flowers102", "oxford_flowers102", "2.*.*", {"train": 1020, "validation": 1020, "test": 6149},
-                   _official(), 6149, label_feature, "tfds label"),
+        TaskSource(
+            "cifar",
+            "cifar100",
+            "3.*.*",
+            {"train": 50000, "test": 10000},
+            {**_carved(50000, 90), "test": "test"},
+            10000,
+            label_feature,
+            "tfds label (CIFAR-100 fine label)",
+        ),
+        TaskSource(
+            "caltech101",
+            "caltech101",
+            "3.*.*",
+            {"train": 3060, "test": 6084},
+            {**_carved(3060, 90), "test": "test"},
+            6084,
+            label_feature,
+            "tfds label",
+        ),
+        TaskSource(
+            "dtd",
+            "dtd",
+            "3.*.*",
+            {"train": 1880, "validation": 1880, "test": 1880},
+            _official(),
+            1880,
+            label_feature,
+            "tfds label",
+        ),
+        TaskSource(
+            "oxford_flowers102",
+            "oxford_flowers102",
+            "2.*.*",
+            {"train": 1020, "validation": 1020, "test": 6149},
+            _official(),
+            6149,
+            label_feature,
+            "tfds label",
+        ),
         # VTAB pinned 3.*.*; tfds now builds only 4.0.0 (same splits, a few corrupt images fixed).
-        TaskSource("oxford_iiit_pet", "oxford_iiit_pet", "4.*.*", {"train": 3680, "test": 3669},
-                   {**_carved(3680, 80), "test": "test"}, 3669, label_feature, "tfds label"),
-        TaskSource("svhn", "svhn_cropped", "3.*.*", {"train": 73257, "test": 26032, "extra": 531131},
-                   {**_carved(73257, 90), "test": "test"}, 26032, label_feature, "tfds label"),
-        TaskSource("sun397", "sun397/tfds", "4.*.*", {"train": 76128, "validation": 10875, "test": 21750}, _official(),
-                   21750, label_feature, "tfds label"),
-        TaskSource("patch_camelyon", "patch_camelyon", "2.*.*", {"train": 262144, "validation": 32768, "test": 32768},
-                   _official(), 32768, label_feature, "tfds label"),
-        TaskSource("eurosat", "eurosat/rgb", "2.*.*", {"train": 27000}, _carved(27000, 60, test_from=21600),
-                   5400, label_feature, "tfds label"),
-        TaskSource("resisc45", "resisc45", "3.*.*", {"train": 31500}, _carved(31500, 60, test_from=25200),
-                   6300, label_feature, "tfds label",
-                   manual="NWPU-RESISC45.rar (https://1drv.ms/u/s!AmgKYzARBl5ca3HNaHIlzp_IXjs) extracted",
-                   manual_files=("NWPU-RESISC45",)),
-        TaskSource("diabetic_retinopathy", "diabetic_retinopathy_detection/btgraham-300", "3.*.*",
-                   {"train": 35126, "validation": 10906, "test": 42670}, _official(), 42670, label_feature,
-                   "tfds label (retinopathy grade 0-4)", manual=_DR_MANUAL,
-                   manual_files=("train", "test", "sample", "trainLabels.csv")),
-        TaskSource("clevr_count", "clevr", "3.*.*", _CLEVR_SIZES, {**_carved(70000, 90), "test": "validation"},
-                   15000, clevr_count, "number of objects - 3", class_names=tuple(str(n) for n in range(3, 11))),
-        TaskSource("clevr_dist", "clevr", "3.*.*", _CLEVR_SIZES, {**_carved(70000, 90), "test": "validation"},
-                   15000, clevr_distance, f"bin of min(objects.pixel_coords[:, 2]) by {CLEVR_DIST_THRESHOLDS}",
-                   class_names=_threshold_names(CLEVR_DIST_THRESHOLDS)),
-        TaskSource("dmlab", "dmlab", "2.0.1", {"train": 65550, "validation": 22628, "test": 22735}, _official(),
-                   22735, label_feature, "tfds label"),
-        TaskSource("kitti", "kitti", "3.1.0", {"train": 6347, "validation": 423, "test": 711}, _official(),
-                   711, kitti_vehicle_distance,
-                   f"bin of the closest car/van/truck depth (objects.location[:, 2], {KITTI_NO_VEHICLE_DEPTH:g} if "
-                   f"none) by {KITTI_VEHICLE_THRESHOLDS}",
-                   class_names=(*_threshold_names(KITTI_VEHICLE_THRESHOLDS), "no vehicle")),
-        TaskSource("dsprites_loc", "dsprites", "2.*.*", _DSPRITES_SIZES, _carved(737280, 80, test_from=_DSPRITES_TEST),
-                   73728, binned("label_x_position", 32, 16), "label_x_position (0-31) * 16 // 32",
-                   class_names=bin_names(32, 16), scale_pixels=True),
-        TaskSource("dsprites_ori", "dsprites", "2.*.*", _DSPRITES_SIZES, _carved(737280, 80, test_from=_DSPRITES_TEST),
-                   73728, binned("label_orientation", 40, 16), "label_orientation (0-39) * 16 // 40",
-                   class_names=bin_names(40, 16), scale_pixels=True),
-        TaskSource("smallnorb_azi", "smallnorb", "2.*.*", _SMALLNORB_SIZES, _SMALLNORB_LISTS, 12150,
-                   attribute("label_azimuth"), "tfds label_azimuth", label_key="label_azimuth"),
-        TaskSource("smallnorb_ele", "smallnorb", "2.*.*", _SMALLNORB_SIZES, _SMALLNORB_LISTS, 12150,
-                   attribute("label_elevation"), "tfds label_elevation", label_key="label_elevation"),
+        TaskSource(
+            "oxford_iiit_pet",
+            "oxford_iiit_pet",
+            "4.*.*",
+            {"train": 3680, "test": 3669},
+            {**_carved(3680, 80), "test": "test"},
+            3669,
+            label_feature,
+            "tfds label",
+        ),
+        TaskSource(
+            "svhn",
+            "svhn_cropped",
+            "3.*.*",
+            {"train": 73257, "test": 26032, "extra": 531131},
+            {**_carved(73257, 90), "test": "test"},
+            26032,
+            label_feature,
+            "tfds label",
+        ),
+        TaskSource(
+            "sun397",
+            "sun397/tfds",
+            "4.*.*",
+            {"train": 76128, "validation": 10875, "test": 21750},
+            _official(),
+            21750,
+            label_feature,
+            "tfds label",
+        ),
+        TaskSource(
+            "patch_camelyon",
+            "patch_camelyon",
+            "2.*.*",
+            {"train": 262144, "validation": 32768, "test": 32768},
+            _official(),
+            32768,
+            label_feature,
+            "tfds label",
+        ),
+        TaskSource(
+            "eurosat",
+            "eurosat/rgb",
+            "2.*.*",
+            {"train": 27000},
+            _carved(27000, 60, test_from=21600),
+            5400,
+            label_feature,
+            "tfds label",
+        ),
+        TaskSource(
+            "resisc45",
+            "resisc45",
+            "3.*.*",
+            {"train": 31500},
+            _carved(31500, 60, test_from=25200),
+            6300,
+            label_feature,
+            "tfds label",
+            manual="NWPU-RESISC45.rar (https://1drv.ms/u/s!AmgKYzARBl5ca3HNaHIlzp_IXjs) extracted",
+            manual_files=("NWPU-RESISC45",),
+        ),
+        TaskSource(
+            "diabetic_retinopathy",
+            "diabetic_retinopathy_detection/btgraham-300",
+            "3.*.*",
+            {"train": 35126, "validation": 10906, "test": 42670},
+            _official(),
+            42670,
+            label_feature,
+            "tfds label (retinopathy grade 0-4)",
+            manual=_DR_MANUAL,
+            manual_files=("train", "test", "sample", "trainLabels.csv"),
+        ),
+        TaskSource(
+            "clevr_count",
+            "clevr",
+            "3.*.*",
+            _CLEVR_SIZES,
+            {**_carved(70000, 90), "test": "validation"},
+            15000,
+            clevr_count,
+            "number of objects - 3",
+            class_names=tuple(str(n) for n in range(3, 11)),
+        ),
+        TaskSource(
+            "clevr_dist",
+            "clevr",
+            "3.*.*",
+            _CLEVR_SIZES,
+            {**_carved(70000, 90), "test": "validation"},
+            15000,
+            clevr_distance,
+            f"bin of min(objects.pixel_coords[:, 2]) by {CLEVR_DIST_THRESHOLDS}",
+            class_names=_threshold_names(CLEVR_DIST_THRESHOLDS),
+        ),
+        TaskSource(
+            "dmlab",
+            "dmlab",
+            "2.0.1",
+            {"train": 65550, "validation": 22628, "test": 22735},
+            _official(),
+            22735,
+            label_feature,
+            "tfds label",
+        ),
+        TaskSource(
+            "kitti",
+            "kitti",
+            "3.1.0",
+            {"train": 6347, "validation": 423, "test": 711},
+            _official(),
+            711,
+            kitti_vehicle_distance,
+            f"bin of the closest car/van/truck depth (objects.location[:, 2], {KITTI_NO_VEHICLE_DEPTH:g} if "
+            f"none) by {KITTI_VEHICLE_THRESHOLDS}",
+            class_names=(*_threshold_names(KITTI_VEHICLE_THRESHOLDS), "no vehicle"),
+        ),
+        TaskSource(
+            "dsprites_loc",
+            "dsprites",
+            "2.*.*",
+            _DSPRITES_SIZES,
+            _carved(737280, 80, test_from=_DSPRITES_TEST),
+            73728,
+            binned("label_x_position", 32, 16),
+            "label_x_position (0-31) * 16 // 32",
+            class_names=bin_names(32, 16),
+            scale_pixels=True,
+        ),
+        TaskSource(
+            "dsprites_ori",
+            "dsprites",
+            "2.*.*",
+            _DSPRITES_SIZES,
+            _carved(737280, 80, test_from=_DSPRITES_TEST),
+            73728,
+            binned("label_orientation", 40, 16),
+            "label_orientation (0-39) * 16 // 40",
+            class_names=bin_names(40, 16),
+            scale_pixels=True,
+        ),
+        TaskSource(
+            "smallnorb_azi",
+            "smallnorb",
+            "2.*.*",
+            _SMALLNORB_SIZES,
+            _SMALLNORB_LISTS,
+            12150,
+            attribute("label_azimuth"),
+            "tfds label_azimuth",
+            label_key="label_azimuth",
+        ),
+        TaskSource(
+            "smallnorb_ele",
+            "smallnorb",
+            "2.*.*",
+            _SMALLNORB_SIZES,
+            _SMALLNORB_LISTS,
+            12150,
+            attribute("label_elevation"),
+            "tfds label_elevation",
+            label_key="label_elevation",
+        ),
     ]
 }
 
 MANUAL_DOWNLOAD_TASKS = tuple(t for t, s in VTAB_SOURCES.items() if s.manual)
 
 __all__ = [
-    "MANUAL_DOWNLOAD_TASKS", "VTAB_SOURCES", "TaskSource", "bin_by_thresholds", "bin_names", "limit_spec",
-    "slice_ranges", "slice_size",
+    "MANUAL_DOWNLOAD_TASKS",
+    "VTAB_SOURCES",
+    "TaskSource",
+    "bin_by_thresholds",
+    "bin_names",
+    "limit_spec",
+    "slice_ranges",
+    "slice_size",
 ]

@@ -13,6 +13,16 @@ from petl_lightning.layers.repadapter import GroupedLinear, RepAdapterLayer
 ADAPTER_LAYERS = (Adapter, MoEAdapter, ARCLayer, LoRALinear, RepAdapterLayer)
 
 __all__ = [
-    "ADAPTER_LAYERS", "ARCBasis", "ARCLayer", "Adapter", "DyTBlock", "ExitHead", "GroupedLinear", "LoRALinear",
-    "MoEAdapter", "ParallelAdapterBlock", "RepAdapterLayer", "TokenDispatcher",
+    "ADAPTER_LAYERS",
+    "ARCBasis",
+    "ARCLayer",
+    "Adapter",
+    "DyTBlock",
+    "ExitHead",
+    "GroupedLinear",
+    "LoRALinear",
+    "MoEAdapter",
+    "ParallelAdapterBlock",
+    "RepAdapterLayer",
+    "TokenDispatcher",
 ]

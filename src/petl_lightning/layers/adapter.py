@@ -79,8 +79,9 @@ class MoEAdapter(nn.Module):
         num_experts: N (the paper: 4 works best on video; not used for VTAB).
     """
 
-    def __init__(self, dim: int, adapter_dim: int = 8, num_experts: int = 4, scale: float = 1.0,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, dim: int, adapter_dim: int = 8, num_experts: int = 4, scale: float = 1.0, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         if num_experts < 2:
             raise ConfigError(f"MoEAdapter needs at least 2 experts, got {num_experts}; use Adapter for one.")
@@ -119,8 +120,9 @@ class MoEAdapter(nn.Module):
         return d * e + e * (2 * d * r + r + d) + 2 * n_tokens * d * r
 
 
-def build_adapter(dim: int, adapter_dim: int, num_experts: int = 1, scale: float = 1.0,
-                  dropout: float = 0.1) -> Adapter | MoEAdapter:
+def build_adapter(
+    dim: int, adapter_dim: int, num_experts: int = 1, scale: float = 1.0, dropout: float = 0.1
+) -> Adapter | MoEAdapter:
     """One :class:`Adapter` for ``num_experts == 1``, else a :class:`MoEAdapter`."""
     if num_experts < 1:
         raise ConfigError(f"num_experts must be at least 1, got {num_experts}.")

@@ -64,7 +64,9 @@ class ARCLayer(nn.Module):
         shape = tuple((basis.weight if isinstance(basis, ARCBasis) else basis).shape)
         r = adapter_dim
         if shape != (dim, r):
-            raise ConfigError(f"ARCLayer(dim={dim}, adapter_dim={r}) got a basis of shape {shape}; it must be ({dim}, {r}).")
+            raise ConfigError(
+                f"ARCLayer(dim={dim}, adapter_dim={r}) got a basis of shape {shape}; it must be ({dim}, {r})."
+            )
         if coeff_init not in ("zeros", "xavier"):
             raise ConfigError(f"coeff_init must be 'zeros' or 'xavier', got {coeff_init!r}.")
         self.dim, self.r = dim, r

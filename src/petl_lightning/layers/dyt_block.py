@@ -35,7 +35,10 @@ from petl_lightning.layers.dispatcher import TokenDispatcher
 
 Placement = Literal["mlp", "attn", "attn_mlp", "layer"]
 PLACEMENT_SITES: dict[str, tuple[str, ...]] = {
-    "mlp": ("mlp",), "attn": ("attn",), "attn_mlp": ("attn", "mlp"), "layer": ("layer",),
+    "mlp": ("mlp",),
+    "attn": ("attn",),
+    "attn_mlp": ("attn", "mlp"),
+    "layer": ("layer",),
 }
 
 
@@ -53,10 +56,19 @@ class DyTBlock(nn.Module):
             and weight-init std.
     """
 
-    def __init__(self, block: nn.Module, placement: Placement = "mlp", num_prefix_tokens: int = 1,
-                 adapter_dim: int = 8, num_experts: int = 1, adapter_scale: float = 1.0,
-                 adapter_dropout: float = 0.1, tau: float = 5.0, threshold: float = 0.5,
-                 dispatcher_init_std: float = 0.02) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        placement: Placement = "mlp",
+        num_prefix_tokens: int = 1,
+        adapter_dim: int = 8,
+        num_experts: int = 1,
+        adapter_scale: float = 1.0,
+        adapter_dropout: float = 0.1,
+        tau: float = 5.0,
+        threshold: float = 0.5,
+        dispatcher_init_std: float = 0.02,
+    ) -> None:
         super().__init__()
         if placement not in PLACEMENT_SITES:
             raise ConfigError(f"Unknown DyT placement {placement!r}; choose one of {', '.join(PLACEMENT_SITES)}.")
@@ -72,9 +84,11 @@ class DyTBlock(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         dim = self.norm1.weight.shape[0]
         self.dispatchers = nn.ModuleDict(
-            {s: TokenDispatcher(dim, tau, threshold, dispatcher_init_std) for s in self.sites})
+            {s: TokenDispatcher(dim, tau, threshold, dispatcher_init_std) for s in self.sites}
+        )
         self.adapters = nn.ModuleDict(
-            {s: build_adapter(dim, adapter_dim, num_experts, adapter_scale, adapter_dropout) for s in self.sites})
+            {s: build_adapter(dim, adapter_dim, num_experts, adapter_scale, adapter_dropout) for s in self.sites}
+        )
 
     # -- the three paths -------------------------------------------------------------------------
     def forward_complete(self, x: Tensor) -> Tensor:

@@ -28,9 +28,19 @@ class ExitHead(nn.Module):
         hidden: MLP hidden width; 0 makes a linear head.
         dropout: dropout before the last Linear (train mode only).
         num_tokens: pooled tokens per image the head reads (1: CLS; 2: CLS and mean patch token).
+        grad_scale: scale of the gradient the head sends back into the blocks below it (1: all;
+            0: stopped, the head trains on features only later exits shape). Identity forward.
     """
 
-    def __init__(self, dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.0, num_tokens: int = 1) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        hidden: int = 0,
+        dropout: float = 0.0,
+        num_tokens: int = 1,
+        grad_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         if dim < 1 or num_classes < 1 or hidden < 0 or num_tokens < 1:
             raise ConfigError(
@@ -38,6 +48,7 @@ class ExitHead(nn.Module):
                 f"num_classes={num_classes}, num_tokens={num_tokens}, hidden={hidden}."
             )
         self.dim, self.num_classes, self.hidden, self.num_tokens = dim, num_classes, hidden, num_tokens
+        self.grad_scale = grad_scale
         width = dim * num_tokens
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         if hidden > 0:
@@ -50,6 +61,8 @@ class ExitHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Pooled tokens (B, num_tokens, dim), or (B, dim) for one, to logits (B, num_classes)."""
+        if self.grad_scale != 1.0:  # x * s + x.detach() * (1 - s): the value of x, s times its gradient
+            x = x.detach() if self.grad_scale == 0.0 else x * self.grad_scale + x.detach() * (1.0 - self.grad_scale)
         x = self.norm(x).flatten(1)
         if self.fc1 is not None:
             x = self.act(self.fc1(x))

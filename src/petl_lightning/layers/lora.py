@@ -60,8 +60,9 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A new fp32 ``nn.Linear`` computing this layer in eval mode (``W + scale * B A``, same bias)."""
         w = self.base.weight
-        out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                        device=w.device, dtype=torch.float32)
+        out = nn.Linear(
+            self.in_features, self.out_features, bias=self.base.bias is not None, device=w.device, dtype=torch.float32
+        )
         out.weight.copy_(w.float() + self.delta_weight().to(w.device))
         if self.base.bias is not None:
             out.bias.copy_(self.base.bias.float())

@@ -70,8 +70,9 @@ class RepAdapterLayer(nn.Module):
     Initialisation as the official code: ``down.weight`` xavier-uniform, every other tensor zero.
     """
 
-    def __init__(self, dim: int, adapter_dim: int = 8, groups: int = 2, scale: float = 1.0,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, dim: int, adapter_dim: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         if adapter_dim < 1 or dim < 1:
             raise ConfigError(f"RepAdapterLayer needs dim >= 1 and adapter_dim >= 1, got {dim} and {adapter_dim}.")

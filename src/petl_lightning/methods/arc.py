@@ -72,7 +72,8 @@ class ARC(FoldableAdapterModule):
                 blk,
                 ARCLayer(self.basis_attn, dim, r, adapter_dropout, coeff_init="zeros"),
                 ARCLayer(self.basis_mlp, dim, r, adapter_dropout, coeff_init=mlp_init)
-                if self.basis_mlp is not None else None,
+                if self.basis_mlp is not None
+                else None,
             )
             for blk in self.vit.blocks
         )

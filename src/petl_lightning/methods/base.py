@@ -3,7 +3,7 @@
 A frozen :class:`~petl_lightning.backbone.FrozenViT`, a linear head on the pooled features,
 cross-entropy (optional label smoothing), torchmetrics top-1, AdamW with linear warm-up then cosine
 (epoch- or step-wise), adapter-only checkpoints that know which method and backbone wrote them,
-RNG state saved and restored through Lightning's helpers (CUDA included), and the statistics
+RNG state saved and restored through Lightning's helpers (CUDA included, :mod:`.rng`), and the statistics
 contract: ``forward(x)`` returns ``(B, num_classes)`` logits in every mode and records nothing;
 ``infer(x)`` returns an :class:`~petl_lightning.stats.InferenceOutput` (logits and what executed),
 which the step methods add to the statistics the module resets at each evaluation epoch's start.
@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
@@ -36,6 +34,7 @@ from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT, frozen_state_ids
 from petl_lightning.errors import CheckpointError, DataError
 from petl_lightning.flops import vit_flops
 from petl_lightning.merge import export_safetensors, merge_into_vit
+from petl_lightning.methods.rng import restore_rng, rng_to_checkpoint
 from petl_lightning.stats import InferenceOutput, InferenceStats
 
 
@@ -146,8 +145,9 @@ class PETLModule(L.LightningModule):
     def infer(self, x: Tensor) -> InferenceOutput:
         """The inference path and what it executed (static: the merged form's FLOPs per image)."""
         logits = self(x)
-        return InferenceOutput(logits, torch.full((x.shape[0],), float(self.inference_flops()), device=x.device,
-                                                  dtype=torch.float64))
+        return InferenceOutput(
+            logits, torch.full((x.shape[0],), float(self.inference_flops()), device=x.device, dtype=torch.float64)
+        )
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Loss, logits (for train accuracy) and extra terms to log. Override for extra losses."""
@@ -177,8 +177,10 @@ class PETLModule(L.LightningModule):
                 "exit_acc": torch.full((meter.num_exits,), float("nan"), dtype=torch.float64),
             }
         else:
-            stats = {k: v.reshape(-1) if k in ("exit_share", "exit_acc", "keep_rate_per_layer") else v
-                     for k, v in meter.compute().items()}  # torchmetrics squeezes one-element results
+            stats = {
+                k: v.reshape(-1) if k in ("exit_share", "exit_acc", "keep_rate_per_layer") else v
+                for k, v in meter.compute().items()
+            }  # torchmetrics squeezes one-element results
         stats["gflops_backbone"] = torch.tensor(self.backbone_flops() / 1e9, dtype=torch.float64)
         return stats
 
@@ -225,8 +227,9 @@ class PETLModule(L.LightningModule):
         metric = self.val_acc if stage == "val" else self.test_acc
         metric(out.logits, y)
         bs = x.shape[0]
-        self.log(f"{stage}/loss", F.cross_entropy(out.logits, y), prog_bar=stage == "val", sync_dist=True,
-                 batch_size=bs)
+        self.log(
+            f"{stage}/loss", F.cross_entropy(out.logits, y), prog_bar=stage == "val", sync_dist=True, batch_size=bs
+        )
         self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=bs)
         return out
 
@@ -244,9 +247,16 @@ class PETLModule(L.LightningModule):
         self.inference_meter.update(out)
         prob = out.logits.float().softmax(dim=-1)
         confidence, pred = prob.max(dim=-1)
-        exits = out.exit_index if out.exit_index is not None else torch.full_like(pred, self.inference_meter.num_exits - 1)
-        return {"pred": pred, "confidence": confidence, "exit": exits, "keep_rate": out.keep_rate(),
-                "gflops": out.flops / 1e9}
+        exits = (
+            out.exit_index if out.exit_index is not None else torch.full_like(pred, self.inference_meter.num_exits - 1)
+        )
+        return {
+            "pred": pred,
+            "confidence": confidence,
+            "exit": exits,
+            "keep_rate": out.keep_rate(),
+            "gflops": out.flops / 1e9,
+        }
 
     # -- optimisation ----------------------------------------------------------------------------
     def is_head_parameter(self, name: str) -> bool:
@@ -300,9 +310,16 @@ class PETLModule(L.LightningModule):
         hp = self.hparams
         norm = self.input_normalization or {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}
         kwargs = {k: v for k, v in (hp.model_kwargs or {}).items() if k != "drop_path_rate"}
-        return {"model_name": hp.model_name.split(".", 1)[0], "img_size": int(self.vit.vit.patch_embed.img_size[0]),
-                "num_classes": self.num_classes, "model_kwargs": kwargs, "mean": norm["mean"], "std": norm["std"],
-                "interpolation": "bicubic", "method": type(self).__name__}
+        return {
+            "model_name": hp.model_name.split(".", 1)[0],
+            "img_size": int(self.vit.vit.patch_embed.img_size[0]),
+            "num_classes": self.num_classes,
+            "model_kwargs": kwargs,
+            "mean": norm["mean"],
+            "std": norm["std"],
+            "interpolation": "bicubic",
+            "method": type(self).__name__,
+        }
 
     def export(self, path: str | Path) -> Path:
         """:meth:`merge`, then save as ``.safetensors`` with :meth:`export_metadata` (``docs/deploy.md``)."""
@@ -317,18 +334,24 @@ class PETLModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         s = self.parameter_summary()
-        rank_zero_info(f"{type(self).__name__}: {s['trainable']:,} trainable of {s['total']:,} parameters "
-                       f"({100 * s['trainable'] / max(s['total'], 1):.3f}%)")
+        rank_zero_info(
+            f"{type(self).__name__}: {s['trainable']:,} trainable of {s['total']:,} parameters "
+            f"({100 * s['trainable'] / max(s['total'], 1):.3f}%)"
+        )
         epochs = self.trainer.max_epochs or 0
         if 0 < epochs <= self.hparams.warmup_epochs:
-            rank_zero_warn(f"warmup_epochs={self.hparams.warmup_epochs:g} but max_epochs={epochs}: the learning rate "
-                           f"never leaves its warm-up; lower --model.init_args.warmup_epochs.")
+            rank_zero_warn(
+                f"warmup_epochs={self.hparams.warmup_epochs:g} but max_epochs={epochs}: the learning rate "
+                f"never leaves its warm-up; lower --model.init_args.warmup_epochs."
+            )
         every = self.trainer.check_val_every_n_epoch
         dm = getattr(self.trainer, "datamodule", None)
         validates = self.trainer.enable_validation and getattr(dm, "val_split", "") is not None
         if validates and every is not None and 0 < epochs < every:
-            rank_zero_warn(f"check_val_every_n_epoch={every} but max_epochs={epochs}: no validation epoch runs "
-                           f"during fit; lower --trainer.check_val_every_n_epoch.")
+            rank_zero_warn(
+                f"check_val_every_n_epoch={every} but max_epochs={epochs}: no validation epoch runs "
+                f"during fit; lower --trainer.check_val_every_n_epoch."
+            )
 
     # -- checkpoints -----------------------------------------------------------------------------
     def trainable_state_keys(self) -> list[str]:
@@ -338,14 +361,20 @@ class PETLModule(L.LightningModule):
 
     def checkpoint_identity(self) -> dict[str, Any]:
         """What a checkpoint must match to load into this module: method, backbone, classes."""
-        return {"method": method_name(type(self)), "model_name": self.hparams.model_name,
-                "num_classes": self.num_classes}
+        return {
+            "method": method_name(type(self)),
+            "model_name": self.hparams.model_name,
+            "num_classes": self.num_classes,
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.trainable_state_keys())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["petl"] = {**self.checkpoint_identity(), "rng": _rng_to_checkpoint(_collect_rng_states()),
-                              "input_normalization": self.input_normalization}
+        checkpoint["petl"] = {
+            **self.checkpoint_identity(),
+            "rng": rng_to_checkpoint(),
+            "input_normalization": self.input_normalization,
+        }
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Raise :class:`CheckpointError` unless ``checkpoint`` was written by this method for the
@@ -354,17 +383,25 @@ class PETLModule(L.LightningModule):
         if not isinstance(state, dict):
             raise CheckpointError("This file holds no 'state_dict'; it is not a petl_lightning checkpoint.")
         theirs, ours = checkpoint.get("petl", {}), self.checkpoint_identity()
-        wrong = [f"{k} {theirs[k]!r} (checkpoint) vs {ours[k]!r} (this run)"
-                 for k in ours if k in theirs and theirs[k] != ours[k]]
+        wrong = [
+            f"{k} {theirs[k]!r} (checkpoint) vs {ours[k]!r} (this run)"
+            for k in ours
+            if k in theirs and theirs[k] != ours[k]
+        ]
         if wrong:
-            raise CheckpointError(f"The checkpoint does not fit this run: {'; '.join(wrong)}. Test with the "
-                                  f"recipe and data of the run that wrote it (its config.yaml).")
+            raise CheckpointError(
+                f"The checkpoint does not fit this run: {'; '.join(wrong)}. Test with the "
+                f"recipe and data of the run that wrote it (its config.yaml)."
+            )
         own = self.state_dict()
         expected = self.trainable_state_keys()
         missing = [k for k in expected if k not in state]
         unknown = [k for k in state if k not in own]
-        shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in expected if k in state and state[k].shape != own[k].shape]
+        shapes = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in expected
+            if k in state and state[k].shape != own[k].shape
+        ]
         if missing or unknown or shapes:
             problems = [f"shape mismatch {'; '.join(shapes[:3])}"] if shapes else []
             problems += [f"missing {missing[:3]}"] if missing else []
@@ -385,26 +422,7 @@ class PETLModule(L.LightningModule):
         self.input_normalization = meta.get("input_normalization") or self.input_normalization
         rng = meta.get("rng")
         if rng is not None:
-            _set_rng_states(_rng_from_checkpoint(rng))
-
-
-def _rng_to_checkpoint(states: dict[str, Any]) -> dict[str, Any]:
-    """Lightning's RNG states with numpy's key array as a tensor (weights-only loading accepts it)."""
-    out = dict(states)
-    if "numpy" in out:
-        kind, keys, pos, has_gauss, cached = out["numpy"]
-        out["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
-    return out
-
-
-def _rng_from_checkpoint(states: dict[str, Any]) -> dict[str, Any]:
-    out = dict(states)
-    if "numpy" in out:
-        kind, keys, pos, has_gauss, cached = out["numpy"]
-        out["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
-    if not torch.cuda.is_available() or not out.get("torch.cuda"):
-        out.pop("torch.cuda", None)  # saved on another kind of device: restore what exists here
-    return out
+            restore_rng(rng)
 
 
 __all__ = ["PETLModule", "method_name", "warmup_cosine"]

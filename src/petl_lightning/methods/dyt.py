@@ -43,8 +43,12 @@ from petl_lightning.merge import MergeError
 from petl_lightning.methods.base import PETLModule
 from petl_lightning.stats import InferenceOutput
 
-LOSS_TERMS = {"loss_cls": "w_cls", "loss_complete_cls": "w_complete_cls", "loss_distill": "w_distill",
-              "loss_rate": "w_rate"}
+LOSS_TERMS = {
+    "loss_cls": "w_cls",
+    "loss_complete_cls": "w_complete_cls",
+    "loss_distill": "w_distill",
+    "loss_rate": "w_rate",
+}
 
 
 def image_batches(data: Iterable[Any], device: torch.device, max_batches: int | None = None) -> list[Tensor]:
@@ -118,8 +122,18 @@ class DyT(PETLModule):
             raise ConfigError(f"inference_mode must be 'gather' or 'mask', got {inference_mode!r}.")
         self.loss_weights = weights
         self.blocks = nn.ModuleList(
-            DyTBlock(blk, placement, self.vit.num_prefix_tokens, adapter_dim, num_experts, adapter_scale,
-                     adapter_dropout, tau, threshold, dispatcher_init_std)
+            DyTBlock(
+                blk,
+                placement,
+                self.vit.num_prefix_tokens,
+                adapter_dim,
+                num_experts,
+                adapter_scale,
+                adapter_dropout,
+                tau,
+                threshold,
+                dispatcher_init_std,
+            )
             for blk in self.vit.blocks
         )
         self.sites = PLACEMENT_SITES[placement]
@@ -181,8 +195,12 @@ class DyT(PETLModule):
             if w["w_complete_cls"] > 0:
                 terms["loss_complete_cls"] = self.criterion(complete, y)
             if w["w_distill"] > 0:
-                terms["loss_distill"] = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(complete.detach(), dim=-1),
-                                                 log_target=True, reduction="batchmean")
+                terms["loss_distill"] = F.kl_div(
+                    F.log_softmax(logits, dim=-1),
+                    F.log_softmax(complete.detach(), dim=-1),
+                    log_target=True,
+                    reduction="batchmean",
+                )
         rate = masks.mean()
         if w["w_rate"] > 0:
             terms["loss_rate"] = (rate - self.hparams.target_rate) ** 2
@@ -203,8 +221,9 @@ class DyT(PETLModule):
         n, p = s.num_tokens, s.num_prefix_tokens
         rows = (kept.double() + p) if gathered else torch.full_like(kept, n, dtype=torch.float64)
         q_pad = rows.amax(dim=0)  # (depth, sites): the padded query rows of the whole batch
-        total = torch.full(kept.shape[:1], float(non_block_flops(s, self.num_classes, norm)),
-                           dtype=torch.float64, device=kept.device)
+        total = torch.full(
+            kept.shape[:1], float(non_block_flops(s, self.num_classes, norm)), dtype=torch.float64, device=kept.device
+        )
         col = {site: j for j, site in enumerate(self.sites)}
         for i, blk in enumerate(self.blocks):
             total += sum(blk.dispatchers[t].flops(n) + blk.adapters[t].flops(n) for t in self.sites)
@@ -233,8 +252,9 @@ class DyT(PETLModule):
                 d.logit_threshold.fill_(value)
 
     @torch.no_grad()
-    def calibrate(self, data: Iterable[Any], target: float | None = None, max_batches: int | None = 8,
-                  iters: int = 12) -> dict[str, float]:
+    def calibrate(
+        self, data: Iterable[Any], target: float | None = None, max_batches: int | None = 8, iters: int = 12
+    ) -> dict[str, float]:
         """Set one inference threshold for all dispatchers so the keep rate on ``data`` (a loader of
         images, e.g. training images) is ``target`` (default ``target_rate``): a bisection on a
         shared logit threshold (ours, not the paper's). Returns the threshold on ``sigmoid(logit)``
@@ -276,8 +296,10 @@ class DyT(PETLModule):
         return groups
 
     def merge(self) -> Any:
-        raise MergeError("DyT decides per token at inference, so it does not fold into a static timm ViT; "
-                         "use DyT's own inference path (or its export, docs/deploy.md).")
+        raise MergeError(
+            "DyT decides per token at inference, so it does not fold into a static timm ViT; "
+            "use DyT's own inference path (or its export, docs/deploy.md)."
+        )
 
 
 __all__ = ["DyT"]

@@ -32,8 +32,10 @@ class FoldableBlock(nn.Module):
         super().__init__()
         missing = [name for name in BLOCK_PARTS if not hasattr(block, name)]
         if missing:
-            raise MergeError(f"{type(block).__name__} has no {missing[0]!r}; adapters expect a timm "
-                             f"vision_transformer.Block (pre-norm, attn + mlp branches).")
+            raise MergeError(
+                f"{type(block).__name__} has no {missing[0]!r}; adapters expect a timm "
+                f"vision_transformer.Block (pre-norm, attn + mlp branches)."
+            )
         self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
         self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
         self.attn_adapter = attn_adapter if attn_adapter is not None else nn.Identity()
@@ -60,8 +62,10 @@ class FoldableBlock(nn.Module):
                 continue
             target = getattr(owner, name, None)
             if not isinstance(target, nn.Linear):
-                raise MergeError(f"Cannot merge: the branch's first layer {type(owner).__name__}.{name} is "
-                                 f"{type(target).__name__}, not an nn.Linear.")
+                raise MergeError(
+                    f"Cannot merge: the branch's first layer {type(owner).__name__}.{name} is "
+                    f"{type(target).__name__}, not an nn.Linear."
+                )
             fold_affine_into_linear(target, *adapter.affine())
 
 

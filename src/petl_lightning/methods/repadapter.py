@@ -27,16 +27,46 @@ from petl_lightning.methods.foldable import FoldableAdapterModule, FoldableBlock
 # Official per-task scale s (configs/{repblock,repattn}/<task>.yaml of luogen1996/RepAdapter), by placement.
 REPADAPTER_SCALES: dict[str, dict[str, float]] = {
     "attn_mlp": {
-        "cifar": 0.1, "caltech101": 5, "dtd": 1, "oxford_flowers102": 0.5, "oxford_iiit_pet": 0.1,
-        "svhn": 10, "sun397": 0.1, "patch_camelyon": 1, "eurosat": 1, "resisc45": 5,
-        "diabetic_retinopathy": 0.1, "clevr_count": 0.5, "clevr_dist": 0.1, "dmlab": 5, "kitti": 5,
-        "dsprites_loc": 5, "dsprites_ori": 0.1, "smallnorb_azi": 10, "smallnorb_ele": 1,
+        "cifar": 0.1,
+        "caltech101": 5,
+        "dtd": 1,
+        "oxford_flowers102": 0.5,
+        "oxford_iiit_pet": 0.1,
+        "svhn": 10,
+        "sun397": 0.1,
+        "patch_camelyon": 1,
+        "eurosat": 1,
+        "resisc45": 5,
+        "diabetic_retinopathy": 0.1,
+        "clevr_count": 0.5,
+        "clevr_dist": 0.1,
+        "dmlab": 5,
+        "kitti": 5,
+        "dsprites_loc": 5,
+        "dsprites_ori": 0.1,
+        "smallnorb_azi": 10,
+        "smallnorb_ele": 1,
     },
     "attn": {
-        "cifar": 0.1, "caltech101": 10, "dtd": 0.1, "oxford_flowers102": 0.5, "oxford_iiit_pet": 0.5,
-        "svhn": 10, "sun397": 0.1, "patch_camelyon": 0.5, "eurosat": 5, "resisc45": 0.1,
-        "diabetic_retinopathy": 0.5, "clevr_count": 1, "clevr_dist": 0.1, "dmlab": 5, "kitti": 1,
-        "dsprites_loc": 10, "dsprites_ori": 5, "smallnorb_azi": 10, "smallnorb_ele": 1,
+        "cifar": 0.1,
+        "caltech101": 10,
+        "dtd": 0.1,
+        "oxford_flowers102": 0.5,
+        "oxford_iiit_pet": 0.5,
+        "svhn": 10,
+        "sun397": 0.1,
+        "patch_camelyon": 0.5,
+        "eurosat": 5,
+        "resisc45": 0.1,
+        "diabetic_retinopathy": 0.5,
+        "clevr_count": 1,
+        "clevr_dist": 0.1,
+        "dmlab": 5,
+        "kitti": 1,
+        "dsprites_loc": 10,
+        "dsprites_ori": 5,
+        "smallnorb_azi": 10,
+        "smallnorb_ele": 1,
     },
 }
 PLACEMENTS = ("attn_mlp", "attn")
@@ -106,8 +136,10 @@ class RepAdapter(FoldableAdapterModule):
         task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
         scale = self.task_overrides(task, self.hparams).get("adapter_scale") if task else None
         if scale is None:
-            rank_zero_warn(f"RepAdapter: no official scale for task {task!r}; using adapter_scale 1.0 "
-                           f"(set --model.init_args.adapter_scale to choose).")
+            rank_zero_warn(
+                f"RepAdapter: no official scale for task {task!r}; using adapter_scale 1.0 "
+                f"(set --model.init_args.adapter_scale to choose)."
+            )
         self.set_scale(1.0 if scale is None else scale)
 
 

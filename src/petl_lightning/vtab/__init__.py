@@ -32,30 +32,62 @@ from petl_lightning.vtab.run import atomic_write
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="petl-lightning vtab", allow_abbrev=False,
+        prog="petl-lightning vtab",
+        allow_abbrev=False,
         description="Run a recipe on VTAB-1K tasks (resumable) and write results.csv / results.md. "
-                    "Any other --key value argument is passed to the Lightning CLI of every run.")
+        "Any other --key value argument is passed to the Lightning CLI of every run.",
+    )
     p.add_argument("-c", "--config", action="append", default=[], help="recipe YAML (repeatable)")
-    p.add_argument("--data.root", "--data.init_args.root", dest="root", default=None,
-                   help="VTAB-1K root holding the task folders (default: the recipe's data.root)")
-    p.add_argument("--tasks", nargs="+", default=["all"],
-                   help="all | natural | specialized | structured | present | names (comma/space separated)")
-    p.add_argument("--seeds", nargs="+", type=int, default=None,
-                   help="seeds to run per task (default: the recipe's seed_everything, else 0)")
+    p.add_argument(
+        "--data.root",
+        "--data.init_args.root",
+        dest="root",
+        default=None,
+        help="VTAB-1K root holding the task folders (default: the recipe's data.root)",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["all"],
+        help="all | natural | specialized | structured | present | names (comma/space separated)",
+    )
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="seeds to run per task (default: the recipe's seed_everything, else 0)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: runs/vtab/<recipe name>)")
-    p.add_argument("--launcher", choices=["subprocess", "inprocess"], default="subprocess",
-                   help="run each pair in its own process (default) or in this one")
-    p.add_argument("--gpus", default=None, help="comma-separated CUDA device ids; pairs run side by side, one per device")
+    p.add_argument(
+        "--launcher",
+        choices=["subprocess", "inprocess"],
+        default="subprocess",
+        help="run each pair in its own process (default) or in this one",
+    )
+    p.add_argument(
+        "--gpus", default=None, help="comma-separated CUDA device ids; pairs run side by side, one per device"
+    )
     p.add_argument("--jobs", type=int, default=1, help="pairs run side by side without --gpus (CPU)")
-    p.add_argument("--compare", nargs="*", default=None,
-                   help="reference rows to print beside ours (default: the method's own; 'none' for none)")
+    p.add_argument(
+        "--compare",
+        nargs="*",
+        default=None,
+        help="reference rows to print beside ours (default: the method's own; 'none' for none)",
+    )
     p.add_argument("--wandb", action="store_true", help="log the results table to Weights & Biases")
     p.add_argument("--wandb-project", default="petl-lightning-vtab")
     p.add_argument("--wandb-name", default=None)
-    p.add_argument("--restart-unfinished", action="store_true",
-                   help="start interrupted pairs over instead of resuming from their last checkpoint")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="accept finished pairs in --out that were produced with other settings")
+    p.add_argument(
+        "--restart-unfinished",
+        action="store_true",
+        help="start interrupted pairs over instead of resuming from their last checkpoint",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="accept finished pairs in --out that were produced with other settings",
+    )
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed pair")
     p.add_argument("--table-only", action="store_true", help="only rebuild results.csv/.md from --out")
     p.add_argument("--dry-run", action="store_true", help="print the plan (and CLI arguments) and exit")
@@ -66,9 +98,11 @@ def check_fingerprints(out_records: list[dict], fp: str, out: str, allow: bool) 
     """Finished pairs made with other settings: an error unless ``allow``."""
     other = [f"{r['task']} seed {r['seed']}" for r in out_records if r.get("fingerprint") != fp]
     if other and not allow:
-        raise RunnerError(f"{out} already holds results made with other settings (recipe, extra arguments or data root): "
-                          f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}. Use a new --out, delete those run "
-                          f"folders, or pass --allow-config-change to keep them in the table.")
+        raise RunnerError(
+            f"{out} already holds results made with other settings (recipe, extra arguments or data root): "
+            f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}. Use a new --out, delete those run "
+            f"folders, or pass --allow-config-change to keep them in the table."
+        )
     return other
 
 
@@ -94,9 +128,11 @@ def _main(ns: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         from petl_lightning.vtab.reference import resolve_name
 
         compare = [] if [c.lower() for c in ns.compare] in ([], ["none"]) else [resolve_name(c) for c in ns.compare]
-    header = ["Command: `petl-lightning vtab " + " ".join(shlex.quote(a) for a in argv) + "`",
-              f"Recipe(s): {', '.join(info['configs'])}; data root: `{info['root']}`; extra arguments: "
-              f"`{' '.join(extra) or '(none)'}`; settings fingerprint `{info['fingerprint']}`."]
+    header = [
+        "Command: `petl-lightning vtab " + " ".join(shlex.quote(a) for a in argv) + "`",
+        f"Recipe(s): {', '.join(info['configs'])}; data root: `{info['root']}`; extra arguments: "
+        f"`{' '.join(extra) or '(none)'}`; settings fingerprint `{info['fingerprint']}`.",
+    ]
     if ns.table_only:
         records = write_tables(out, compare, header_lines=header)
         print(f"[vtab] {len(records)} finished pairs -> {out / 'results.md'}")
@@ -114,19 +150,25 @@ def _main(ns: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         return _execute(ns, runs, out, info, compare, header)
 
 
-def _execute(ns: argparse.Namespace, runs: list[TaskRun], out, info: dict, compare: list[str] | None,
-             header: list[str]) -> int:
+def _execute(
+    ns: argparse.Namespace, runs: list[TaskRun], out, info: dict, compare: list[str] | None, header: list[str]
+) -> int:
     todo = [r for r in runs if not r.finished]
     skipped = len(runs) - len(todo)
-    print(f"[vtab] {len(runs)} pairs ({len(info['tasks'])} tasks x {len(info['seeds'])} seeds): {skipped} already "
-          f"finished, {len(todo)} to run -> {out}", file=sys.stderr, flush=True)
+    print(
+        f"[vtab] {len(runs)} pairs ({len(info['tasks'])} tasks x {len(info['seeds'])} seeds): {skipped} already "
+        f"finished, {len(todo)} to run -> {out}",
+        file=sys.stderr,
+        flush=True,
+    )
     failed: dict[str, str] = {}
     pending = {r.label for r in todo}
     done_count = [skipped]
 
     def tables() -> list[dict]:
-        return write_tables(out, compare, header_lines=header, pending=sorted(pending),
-                            failed=[f"{k}: {v}" for k, v in failed.items()])
+        return write_tables(
+            out, compare, header_lines=header, pending=sorted(pending), failed=[f"{k}: {v}" for k, v in failed.items()]
+        )
 
     def on_done(run: TaskRun, ok: bool, msg: str) -> None:
         pending.discard(run.label)
@@ -141,17 +183,29 @@ def _execute(ns: argparse.Namespace, runs: list[TaskRun], out, info: dict, compa
 
     launcher: Launcher = run_subprocess if ns.launcher == "subprocess" else run_inprocess
     try:
-        execute(todo, make_slots(ns.gpus, ns.jobs), launcher, on_done, resume=not ns.restart_unfinished,
-                fail_fast=ns.fail_fast)
+        execute(
+            todo,
+            make_slots(ns.gpus, ns.jobs),
+            launcher,
+            on_done,
+            resume=not ns.restart_unfinished,
+            fail_fast=ns.fail_fast,
+        )
     finally:
         records = tables()
-    print(f"[vtab] results: {out / 'results.md'} and {out / 'results.csv'} ({len(records)} finished pairs)",
-          file=sys.stderr, flush=True)
+    print(
+        f"[vtab] results: {out / 'results.md'} and {out / 'results.csv'} ({len(records)} finished pairs)",
+        file=sys.stderr,
+        flush=True,
+    )
     if ns.wandb and records:
         log_to_wandb(records, ns.wandb_project, ns.wandb_name, out)
     if failed:
-        print(f"[vtab] {len(failed)} pair(s) failed; fix and re-run the same command to finish them (finished pairs "
-              f"are skipped).", file=sys.stderr)
+        print(
+            f"[vtab] {len(failed)} pair(s) failed; fix and re-run the same command to finish them (finished pairs "
+            f"are skipped).",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

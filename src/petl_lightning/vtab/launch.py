@@ -56,8 +56,13 @@ def run_subprocess(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
     with open(log_path, "a") as log:
         log.write(f"\n=== {_dt.datetime.now().isoformat(timespec='seconds')} on {slot.name}\n")
         log.flush()
-        proc = subprocess.run([sys.executable, "-m", "petl_lightning.vtab.run", str(spec_path)], stdout=log,
-                              stderr=subprocess.STDOUT, env={**os.environ, **slot.env, WORKER_ENV: "1"}, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "petl_lightning.vtab.run", str(spec_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **slot.env, WORKER_ENV: "1"},
+            check=False,
+        )
     if proc.returncode == 0 and run.finished:
         return True, ""
     tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
@@ -83,8 +88,14 @@ def run_inprocess(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
 Launcher = Callable[[TaskRun, Slot, bool], tuple[bool, str]]
 
 
-def execute(runs: Sequence[TaskRun], slots: Sequence[Slot], launcher: Launcher,
-            on_done: Callable[[TaskRun, bool, str], None], resume: bool = True, fail_fast: bool = False) -> None:
+def execute(
+    runs: Sequence[TaskRun],
+    slots: Sequence[Slot],
+    launcher: Launcher,
+    on_done: Callable[[TaskRun, bool, str], None],
+    resume: bool = True,
+    fail_fast: bool = False,
+) -> None:
     """Run ``runs`` over ``slots`` (each slot runs one pair at a time), calling ``on_done`` after each in
     this thread. ``fail_fast``: no new pair starts after a failure."""
     todo, free = list(runs), list(slots)
@@ -123,8 +134,10 @@ def output_lock(out: Path) -> Iterator[None]:
         except OSError:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
-            raise RunnerError(f"{out} is in use by another 'petl-lightning vtab' run ({owner}; lock {path}); wait for "
-                              f"it to finish or use another --out.") from None
+            raise RunnerError(
+                f"{out} is in use by another 'petl-lightning vtab' run ({owner}; lock {path}); wait for "
+                f"it to finish or use another --out."
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {_dt.datetime.now().isoformat(timespec='seconds')}")

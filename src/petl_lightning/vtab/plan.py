@@ -100,17 +100,23 @@ def resolve_tasks(specs: Sequence[str], root: Path | None) -> list[str]:
             here = present_tasks(root) if root is not None else []
             close = difflib.get_close_matches(item, [*VTAB_TASKS, *here, "all", *GROUPS], n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise RunnerError(f"Unknown task {item!r}: not a VTAB-1K task, group or folder of the data root.{hint} "
-                              f"Use all, natural, specialized, structured, present, or names like cifar,dtd.")
+            raise RunnerError(
+                f"Unknown task {item!r}: not a VTAB-1K task, group or folder of the data root.{hint} "
+                f"Use all, natural, specialized, structured, present, or names like cifar,dtd."
+            )
     tasks = list(dict.fromkeys(tasks))
     if root is not None:
         if not root.is_dir():
-            raise RunnerError(f"Data root {str(root)!r} does not exist. Pass --data.root, the folder holding cifar/, dtd/, ...")
+            raise RunnerError(
+                f"Data root {str(root)!r} does not exist. Pass --data.root, the folder holding cifar/, dtd/, ..."
+            )
         missing = [t for t in tasks if not (root / t).is_dir()]
         if missing:
-            raise RunnerError(f"Task folder(s) missing under {str(root)!r}: {', '.join(missing)}. The root holds: "
-                              f"{', '.join(present_tasks(root)) or '(no task folders)'}. Choose --tasks among those "
-                              f"(or --tasks present).")
+            raise RunnerError(
+                f"Task folder(s) missing under {str(root)!r}: {', '.join(missing)}. The root holds: "
+                f"{', '.join(present_tasks(root)) or '(no task folders)'}. Choose --tasks among those "
+                f"(or --tasks present)."
+            )
     return tasks
 
 
@@ -149,13 +155,22 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def plan_runs(configs: Sequence[str], extra: Sequence[str], task_specs: Sequence[str], seeds: Sequence[int] | None,
-         out: str | None, root: str | None, resolve: bool = True) -> tuple[list[TaskRun], Path, dict[str, Any]]:
+def plan_runs(
+    configs: Sequence[str],
+    extra: Sequence[str],
+    task_specs: Sequence[str],
+    seeds: Sequence[int] | None,
+    out: str | None,
+    root: str | None,
+    resolve: bool = True,
+) -> tuple[list[TaskRun], Path, dict[str, Any]]:
     """Resolve tasks, seeds and output folder; compose each pair's CLI arguments (no task checks with
     ``resolve=False``, for rebuilding tables)."""
     for a in extra:
         if a.split("=", 1)[0] in RESERVED:
-            raise RunnerError(f"{a.split('=', 1)[0]} is set by the runner for each pair; use --tasks / --seeds / --out instead.")
+            raise RunnerError(
+                f"{a.split('=', 1)[0]} is set by the runner for each pair; use --tasks / --seeds / --out instead."
+            )
         if a in ("fit", "validate", "test", "predict"):
             raise RunnerError(f"'{a}' is not needed: 'petl-lightning vtab' runs fit then test for each pair.")
     if not configs:
@@ -185,14 +200,41 @@ def plan_runs(configs: Sequence[str], extra: Sequence[str], task_specs: Sequence
     for task in tasks:
         for seed in seeds:
             run_dir = out_dir / "runs" / task / f"seed{seed}"
-            args = [*recipe_args, "--data.init_args.root", str(data_root), "--data.init_args.task", task,
-                    "--data.init_args.seed", str(seed), "--seed_everything", str(seed),
-                    "--trainer.default_root_dir", str(run_dir), *extra]
+            args = [
+                *recipe_args,
+                "--data.init_args.root",
+                str(data_root),
+                "--data.init_args.task",
+                task,
+                "--data.init_args.seed",
+                str(seed),
+                "--seed_everything",
+                str(seed),
+                "--trainer.default_root_dir",
+                str(run_dir),
+                *extra,
+            ]
             runs.append(TaskRun(task, seed, run_dir, args, fp))
-    info = {"root": str(data_root), "tasks": tasks, "seeds": seeds, "fingerprint": fp, "configs": list(configs),
-            "extra": list(extra), "model_class": str(config.get("model", {}).get("class_path", ""))}
+    info = {
+        "root": str(data_root),
+        "tasks": tasks,
+        "seeds": seeds,
+        "fingerprint": fp,
+        "configs": list(configs),
+        "extra": list(extra),
+        "model_class": str(config.get("model", {}).get("class_path", "")),
+    }
     return runs, out_dir, info
 
 
-__all__ = ["RESULT_FILE", "RunnerError", "TaskRun", "fingerprint", "parse_fit_config", "plan_runs", "present_tasks",
-           "resolve_tasks", "task_order"]
+__all__ = [
+    "RESULT_FILE",
+    "RunnerError",
+    "TaskRun",
+    "fingerprint",
+    "parse_fit_config",
+    "plan_runs",
+    "present_tasks",
+    "resolve_tasks",
+    "task_order",
+]

@@ -26,11 +26,25 @@ from petl_lightning.errors import PETLError
 
 #: Column headings of the papers' tables, in the papers' order (= ``VTAB_TASKS`` order).
 SHORT_NAMES: dict[str, str] = {
-    "cifar": "C100", "caltech101": "Cal", "dtd": "DTD", "oxford_flowers102": "Flw",
-    "oxford_iiit_pet": "Pets", "svhn": "SVHN", "sun397": "Sun", "patch_camelyon": "Cam",
-    "eurosat": "EuroS", "resisc45": "Res45", "diabetic_retinopathy": "Retino", "clevr_count": "Clv-c",
-    "clevr_dist": "Clv-d", "dmlab": "DMLab", "kitti": "KITTI", "dsprites_loc": "dSpr-l",
-    "dsprites_ori": "dSpr-o", "smallnorb_azi": "sN-a", "smallnorb_ele": "sN-e",
+    "cifar": "C100",
+    "caltech101": "Cal",
+    "dtd": "DTD",
+    "oxford_flowers102": "Flw",
+    "oxford_iiit_pet": "Pets",
+    "svhn": "SVHN",
+    "sun397": "Sun",
+    "patch_camelyon": "Cam",
+    "eurosat": "EuroS",
+    "resisc45": "Res45",
+    "diabetic_retinopathy": "Retino",
+    "clevr_count": "Clv-c",
+    "clevr_dist": "Clv-d",
+    "dmlab": "DMLab",
+    "kitti": "KITTI",
+    "dsprites_loc": "dSpr-l",
+    "dsprites_ori": "dSpr-o",
+    "smallnorb_azi": "sN-a",
+    "smallnorb_ele": "sN-e",
 }
 
 
@@ -84,9 +98,7 @@ def resolve_name(name: str) -> str:
         return aliases.get(key, key)
     close = difflib.get_close_matches(name, list(methods), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ReferenceError(
-        f"No reported VTAB-1K numbers for {name!r}.{hint} Known: {', '.join(methods)}."
-    )
+    raise ReferenceError(f"No reported VTAB-1K numbers for {name!r}.{hint} Known: {', '.join(methods)}.")
 
 
 def reference(name: str) -> Reference:
@@ -179,6 +191,14 @@ def paper_table(rows: Mapping[str, Mapping[str, float]], digits: int = 1) -> str
 
 
 __all__ = [
-    "Reference", "ReferenceError", "SHORT_NAMES", "format_delta", "paper_table", "reference",
-    "reference_for_module", "reference_methods", "resolve_name", "summarize",
+    "Reference",
+    "ReferenceError",
+    "SHORT_NAMES",
+    "format_delta",
+    "paper_table",
+    "reference",
+    "reference_for_module",
+    "reference_methods",
+    "resolve_name",
+    "summarize",
 ]

@@ -20,10 +20,29 @@ from petl_lightning.vtab.plan import RESULT_FILE, task_order
 from petl_lightning.vtab.run import atomic_write
 
 CSV_COLUMNS = [
-    "task", "group", "seed", "acc", "test_loss", "trainable_params", "trainable_params_no_head",
-    "total_params", "gflops", "gflops_backbone", "gflops_ratio", "keep_rate", "exit_share",
-    "test_images", "epochs", "fit_s", "test_s", "wall_s", "method", "model_name", "device",
-    "finished_at", "fingerprint",
+    "task",
+    "group",
+    "seed",
+    "acc",
+    "test_loss",
+    "trainable_params",
+    "trainable_params_no_head",
+    "total_params",
+    "gflops",
+    "gflops_backbone",
+    "gflops_ratio",
+    "keep_rate",
+    "exit_share",
+    "test_images",
+    "epochs",
+    "fit_s",
+    "test_s",
+    "wall_s",
+    "method",
+    "model_name",
+    "device",
+    "finished_at",
+    "fingerprint",
 ]
 
 
@@ -93,19 +112,21 @@ def summarize_tasks(records: Sequence[dict[str, Any]]) -> list[TaskSummary]:
         shares = [r.get("exit_share") or [1.0] for r in rs]
         width = max(len(s) for s in shares)
         exit_share = [statistics.fmean(s[i] if i < len(s) else 0.0 for s in shares) for i in range(width)]
-        out.append(TaskSummary(
-            task=task,
-            group=rs[0].get("group", VTAB_TASKS[task].group if task in VTAB_TASKS else "custom"),
-            accs=[float(r["acc"]) for r in rs],
-            seeds=[int(r["seed"]) for r in rs],
-            trainable_params=statistics.fmean(r.get("trainable_params", 0) for r in rs),
-            trainable_params_no_head=statistics.fmean(r.get("trainable_params_no_head", 0) for r in rs),
-            gflops=statistics.fmean(float(r.get("gflops", float("nan"))) for r in rs),
-            gflops_ratio=statistics.fmean(float(r.get("gflops_ratio", float("nan"))) for r in rs),
-            keep_rate=statistics.fmean(float(r.get("keep_rate", 1.0)) for r in rs),
-            exit_share=exit_share,
-            wall_s=sum(float(r.get("wall_s", 0.0)) for r in rs),
-        ))
+        out.append(
+            TaskSummary(
+                task=task,
+                group=rs[0].get("group", VTAB_TASKS[task].group if task in VTAB_TASKS else "custom"),
+                accs=[float(r["acc"]) for r in rs],
+                seeds=[int(r["seed"]) for r in rs],
+                trainable_params=statistics.fmean(r.get("trainable_params", 0) for r in rs),
+                trainable_params_no_head=statistics.fmean(r.get("trainable_params_no_head", 0) for r in rs),
+                gflops=statistics.fmean(float(r.get("gflops", float("nan"))) for r in rs),
+                gflops_ratio=statistics.fmean(float(r.get("gflops_ratio", float("nan"))) for r in rs),
+                keep_rate=statistics.fmean(float(r.get("keep_rate", 1.0)) for r in rs),
+                exit_share=exit_share,
+                wall_s=sum(float(r.get("wall_s", 0.0)) for r in rs),
+            )
+        )
     return out
 
 
@@ -149,9 +170,7 @@ def render_markdown(
     method = records[0].get("method", "?") if records else "?"
     refs = [reference(n) for n in references]
     refs = [r for r in refs if r.per_task is not None]
-    dynamic = any(
-        (s.keep_rate < 0.9999) or (len(s.exit_share) > 1) for s in tasks
-    )
+    dynamic = any((s.keep_rate < 0.9999) or (len(s.exit_share) > 1) for s in tasks)
     ours = {s.task: s.mean for s in tasks}
     summ = summarize(ours)
     lines = [f"# VTAB-1K results: {title or method}", ""]
@@ -164,7 +183,7 @@ def render_markdown(
         f"VTAB-1K tasks: {n_vtab}/19; custom tasks: {len(tasks) - n_vtab}.",
         "- Accuracy: top-1 % on the task's test list; ± is the sample standard deviation over seeds. "
         "Group mean = mean of the Natural, Specialized and Structured means (VPT/NOAH/RepAdapter/DyT "
-        "convention); 19-task mean = mean over all tasks (ARC's \"Mean Total\"). Custom tasks are not in any mean.",
+        'convention); 19-task mean = mean over all tasks (ARC\'s "Mean Total"). Custom tasks are not in any mean.',
         "",
         "## Summary",
         "",
@@ -175,8 +194,11 @@ def render_markdown(
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref_summ = [summarize(r.per_task or {}) for r in refs]
     labels = {
-        "natural": "Natural mean", "specialized": "Specialized mean", "structured": "Structured mean",
-        "group_mean": "Group mean (mean of 3 group means)", "mean19": "19-task mean",
+        "natural": "Natural mean",
+        "specialized": "Specialized mean",
+        "structured": "Structured mean",
+        "group_mean": "Group mean (mean of 3 group means)",
+        "mean19": "19-task mean",
     }
     for key, label in labels.items():
         if summ[key] is None:
@@ -195,38 +217,51 @@ def render_markdown(
     if tasks:
         tp = statistics.fmean(s.trainable_params for s in tasks)
         tp_nh = statistics.fmean(s.trainable_params_no_head for s in tasks)
-        row = ["Trainable params (M): mean over tasks, with head / without head",
-               f"{tp / 1e6:.3f} / {tp_nh / 1e6:.3f}",
-               *[_fmt(r.trainable_params_m) if r.trainable_params_m is not None else "n/r" for r in refs]]
+        row = [
+            "Trainable params (M): mean over tasks, with head / without head",
+            f"{tp / 1e6:.3f} / {tp_nh / 1e6:.3f}",
+            *[_fmt(r.trainable_params_m) if r.trainable_params_m is not None else "n/r" for r in refs],
+        ]
         if refs:
             row.append("")
         lines.append("| " + " | ".join(row) + " |")
         gf = statistics.fmean(s.gflops for s in tasks)
         ratio = statistics.fmean(s.gflops_ratio for s in tasks)
-        row = ["GFLOPs / image (mean over tasks; × backbone)", f"{gf:.3f} ({ratio:.3f}×)",
-               *[_fmt(r.gflops) if r.gflops is not None else "n/r" for r in refs]]
+        row = [
+            "GFLOPs / image (mean over tasks; × backbone)",
+            f"{gf:.3f} ({ratio:.3f}×)",
+            *[_fmt(r.gflops) if r.gflops is not None else "n/r" for r in refs],
+        ]
         if refs:
             row.append("")
         lines.append("| " + " | ".join(row) + " |")
         if dynamic:
             keep = statistics.fmean(s.keep_rate for s in tasks)
             width = max(len(s.exit_share) for s in tasks)
-            shares = [statistics.fmean(s.exit_share[i] if i < len(s.exit_share) else 0.0 for s in tasks)
-                      for i in range(width)]
-            for label, value in (("Token keep rate (mean over tasks)", f"{keep:.3f}"),
-                                 ("Exit shares, first to last exit (mean over tasks)",
-                                  " / ".join(f"{v:.2f}" for v in shares))):
+            shares = [
+                statistics.fmean(s.exit_share[i] if i < len(s.exit_share) else 0.0 for s in tasks) for i in range(width)
+            ]
+            for label, value in (
+                ("Token keep rate (mean over tasks)", f"{keep:.3f}"),
+                ("Exit shares, first to last exit (mean over tasks)", " / ".join(f"{v:.2f}" for v in shares)),
+            ):
                 row = [label, value, *["" for _ in refs]]
                 if refs:
                     row.append("")
                 lines.append("| " + " | ".join(row) + " |")
     if not refs and records and note_missing_reference:
-        lines += ["", f"No reported per-task numbers to compare with for `{method}` in this configuration "
-                      f"(see `petl_lightning.reference.reference_methods()`; choose rows with --compare)."]
+        lines += [
+            "",
+            f"No reported per-task numbers to compare with for `{method}` in this configuration "
+            f"(see `petl_lightning.reference.reference_methods()`; choose rows with --compare).",
+        ]
     model_name = str(records[0].get("model_name", "")) if records else ""
     if refs and not model_name.startswith("vit_base_patch16_224"):
-        lines += ["", f"Note: the papers' numbers are for ViT-B/16 (ImageNet-21k) at 224 px; this run used "
-                      f"`{model_name}`, so the differences compare different backbones."]
+        lines += [
+            "",
+            f"Note: the papers' numbers are for ViT-B/16 (ImageNet-21k) at 224 px; this run used "
+            f"`{model_name}`, so the differences compare different backbones.",
+        ]
     if refs:
         lines += ["", "Reference sources: " + "; ".join(f"{r.name}: {r.source} ({r.backbone})" for r in refs) + "."]
     lines += ["", "## Per task", ""]
@@ -257,13 +292,18 @@ def render_markdown(
         table = paper_table(rows)
         if refs:
             ref_tasks = refs[0].per_task or {}
-            delta = "| Δ vs " + refs[0].name + " | " + " | ".join(
-                format_delta(vtab_only.get(t), ref_tasks.get(t)) if t in vtab_only else "-" for t in VTAB_TASKS
+            delta = (
+                "| Δ vs "
+                + refs[0].name
+                + " | "
+                + " | ".join(
+                    format_delta(vtab_only.get(t), ref_tasks.get(t)) if t in vtab_only else "-" for t in VTAB_TASKS
+                )
             )
             rs0 = ref_summ[0]
-            delta += " | " + " | ".join(
-                format_delta(summ[k], rs0[k], 2) for k in (*GROUPS, "group_mean", "mean19")
-            ) + " |"
+            delta += (
+                " | " + " | ".join(format_delta(summ[k], rs0[k], 2) for k in (*GROUPS, "group_mean", "mean19")) + " |"
+            )
             table += "\n" + delta
         lines.append(table)
         lines.append("")
@@ -287,8 +327,10 @@ def write_tables(
     records = collect_results(out)
     refs = default_references(records) if references is None else list(references)
     write_csv(records, out / "results.csv")
-    atomic_write(out / "results.md", render_markdown(records, refs, title, header_lines, pending, failed,
-                                                     note_missing_reference=references is None))
+    atomic_write(
+        out / "results.md",
+        render_markdown(records, refs, title, header_lines, pending, failed, note_missing_reference=references is None),
+    )
     return records
 
 
@@ -303,9 +345,16 @@ def log_to_wandb(records: Sequence[dict[str, Any]], project: str, name: str | No
         return
     tasks = summarize_tasks(records)
     summ = summarize({s.task: s.mean for s in tasks})
-    run = wandb.init(project=project, name=name, job_type="vtab-summary", dir=str(out),
-                     config={"method": records[0].get("method") if records else None,
-                             "hparams": records[0].get("hparams") if records else None})
+    run = wandb.init(
+        project=project,
+        name=name,
+        job_type="vtab-summary",
+        dir=str(out),
+        config={
+            "method": records[0].get("method") if records else None,
+            "hparams": records[0].get("hparams") if records else None,
+        },
+    )
     table = wandb.Table(columns=[c for c in CSV_COLUMNS if c != "exit_share"])
     for r in records:
         table.add_data(*[r.get(c) for c in CSV_COLUMNS if c != "exit_share"])

@@ -27,8 +27,15 @@ BASES = ("repadapter", "arc", "lora", "adapter")
 DEFAULT_ADAPTER_DIM = {"repadapter": 8, "arc": 50, "lora": 8, "adapter": 8}
 
 
-def build_blocks(base: str, timm_blocks: nn.Sequential, owner: nn.Module, adapter_dim: int, adapter_groups: int,
-                 adapter_scale: float, dropout: list[float]) -> nn.ModuleList:
+def build_blocks(
+    base: str,
+    timm_blocks: nn.Sequential,
+    owner: nn.Module,
+    adapter_dim: int,
+    adapter_groups: int,
+    adapter_scale: float,
+    dropout: list[float],
+) -> nn.ModuleList:
     """One method block per frozen timm block, with ``dropout[i]`` inside block ``i``'s adapters.
     ARC's shared bases are registered on ``owner`` (the module that holds every block)."""
     if base not in BASES:
@@ -37,17 +44,29 @@ def build_blocks(base: str, timm_blocks: nn.Sequential, owner: nn.Module, adapte
     for blk, p in zip(timm_blocks, dropout):
         dim = blk.norm1.weight.shape[0]
         if base == "repadapter":
-            blocks.append(FoldableBlock(blk, RepAdapterLayer(dim, adapter_dim, adapter_groups, adapter_scale, p),
-                                        RepAdapterLayer(dim, adapter_dim, adapter_groups, adapter_scale, p)))
+            blocks.append(
+                FoldableBlock(
+                    blk,
+                    RepAdapterLayer(dim, adapter_dim, adapter_groups, adapter_scale, p),
+                    RepAdapterLayer(dim, adapter_dim, adapter_groups, adapter_scale, p),
+                )
+            )
         elif base == "arc":
             if not hasattr(owner, "basis_attn"):
                 owner.basis_attn, owner.basis_mlp = ARCBasis(dim, adapter_dim), ARCBasis(dim, adapter_dim)
-            blocks.append(FoldableBlock(blk, ARCLayer(owner.basis_attn, dim, adapter_dim, p, coeff_init="zeros"),
-                                        ARCLayer(owner.basis_mlp, dim, adapter_dim, p, coeff_init="zeros")))
+            blocks.append(
+                FoldableBlock(
+                    blk,
+                    ARCLayer(owner.basis_attn, dim, adapter_dim, p, coeff_init="zeros"),
+                    ARCLayer(owner.basis_mlp, dim, adapter_dim, p, coeff_init="zeros"),
+                )
+            )
         elif base == "lora":
             if not isinstance(getattr(blk.attn, "qkv", None), nn.Linear):
-                raise ConfigError(f"The lora base wraps attn.qkv, an nn.Linear; this model's is "
-                                  f"{type(getattr(blk.attn, 'qkv', None)).__name__}.")
+                raise ConfigError(
+                    f"The lora base wraps attn.qkv, an nn.Linear; this model's is "
+                    f"{type(getattr(blk.attn, 'qkv', None)).__name__}."
+                )
             blk.attn.qkv = LoRALinear(blk.attn.qkv, adapter_dim, adapter_scale, p)
             blocks.append(blk)
         else:
@@ -59,8 +78,10 @@ def fold_block(base: str, block: nn.Module, target: nn.Module) -> None:
     """Fold ``block``'s affine adapters into ``target``, a plain timm block (LoRA is folded with the
     backbone by :func:`~petl_lightning.merge.merge_into_vit`)."""
     if base == "adapter":
-        raise MergeError("The bottleneck adapter base is non-linear (ReLU) and cannot be merged into the backbone; "
-                         "only the repadapter, arc and lora bases merge.")
+        raise MergeError(
+            "The bottleneck adapter base is non-linear (ReLU) and cannot be merged into the backbone; "
+            "only the repadapter, arc and lora bases merge."
+        )
     if isinstance(block, FoldableBlock):
         block.fold_into(target)
 

@@ -8,8 +8,12 @@ checkpoint's hyper-parameters store it) and checked when the model is built.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar
+
+import torch
+from torch import Tensor
 
 from petl_lightning.errors import ConfigError
 
@@ -50,8 +54,10 @@ class ExitConfig:
         blocks = self.resolved_blocks(depth)
         hidden = self.resolved_hidden(len(blocks))
         if len(hidden) != len(blocks) or any(h < 0 for h in hidden):
-            raise ConfigError(f"exits.hidden needs {len(blocks)} non-negative widths (one per early exit, 0 = linear), "
-                              f"got {self.hidden}.")
+            raise ConfigError(
+                f"exits.hidden needs {len(blocks)} non-negative widths (one per early exit, 0 = linear), "
+                f"got {self.hidden}."
+            )
 
     def resolved_blocks(self, depth: int) -> list[int]:
         if self.blocks is None:
@@ -61,8 +67,10 @@ class ExitConfig:
             return blocks
         blocks = [int(b) for b in self.blocks]
         if not blocks or blocks != sorted(set(blocks)) or blocks[0] < 1 or blocks[-1] >= depth:
-            raise ConfigError(f"exits.blocks must be increasing, distinct block counts in [1, {depth - 1}] (the final "
-                              f"exit after block {depth} is always added), got {self.blocks}.")
+            raise ConfigError(
+                f"exits.blocks must be increasing, distinct block counts in [1, {depth - 1}] (the final "
+                f"exit after block {depth} is always added), got {self.blocks}."
+            )
         return blocks
 
     def resolved_hidden(self, n_early: int) -> list[int]:
@@ -93,6 +101,18 @@ class LossSchedule:
     ramp: tuple[float, float] = (0.0, 0.5)
     final_weight: float = 1.0
 
+    def weights(self, progress: float, num_exits: int) -> list[float]:
+        """The exits' loss weights (early exits, then the final one) at training progress ``progress``."""
+        t0, t1 = self.ramp
+        if self.kind == "constant":
+            r = 1.0
+        elif self.kind == "step":
+            r = 1.0 if progress >= t1 else 0.0
+        else:
+            r = 1.0 if progress >= t1 else 0.0 if progress <= t0 else (progress - t0) / (t1 - t0)
+            r = 0.5 * (1.0 - math.cos(math.pi * r)) if self.kind == "cosine" else r
+        return [self.start + (self.end - self.start) * r] * (num_exits - 1) + [self.final_weight]
+
     def check(self) -> None:
         if self.kind not in SCHEDULES:
             raise ConfigError(f"Unknown loss.kind {self.kind!r}; choose one of {', '.join(SCHEDULES)}.")
@@ -120,7 +140,9 @@ class SparsityConfig:
 
     def check(self) -> None:
         if not 0.0 < self.grad_keep <= 1.0:
-            raise ConfigError(f"sparsity.grad_keep must lie in (0, 1] (1.0 switches the mask off), got {self.grad_keep}.")
+            raise ConfigError(
+                f"sparsity.grad_keep must lie in (0, 1] (1.0 switches the mask off), got {self.grad_keep}."
+            )
         if self.grad_mask_mode not in ("gradient", "update"):
             raise ConfigError(f"sparsity.grad_mask_mode must be 'gradient' or 'update', got {self.grad_mask_mode!r}.")
 
@@ -130,8 +152,10 @@ class SparsityConfig:
             first, last = rates
             rates = [first + (last - first) * i / max(depth - 1, 1) for i in range(depth)]
         if len(rates) != depth or any(not 0.0 <= r < 1.0 for r in rates):
-            raise ConfigError(f"sparsity.adapter_dropout must be [first, last] or {depth} rates, each in [0, 1); "
-                              f"got {list(self.adapter_dropout)}.")
+            raise ConfigError(
+                f"sparsity.adapter_dropout must be [first, last] or {depth} rates, each in [0, 1); "
+                f"got {list(self.adapter_dropout)}."
+            )
         return rates
 
 
@@ -155,13 +179,26 @@ class CalibrationConfig:
     confidence: Literal["max_softmax", "entropy"] = "max_softmax"
     thresholds: list[float] | None = None
 
+    def threshold_vector(self, values: float | list[float], n_early: int) -> Tensor:
+        """Thresholds of the ``n_early`` early exits from one value or one per exit."""
+        thr = torch.as_tensor(values, dtype=torch.float32).flatten()
+        thr = thr.expand(n_early).clone() if thr.numel() == 1 else thr
+        if thr.numel() != n_early:
+            raise ConfigError(
+                f"calibration.thresholds has {thr.numel()} values for {n_early} early exits; "
+                f"give one value or one per exit."
+            )
+        return thr
+
     def check(self) -> None:
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise ConfigError(f"calibration.budget must lie in (0, 1] (a share of the full FLOPs), got {self.budget}.")
         if self.policy not in POLICIES:
             raise ConfigError(f"Unknown calibration.policy {self.policy!r}; choose one of {', '.join(POLICIES)}.")
         if self.confidence not in CONFIDENCES:
-            raise ConfigError(f"calibration.confidence must be one of {', '.join(CONFIDENCES)}, got {self.confidence!r}.")
+            raise ConfigError(
+                f"calibration.confidence must be one of {', '.join(CONFIDENCES)}, got {self.confidence!r}."
+            )
 
 
 C = TypeVar("C", ExitConfig, LossSchedule, SparsityConfig, CalibrationConfig)
@@ -182,9 +219,4 @@ def as_config(cls: type[C], value: C | dict[str, Any] | None) -> C:
     raise ConfigError(f"Expected a {cls.__name__} or a dict, got {type(value).__name__}.")
 
 
-def as_dict(config: Any) -> dict[str, Any]:
-    """A group as a plain dict (what hyper-parameters and checkpoints store)."""
-    return asdict(config)
-
-
-__all__ = ["CalibrationConfig", "ExitConfig", "LossSchedule", "SparsityConfig", "as_config", "as_dict"]
+__all__ = ["CalibrationConfig", "ExitConfig", "LossSchedule", "SparsityConfig", "as_config"]

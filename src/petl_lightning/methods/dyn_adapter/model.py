@@ -1,25 +1,17 @@
 """Dyn-Adapter (Zhang et al., ECCV 2024, arXiv 2407.14302): early-exit heads over a PETL base on a
 frozen ViT, trained with a scheduled multi-exit loss and bidirectional sparsity, run with per-image
-early exit at inference.
-
-No official code exists and the paper's full text was not at hand, so this is a reconstruction:
-early heads at a fixed interval, heavier heads at shallow exits, an adaptively weighted multi-exit
-loss, higher dropout in shallow layers and a random mask on gradient updates, and exit at the
-first head whose confidence clears its threshold. Every number and shape is our choice and an
-option (:mod:`~petl_lightning.methods.dyn_adapter.config`).
-
-Inference removes finished images from the batch after each exit (``index_select``), so later
-blocks run on fewer images, and skips the heads of exits that take no image (threshold ``+inf``);
-``tests/test_dyn_adapter.py`` holds it equal to a per-image loop. :meth:`DynAdapter.calibrate` picks
-the thresholds for a FLOPs budget on held-out data (the ``ExitCalibration`` callback does it during
-fit and before test); :meth:`DynAdapter.merge` folds a RepAdapter, ARC or LoRA base into a plain timm
-ViT, whose blocks :meth:`DynAdapter.infer` can run so that only the exit heads cost extra.
+early exit. No official code exists: every number and shape is our choice and an option (``config.py``;
+``docs/dyn_adapter.md``). Inference removes finished images from the batch after each exit and skips
+the heads of exits that take no image, tested equal to a per-image loop; :meth:`DynAdapter.calibrate`
+picks the thresholds for a FLOPs budget on held-out data (``ExitCalibration`` does it during fit and
+before test); :meth:`DynAdapter.merge` folds a RepAdapter, ARC or LoRA base into a plain timm ViT.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -36,17 +28,14 @@ from petl_lightning.methods.base import PETLModule
 from petl_lightning.methods.dyn_adapter import thresholds as th
 from petl_lightning.methods.dyn_adapter.bases import DEFAULT_ADAPTER_DIM, Base, adapter_layers, build_blocks, fold_block
 from petl_lightning.methods.dyn_adapter.config import (
-    CalibrationConfig, ExitConfig, LossSchedule, SparsityConfig, as_config, as_dict,
+    CalibrationConfig,
+    ExitConfig,
+    LossSchedule,
+    SparsityConfig,
+    as_config,
 )
 from petl_lightning.methods.repadapter import RepAdapter
 from petl_lightning.stats import InferenceOutput, InferenceStats
-
-
-def scale_grad(x: Tensor, scale: float) -> Tensor:
-    """Identity forward; the gradient flowing back through it is multiplied by ``scale``."""
-    if scale == 1.0:
-        return x
-    return x.detach() if scale == 0.0 else x * scale + x.detach() * (1.0 - scale)
 
 
 class DynAdapter(PETLModule):
@@ -88,41 +77,51 @@ class DynAdapter(PETLModule):
     ) -> None:
         super().__init__(**kwargs)
         self.exit_config, self.loss_schedule = as_config(ExitConfig, exits), as_config(LossSchedule, loss)
-        self.sparsity, self.calibration_config = as_config(SparsityConfig, sparsity), as_config(CalibrationConfig, calibration)
+        self.sparsity = as_config(SparsityConfig, sparsity)
+        self.calibration_config = as_config(CalibrationConfig, calibration)
+        groups = {
+            "exits": self.exit_config,
+            "loss": self.loss_schedule,
+            "sparsity": self.sparsity,
+            "calibration": self.calibration_config,
+        }
+        self.hparams.update({k: asdict(v) for k, v in groups.items()})  # plain dicts: weights-only loading
         for cfg in (self.loss_schedule, self.sparsity, self.calibration_config):
             cfg.check()
-        self.hparams.update(exits=as_dict(self.exit_config), loss=as_dict(self.loss_schedule),
-                            sparsity=as_dict(self.sparsity), calibration=as_dict(self.calibration_config))
         depth, dim = self.vit.depth, self.vit.dim
         if getattr(self.vit.vit, "attn_pool", None) is not None or self.vit.vit.global_pool != "token":
-            raise ConfigError(f"DynAdapter reads the CLS token at every exit; {self.vit.model_name!r} pools with "
-                              f"{self.vit.vit.global_pool!r}. Use a ViT with a class token (global_pool='token').")
+            raise ConfigError(
+                f"DynAdapter reads the CLS token at every exit; {self.vit.model_name!r} pools with "
+                f"{self.vit.vit.global_pool!r}. Use a ViT with a class token (global_pool='token')."
+            )
         self.exit_config.check(depth)
         self.exit_depths = [*self.exit_config.resolved_blocks(depth), depth]
         hidden = self.exit_config.resolved_hidden(self.num_exits - 1)
         n_pool = 2 if self.exit_config.pool == "cls_avg" else 1
-        self.exit_heads = nn.ModuleList(ExitHead(dim, self.num_classes, h, self.exit_config.dropout, n_pool) for h in hidden)
+        cfg = self.exit_config
+        self.exit_heads = nn.ModuleList(
+            ExitHead(dim, self.num_classes, h, cfg.dropout, n_pool, cfg.grad_scale) for h in hidden
+        )
         scale = 1.0 if adapter_scale is None else float(adapter_scale)
         width = DEFAULT_ADAPTER_DIM.get(base, 8) if adapter_dim is None else adapter_dim
-        self.blocks = build_blocks(base, self.vit.blocks, self, width, adapter_groups, scale,
-                                   self.sparsity.dropout_per_block(depth))
+        self.blocks = build_blocks(
+            base, self.vit.blocks, self, width, adapter_groups, scale, self.sparsity.dropout_per_block(depth)
+        )
         fixed = self.calibration_config.thresholds
-        self.register_buffer("thresholds", self._threshold_vector(math.inf if fixed is None else fixed))
+        self.register_buffer(
+            "thresholds",
+            self.calibration_config.threshold_vector(math.inf if fixed is None else fixed, self.num_exits - 1),
+        )
         #: The last calibration (budget, policy, held-out accuracy and FLOPs); saved in checkpoints.
-        self.calibration_result: dict[str, Any] | None = None if fixed is None else {"budget": None, "thresholds": list(fixed)}
+        self.calibration_result: dict[str, Any] | None = (
+            None if fixed is None else {"budget": None, "thresholds": list(fixed)}
+        )
         self.inference_meter = InferenceStats(depth, num_exits=self.num_exits)
-        self.exit_accuracy = nn.ModuleList(MulticlassAccuracy(self.num_classes, average="micro")
-                                           for _ in self.exit_depths)
+        self.exit_accuracy = nn.ModuleList(
+            MulticlassAccuracy(self.num_classes, average="micro") for _ in self.exit_depths
+        )
         self._held_out: list[th.ExitOutputs] = []
         self._total_steps: int | None = None
-
-    def _threshold_vector(self, values: float | Sequence[float]) -> Tensor:
-        thr = torch.as_tensor(values, dtype=torch.float32).flatten()
-        thr = thr.expand(self.num_exits - 1).clone() if thr.numel() == 1 else thr
-        if thr.numel() != self.num_exits - 1:
-            raise ConfigError(f"calibration.thresholds has {thr.numel()} values for {self.num_exits - 1} early exits; "
-                              f"give one value or one per exit.")
-        return thr
 
     @classmethod
     def task_overrides(cls, task: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,9 +138,7 @@ class DynAdapter(PETLModule):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward_tokens(self, tokens: Tensor) -> Tensor:
-        for blk in self.blocks:
-            tokens = blk(tokens)
-        return tokens
+        return self.forward_blocks(tokens, 0, len(self.blocks))
 
     def confidence(self, logits: Tensor) -> Tensor:
         return th.confidence(logits, self.calibration_config.confidence)
@@ -154,7 +151,7 @@ class DynAdapter(PETLModule):
         cls, avg = tokens[:, :1], tokens[:, p:].mean(dim=1, keepdim=True)
         pool = self.exit_config.pool
         pooled = cls if pool == "cls" else avg if pool == "avg" else torch.cat([cls, avg], dim=1)
-        return self.exit_heads[k](scale_grad(pooled, self.exit_config.grad_scale))
+        return self.exit_heads[k](pooled)
 
     def forward_exits(self, x: Tensor) -> Tensor:
         """Every exit on every image: logits (E, B, K)."""
@@ -219,8 +216,10 @@ class DynAdapter(PETLModule):
         adapters are folded into the blocks (free)."""
         s = self.vit.shape()
         n = s.num_tokens
-        per_block = [block_flops(n, n, s, norm) + (0 if merged else sum(a.flops(n) for a in adapter_layers(blk)))
-                     for blk in self.blocks]
+        per_block = [
+            block_flops(n, n, s, norm) + (0 if merged else sum(a.flops(n) for a in adapter_layers(blk)))
+            for blk in self.blocks
+        ]
         depth = [embed_flops(s) + sum(per_block[:d]) for d in self.exit_depths]
         depth[-1] += head_flops(s, self.num_classes, norm=norm)
         heads = [h.flops(norm) for h in self.exit_heads]
@@ -255,13 +254,14 @@ class DynAdapter(PETLModule):
             return data
         if isinstance(data, L.LightningDataModule):
             if getattr(data, "val_split", "val200") is None:
-                raise ConfigError("Threshold calibration needs held-out data, but the DataModule has no validation "
-                                  "split (protocol trainval_test trains on train800val200). Use protocol='train_val' "
-                                  "(calibrates on val200), or pass a DataLoader.")
+                raise ConfigError(
+                    "Threshold calibration needs held-out data, but the DataModule has no validation "
+                    "split (protocol trainval_test trains on train800val200). Use protocol='train_val' "
+                    "(calibrates on val200), or pass a DataLoader."
+                )
             data = data.val_dataloader()
-        batches = [tuple(data)] if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) \
-            else data
-        was_training, parts = self.training, []
+        pair = isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)
+        batches, was_training, parts = [tuple(data)] if pair else data, self.training, []
         self.eval()
         try:
             for x, y in (bt[:2] for bt in batches):
@@ -287,19 +287,21 @@ class DynAdapter(PETLModule):
         policy = policy or self.calibration_config.policy
         thr, acc, cost, share = th.search_thresholds(out, costs, budget * full, policy)  # type: ignore[arg-type]
         self.thresholds.copy_(thr.to(self.thresholds))
-        self.calibration_result = {"budget": budget, "policy": policy, "thresholds": thr.tolist(), "acc": acc,
-                            "gflops": cost / 1e9, "flops_ratio": cost / full, "exit_share": share.tolist(),
-                            "images": int(out.labels.numel()), "step": int(self.global_step) if self._trainer else 0}
+        res = dict(budget=budget, policy=policy, thresholds=thr.tolist(), acc=acc, gflops=cost / 1e9)
+        res.update(flops_ratio=cost / full, exit_share=share.tolist(), images=int(out.labels.numel()))
+        self.calibration_result = {**res, "step": int(self.global_step) if self._trainer else 0}
         return dict(self.calibration_result)
 
-    def curve(self, calib: Any, evaluate: Any = None,
-              budgets: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> list[dict[str, Any]]:
+    def curve(
+        self, calib: Any, evaluate: Any = None, budgets: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    ) -> list[dict[str, Any]]:
         """Accuracy vs executed GFLOPs: thresholds searched on ``calib`` for each budget, measured on
         ``evaluate`` (default ``calib``); this module's thresholds are left alone."""
         c = self.collect_exits(calib)
         ev = None if evaluate is None else self.collect_exits(evaluate)
-        return th.accuracy_cost_curve(c, self.exit_costs(), self.full_flops(), list(budgets), ev,
-                                      self.calibration_config.policy)
+        return th.accuracy_cost_curve(
+            c, self.exit_costs(), self.full_flops(), list(budgets), ev, self.calibration_config.policy
+        )
 
     # -- training --------------------------------------------------------------------------------
     def training_progress(self) -> float:
@@ -314,16 +316,7 @@ class DynAdapter(PETLModule):
 
     def loss_weights(self, progress: float) -> list[float]:
         """Weights (E,) of the exits' cross-entropies at training progress ``progress`` in [0, 1]."""
-        cfg = self.loss_schedule
-        t0, t1 = cfg.ramp
-        if cfg.kind == "constant":
-            r = 1.0
-        elif cfg.kind == "step":
-            r = 1.0 if progress >= t1 else 0.0
-        else:
-            r = 1.0 if progress >= t1 else 0.0 if progress <= t0 else (progress - t0) / (t1 - t0)
-            r = 0.5 * (1.0 - math.cos(math.pi * r)) if cfg.kind == "cosine" else r
-        return [cfg.start + (cfg.end - cfg.start) * r] * (self.num_exits - 1) + [cfg.final_weight]
+        return self.loss_schedule.weights(progress, self.num_exits)
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Weighted sum of every exit's cross-entropy; the final exit's logits for train accuracy."""
@@ -390,10 +383,7 @@ class DynAdapter(PETLModule):
         self._check_labels(y)
         logits = self.forward_exits(x)
         self._held_out.append(self.exit_outputs(logits, y))
-        ex = th.assign_exits(self.confidence(logits).T, self.thresholds)
-        picked = logits.permute(1, 0, 2)[torch.arange(x.shape[0], device=x.device), ex]
-        costs = self.exit_costs().of(self.thresholds.cpu())[0].to(x.device)
-        self.inference_meter.update(InferenceOutput(picked, costs[ex], ex), y)
+        self.record_exits(self._held_out[-1], reset=False)
         self.log("val/loss", F.cross_entropy(logits[-1], y), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         self._log_exit_accuracy(logits, y, "val")
 
@@ -407,15 +397,19 @@ class DynAdapter(PETLModule):
             out = th.ExitOutputs(*parts)
         return out
 
-    def record_exits(self, out: th.ExitOutputs) -> None:
-        """Refill the statistics from an exit table at the current thresholds (after calibration)."""
-        self.reset_inference_stats()
+    def record_exits(self, out: th.ExitOutputs, reset: bool = True) -> None:
+        """Add an exit table to the statistics at the current thresholds (``reset``: replace them,
+        as after a calibration); the same counts the dynamic path would record on those images."""
+        if reset:
+            self.reset_inference_stats()
         ex = th.assign_exits(out.conf, self.thresholds.cpu())
         pred = out.pred[torch.arange(ex.numel()), ex]
         costs = self.exit_costs().of(self.thresholds.cpu())[0]
         as_logits = F.one_hot(pred, self.num_classes).double()  # the statistics need only each prediction
-        self.inference_meter.update(InferenceOutput(as_logits.to(self.device), costs[ex].to(self.device),
-                                                    ex.to(self.device)), out.labels.to(self.device))
+        self.inference_meter.update(
+            InferenceOutput(as_logits.to(self.device), costs[ex].to(self.device), ex.to(self.device)),
+            out.labels.to(self.device),
+        )
 
     def on_validation_epoch_end(self) -> None:
         out = self.held_out_exits()
@@ -448,9 +442,9 @@ class DynAdapter(PETLModule):
         super().on_load_checkpoint(checkpoint)
         fixed = self.calibration_config.thresholds
         if fixed is not None:  # thresholds given now win over the stored ones
-            checkpoint["state_dict"]["thresholds"] = self._threshold_vector(fixed)
+            checkpoint["state_dict"]["thresholds"] = self.calibration_config.threshold_vector(fixed, self.num_exits - 1)
         else:
             self.calibration_result = checkpoint.get("petl", {}).get("calibration")
 
 
-__all__ = ["DynAdapter", "scale_grad"]
+__all__ = ["DynAdapter"]

@@ -100,8 +100,9 @@ def assign_exits(conf: Tensor, thresholds: Tensor) -> Tensor:
     return exits[0] if single else exits
 
 
-def evaluate_thresholds(out: ExitOutputs, costs: ExitCosts, thresholds: Tensor,
-                        chunk: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
+def evaluate_thresholds(
+    out: ExitOutputs, costs: ExitCosts, thresholds: Tensor, chunk: int = 2048
+) -> tuple[Tensor, Tensor, Tensor]:
     """Accuracy (M,), mean cost (M,) and exit shares (M, E) of each threshold vector (M, E-1)."""
     accs, mean_costs, shares = [], [], []
     correct = out.correct.to(torch.float64).T  # (E, N)
@@ -189,8 +190,9 @@ def candidate_thresholds(conf: Tensor, policy: Policy = "pareto", resolution: in
     return torch.cat([f.float() for f in families]).unique(dim=0)
 
 
-def search_thresholds(out: ExitOutputs, costs: ExitCosts, max_cost: float, policy: Policy = "pareto",
-                      resolution: int = 0) -> tuple[Tensor, float, float, Tensor]:
+def search_thresholds(
+    out: ExitOutputs, costs: ExitCosts, max_cost: float, policy: Policy = "pareto", resolution: int = 0
+) -> tuple[Tensor, float, float, Tensor]:
     """The candidate with the best accuracy whose mean cost is at most ``max_cost`` (ties: cheapest).
 
     Returns ``(thresholds (E-1,), accuracy, mean cost, exit shares (E,))``.
@@ -199,11 +201,11 @@ def search_thresholds(out: ExitOutputs, costs: ExitCosts, max_cost: float, polic
     acc, cost, share = evaluate_thresholds(out, costs, cands)
     ok = cost <= max_cost * (1 + 1e-9)
     if not bool(ok.any()):
+        cheapest = float(costs.single_exit()[0])
         raise ConfigError(
             f"No thresholds meet the budget: the cheapest choice (every image at the first exit) costs "
-            f"{float(costs.single_exit()[0]) / 1e9:.4g} GFLOPs per image, {float(costs.single_exit()[0]) / float(costs.depth[-1]):.3f} "
-            f"of the full model, above the {max_cost / 1e9:.4g} allowed. Raise the budget or put the first exit "
-            f"earlier (exits.blocks)."
+            f"{cheapest / 1e9:.4g} GFLOPs per image, {cheapest / float(costs.depth[-1]):.3f} of the full model, "
+            f"above the {max_cost / 1e9:.4g} allowed. Raise the budget or put the first exit earlier (exits.blocks)."
         )
     best = torch.where(ok, acc, torch.full_like(acc, -1.0)).max()
     tied = ok & (acc >= best - 1e-12)
@@ -211,8 +213,14 @@ def search_thresholds(out: ExitOutputs, costs: ExitCosts, max_cost: float, polic
     return cands[idx].cpu(), float(acc[idx]), float(cost[idx]), share[idx].cpu()
 
 
-def accuracy_cost_curve(calib: ExitOutputs, costs: ExitCosts, full: float, budgets: list[float],
-                        evaluate: ExitOutputs | None = None, policy: Policy = "pareto") -> list[dict[str, object]]:
+def accuracy_cost_curve(
+    calib: ExitOutputs,
+    costs: ExitCosts,
+    full: float,
+    budgets: list[float],
+    evaluate: ExitOutputs | None = None,
+    policy: Policy = "pareto",
+) -> list[dict[str, object]]:
     """For each budget (share of ``full`` FLOPs): thresholds searched on ``calib``, then accuracy,
     GFLOPs and exit shares on ``evaluate`` (default ``calib``). Budgets below the cheapest exit
     are left out."""
@@ -224,9 +232,18 @@ def accuracy_cost_curve(calib: ExitOutputs, costs: ExitCosts, full: float, budge
         except ConfigError:
             continue
         acc, cost, share = evaluate_thresholds(ev, costs, thr[None])
-        points.append({"budget": b, "thresholds": thr.tolist(), "acc": float(acc[0]), "gflops": float(cost[0]) / 1e9,
-                       "flops_ratio": float(cost[0]) / full, "exit_share": share[0].tolist(),
-                       "calib_acc": c_acc, "calib_gflops": c_cost / 1e9})
+        points.append(
+            {
+                "budget": b,
+                "thresholds": thr.tolist(),
+                "acc": float(acc[0]),
+                "gflops": float(cost[0]) / 1e9,
+                "flops_ratio": float(cost[0]) / full,
+                "exit_share": share[0].tolist(),
+                "calib_acc": c_acc,
+                "calib_gflops": c_cost / 1e9,
+            }
+        )
     return points
 
 
@@ -238,6 +255,14 @@ def single_exit_points(out: ExitOutputs, costs: ExitCosts) -> list[dict[str, flo
 
 
 __all__ = [
-    "ExitCosts", "ExitOutputs", "accuracy_cost_curve", "assign_exits", "candidate_thresholds", "confidence",
-    "evaluate_thresholds", "search_thresholds", "single_exit_points", "single_exit_thresholds",
+    "ExitCosts",
+    "ExitOutputs",
+    "accuracy_cost_curve",
+    "assign_exits",
+    "candidate_thresholds",
+    "confidence",
+    "evaluate_thresholds",
+    "search_thresholds",
+    "single_exit_points",
+    "single_exit_thresholds",
 ]
