@@ -50,7 +50,7 @@ def build(case: str) -> Any:
 
     torch.manual_seed(0)
     if case == "dyn_adapter":
-        model = DynAdapter(num_classes=NUM_CLASSES, exit_blocks=[1, 2], calibrate_budget=None, **TINY)
+        model = DynAdapter(num_classes=NUM_CLASSES, exits={"blocks": [1, 2]}, calibration={"budget": None}, **TINY)
         x, y = eval_data(N_EVEN)
         out = model.collect_exits(DataLoader(TensorDataset(x, y), batch_size=8))
         model.thresholds.copy_(out.conf[:, :-1].median(dim=0).values.to(model.thresholds))

@@ -26,11 +26,11 @@ SWEEP_FILES = sorted(p.name for p in SWEEPS.glob("*.yaml"))
 # What each method's sweep must search (the "hyper-parameters that matter").
 MUST_SWEEP = {
     "linear_probe": {"lr", "weight_decay"},
-    "repadapter": {"lr", "weight_decay", "r", "scale"},
-    "arc": {"lr", "weight_decay", "r"},
+    "repadapter": {"lr", "weight_decay", "adapter_dim", "adapter_scale"},
+    "arc": {"lr", "weight_decay", "adapter_dim"},
     "dyt": {"lr", "weight_decay", "adapter_dim", "adapter_scale", "target_rate"},
-    "dyn_adapter": {"lr", "weight_decay", "adapter_dim", "adapter_scale", "calibrate_budget"},
-    "dyn_adapter_thresholds": {"exit_thresholds"},
+    "dyn_adapter": {"lr", "weight_decay", "adapter_dim", "adapter_scale", "budget"},
+    "dyn_adapter_thresholds": {"thresholds"},
 }
 
 

@@ -138,10 +138,9 @@ def tiny_dyn_adapter_args(data_root: Path) -> list[str]:
     return tiny_fit_args(
         "dyn_adapter.yaml",
         data_root,
-        "--model.init_args.exit_blocks=[1, 2]",
-        "--model.init_args.exit_hidden=[32, 0]",
-        "--model.init_args.exit_thresholds=0.2",
-        "--model.init_args.calibrate_budget=null",
+        "--model.init_args.exits.blocks=[1, 2]",
+        "--model.init_args.exits.hidden=[32, 0]",
+        "--model.init_args.calibration.thresholds=[0.2]",
     )
 
 
@@ -215,7 +214,7 @@ def test_wandb_offline_run_holds_exit_table_flops_and_effective_config(
     model_cfg, data_cfg, trainer_cfg = config["model"], config["data"], config["trainer"]
     assert model_cfg["class_path"] == "petl_lightning.methods.dyn_adapter.DynAdapter"
     assert model_cfg["init_args"]["num_classes"] == NUM_CLASSES
-    assert model_cfg["init_args"]["exit_blocks"] == [1, 2]
+    assert model_cfg["init_args"]["exits"]["blocks"] == [1, 2]
     assert model_cfg["init_args"]["model_name"] == "vit_tiny_patch16_224"
     assert data_cfg["init_args"]["task"] == "tiny" and data_cfg["init_args"]["protocol"] == "train_val"
     assert trainer_cfg["max_epochs"] == 1

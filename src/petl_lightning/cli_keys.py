@@ -189,11 +189,22 @@ def explain_parse_error(message: str, argv: list[str]) -> str:
     for found in (_check_group(keys, "model"), _check_group(keys, "data"), _check_trainer(keys)):
         if found:
             return found
-    inner = re.findall(r'(?:Parser key|Key) "([^"]+)":? ((?:(?! - ).)+)', message)
-    if inner:
-        key, problem = inner[-1]
-        return f"{key}: {problem.strip().rstrip('.')}."
-    return " ".join(message.split())[:400]
+    keys_found = re.findall(r'(?:Parser key|Key) "([^"]+)"', message)
+    if not keys_found:
+        return " ".join(message.split())[:300]
+    key = keys_found[-1]
+    detail = message.split(f'"{key}"')[-1]
+    if "NoneType" in detail and re.search(r"Given value: None\b", detail):
+        group, _, field = key.rpartition(".")
+        return (f"{key}: a nested null given on the command line reaches the parser as the string 'None'; set it in "
+                f"a YAML config, or give the whole group, e.g. --model.init_args.{group}='{{{field}: null}}'.")
+    lines = [ln.strip(" -") for ln in detail.splitlines()[1:] if ln.strip(" -:")]
+    expected = [ln.removeprefix("Expected a ").strip("<>").replace("class ", "") for ln in lines if ln.startswith("Expected")]
+    given = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Given value:")), None)
+    expected = list(dict.fromkeys(expected))
+    if len(expected) > 1 and given is not None:
+        return f"{key}: expected {' or '.join(expected)}, got {given!r}."
+    return f"{key}: {(lines[0] if lines else 'invalid value').rstrip('.')}."
 
 
 __all__ = ["RENAMED", "explain_parse_error", "import_class", "init_arguments", "user_keys"]

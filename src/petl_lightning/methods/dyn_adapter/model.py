@@ -141,6 +141,7 @@ class DynAdapter(PETLModule):
         return self.forward_blocks(tokens, 0, len(self.blocks))
 
     def confidence(self, logits: Tensor) -> Tensor:
+        """Per-image confidence (B,) of one exit's logits (B, K): the one exit rule (override it)."""
         return th.confidence(logits, self.calibration_config.confidence)
 
     def exit_logits(self, k: int, tokens: Tensor) -> Tensor:
@@ -206,7 +207,7 @@ class DynAdapter(PETLModule):
     def infer_reference(self, x: Tensor) -> InferenceOutput:
         """The same decisions without batch shrinking (every exit on every image; for tests)."""
         logits = self.forward_exits(x)
-        ex = th.assign_exits(self.confidence(logits).T, self.thresholds)
+        ex = th.assign_exits(torch.stack([self.confidence(lg) for lg in logits], dim=1), self.thresholds)
         out = logits.permute(1, 0, 2)[torch.arange(x.shape[0], device=x.device), ex]
         return InferenceOutput(out, self.exit_costs().of(self.thresholds.cpu())[0].to(x.device)[ex], ex)
 
@@ -274,7 +275,8 @@ class DynAdapter(PETLModule):
 
     def exit_outputs(self, logits: Tensor, y: Tensor) -> th.ExitOutputs:
         """The confidence/prediction table of every exit's logits (E, B, K)."""
-        return th.ExitOutputs(self.confidence(logits).T.cpu(), logits.argmax(dim=-1).T.cpu(), y.cpu())
+        conf = torch.stack([self.confidence(lg) for lg in logits], dim=1)
+        return th.ExitOutputs(conf.cpu(), logits.argmax(dim=-1).T.cpu(), y.cpu())
 
     def calibrate(self, data: Any, target: float | None = None, policy: str | None = None) -> dict[str, Any]:
         """Set the early exits' thresholds so the mean executed FLOPs on held-out ``data`` is at most
