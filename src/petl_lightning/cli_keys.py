@@ -196,10 +196,14 @@ def explain_parse_error(message: str, argv: list[str]) -> str:
     detail = message.split(f'"{key}"')[-1]
     if "NoneType" in detail and re.search(r"Given value: None\b", detail):
         group, _, field = key.rpartition(".")
-        return (f"{key}: a nested null given on the command line reaches the parser as the string 'None'; set it in "
-                f"a YAML config, or give the whole group, e.g. --model.init_args.{group}='{{{field}: null}}'.")
+        return (
+            f"{key}: a nested null given on the command line reaches the parser as the string 'None'; set it in "
+            f"a YAML config, or give the whole group, e.g. --model.init_args.{group}='{{{field}: null}}'."
+        )
     lines = [ln.strip(" -") for ln in detail.splitlines()[1:] if ln.strip(" -:")]
-    expected = [ln.removeprefix("Expected a ").strip("<>").replace("class ", "") for ln in lines if ln.startswith("Expected")]
+    expected = [
+        ln.removeprefix("Expected a ").strip("<>").replace("class ", "") for ln in lines if ln.startswith("Expected")
+    ]
     given = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Given value:")), None)
     expected = list(dict.fromkeys(expected))
     if len(expected) > 1 and given is not None:

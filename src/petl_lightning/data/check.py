@@ -22,7 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from petl_lightning.data.vtab import LIST_FILES, VTAB_TASKS, Sample, read_list
+from petl_lightning.data.lists import Sample, read_list
+from petl_lightning.data.tasks import LIST_FILES, VTAB_TASKS, parse_tasks
 from petl_lightning.data.vtab_splits import VTAB_SOURCES
 from petl_lightning.errors import DataError
 
@@ -155,8 +156,6 @@ def check_task(task_dir: Path, task: str) -> list[str]:
 def _tasks(spec: str, root: Path) -> list[str]:
     if spec == "present":
         return [t for t in VTAB_TASKS if (root / t).is_dir()]
-    from petl_lightning.data.prepare import parse_tasks
-
     return parse_tasks(spec)
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from petl_lightning.data.check import sha256_of
-from petl_lightning.data.vtab import GROUPS, VTAB_TASKS, tasks_in_group
+from petl_lightning.data.tasks import VTAB_TASKS, parse_tasks
 from petl_lightning.data.vtab_splits import LISTS, VTAB_SOURCES, TaskSource, limit_spec, slice_size
 from petl_lightning.errors import DataError
 
@@ -303,21 +303,6 @@ def prepare_tasks(
             flush=True,
         )
     return report
-
-
-def parse_tasks(spec: str) -> list[str]:
-    """``all``, a group (``natural``, ``specialized``, ``structured``) or a comma list of tasks and groups."""
-    tasks: list[str] = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        if item != "all" and item not in GROUPS and item not in VTAB_TASKS:
-            raise DataError(
-                f"Unknown VTAB-1K task {item!r}: use all, {', '.join(GROUPS)} or task names "
-                f"({', '.join(VTAB_TASKS)}), comma-separated."
-            )
-        tasks += tasks_in_group(item) if item == "all" or item in GROUPS else [item]
-    if not tasks:
-        raise DataError("No tasks given: use all, a group or a comma list of VTAB-1K tasks.")
-    return list(dict.fromkeys(tasks))
 
 
 def prepare_main(argv: list[str] | None = None) -> int:

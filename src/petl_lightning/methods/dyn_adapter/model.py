@@ -10,13 +10,11 @@ before test); :meth:`DynAdapter.merge` folds a RepAdapter, ARC or LoRA base into
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -24,7 +22,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from petl_lightning.errors import ConfigError
 from petl_lightning.flops import block_flops, embed_flops, head_flops
 from petl_lightning.layers.exits import ExitHead
-from petl_lightning.methods.base import PETLModule
 from petl_lightning.methods.dyn_adapter import thresholds as th
 from petl_lightning.methods.dyn_adapter.bases import DEFAULT_ADAPTER_DIM, Base, adapter_layers, build_blocks, fold_block
 from petl_lightning.methods.dyn_adapter.config import (
@@ -34,11 +31,12 @@ from petl_lightning.methods.dyn_adapter.config import (
     SparsityConfig,
     as_config,
 )
+from petl_lightning.methods.dyn_adapter.early_exit import EarlyExitModule
 from petl_lightning.methods.repadapter import RepAdapter
 from petl_lightning.stats import InferenceOutput, InferenceStats
 
 
-class DynAdapter(PETLModule):
+class DynAdapter(EarlyExitModule):
     """Dyn-Adapter: early exits over a PETL base on a frozen ViT, with budgeted dynamic inference.
 
     Exit ``k`` reads pooled tokens after block ``exits.blocks[k]`` through an
@@ -60,7 +58,7 @@ class DynAdapter(PETLModule):
         **kwargs: :class:`PETLModule` arguments.
     """
 
-    STRUCTURAL_HPARAMS = (*PETLModule.STRUCTURAL_HPARAMS, "base", "adapter_dim", "adapter_groups", "exits")
+    STRUCTURAL_HPARAMS = (*EarlyExitModule.STRUCTURAL_HPARAMS, "base", "adapter_dim", "adapter_groups", "exits")
 
     def __init__(
         self,
@@ -131,10 +129,6 @@ class DynAdapter(PETLModule):
     @property
     def num_exits(self) -> int:
         return len(self.exit_depths)
-
-    @property
-    def calibrated(self) -> bool:
-        return self.calibration_result is not None
 
     # -- forward ---------------------------------------------------------------------------------
     def forward_tokens(self, tokens: Tensor) -> Tensor:
@@ -246,65 +240,6 @@ class DynAdapter(PETLModule):
         stats["thresholds"] = self.thresholds.detach().double().cpu()
         return stats
 
-    # -- calibration -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def collect_exits(self, data: Any) -> th.ExitOutputs:
-        """Every exit on every image of ``data`` (a DataModule's val split, a loader of ``(images,
-        labels)``, one such pair, or ready :class:`ExitOutputs`)."""
-        if isinstance(data, th.ExitOutputs):
-            return data
-        if isinstance(data, L.LightningDataModule):
-            if getattr(data, "val_split", "val200") is None:
-                raise ConfigError(
-                    "Threshold calibration needs held-out data, but the DataModule has no validation "
-                    "split (protocol trainval_test trains on train800val200). Use protocol='train_val' "
-                    "(calibrates on val200), or pass a DataLoader."
-                )
-            data = data.val_dataloader()
-        pair = isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)
-        batches, was_training, parts = [tuple(data)] if pair else data, self.training, []
-        self.eval()
-        try:
-            for x, y in (bt[:2] for bt in batches):
-                parts.append(self.exit_outputs(self.forward_exits(x.to(self.device)), torch.as_tensor(y)))
-        finally:
-            self.train(was_training)
-        if not parts:
-            raise ConfigError("Calibration got no batches; pass a loader of (images, labels).")
-        return th.ExitOutputs.cat(parts)
-
-    def exit_outputs(self, logits: Tensor, y: Tensor) -> th.ExitOutputs:
-        """The confidence/prediction table of every exit's logits (E, B, K)."""
-        conf = torch.stack([self.confidence(lg) for lg in logits], dim=1)
-        return th.ExitOutputs(conf.cpu(), logits.argmax(dim=-1).T.cpu(), y.cpu())
-
-    def calibrate(self, data: Any, target: float | None = None, policy: str | None = None) -> dict[str, Any]:
-        """Set the early exits' thresholds so the mean executed FLOPs on held-out ``data`` is at most
-        ``target`` x the full model's (default ``calibration.budget``), with the best accuracy there.
-        Returns the thresholds and the held-out accuracy, GFLOPs, FLOPs ratio and exit shares."""
-        budget = self.calibration_config.budget if target is None else target
-        if budget is None or not 0.0 < budget <= 1.0:
-            raise ConfigError(f"The calibration target must be a FLOPs budget in (0, 1], got {budget}.")
-        out, costs, full = self.collect_exits(data), self.exit_costs(), self.full_flops()
-        policy = policy or self.calibration_config.policy
-        thr, acc, cost, share = th.search_thresholds(out, costs, budget * full, policy)  # type: ignore[arg-type]
-        self.thresholds.copy_(thr.to(self.thresholds))
-        res = dict(budget=budget, policy=policy, thresholds=thr.tolist(), acc=acc, gflops=cost / 1e9)
-        res.update(flops_ratio=cost / full, exit_share=share.tolist(), images=int(out.labels.numel()))
-        self.calibration_result = {**res, "step": int(self.global_step) if self._trainer else 0}
-        return dict(self.calibration_result)
-
-    def curve(
-        self, calib: Any, evaluate: Any = None, budgets: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    ) -> list[dict[str, Any]]:
-        """Accuracy vs executed GFLOPs: thresholds searched on ``calib`` for each budget, measured on
-        ``evaluate`` (default ``calib``); this module's thresholds are left alone."""
-        c = self.collect_exits(calib)
-        ev = None if evaluate is None else self.collect_exits(evaluate)
-        return th.accuracy_cost_curve(
-            c, self.exit_costs(), self.full_flops(), list(budgets), ev, self.calibration_config.policy
-        )
-
     # -- training --------------------------------------------------------------------------------
     def training_progress(self) -> float:
         """Share of training done (optimizer steps / total steps); 1.0 outside ``fit``."""
@@ -374,79 +309,12 @@ class DynAdapter(PETLModule):
                 p.copy_(torch.where(torch.rand_like(p) < cfg.grad_keep, p, old))
         return None
 
-    # -- evaluation ------------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._held_out = []
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Every exit on every image (calibration reads them); the statistics at today's thresholds."""
-        x, y = batch
-        self._check_labels(y)
-        logits = self.forward_exits(x)
-        self._held_out.append(self.exit_outputs(logits, y))
-        self.record_exits(self._held_out[-1], reset=False)
-        self.log("val/loss", F.cross_entropy(logits[-1], y), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
-        self._log_exit_accuracy(logits, y, "val")
-
-    def held_out_exits(self, gather: bool = True) -> th.ExitOutputs | None:
-        """This validation epoch's exit table (all processes' with ``gather``), or None before any."""
-        if not self._held_out:
-            return None
-        out = th.ExitOutputs.cat(self._held_out)
-        if gather and self._trainer is not None and self.trainer.world_size > 1:
-            parts = [self.all_gather(t.to(self.device)).flatten(0, 1).cpu() for t in (out.conf, out.pred, out.labels)]
-            out = th.ExitOutputs(*parts)
-        return out
-
-    def record_exits(self, out: th.ExitOutputs, reset: bool = True) -> None:
-        """Add an exit table to the statistics at the current thresholds (``reset``: replace them,
-        as after a calibration); the same counts the dynamic path would record on those images."""
-        if reset:
-            self.reset_inference_stats()
-        ex = th.assign_exits(out.conf, self.thresholds.cpu())
-        pred = out.pred[torch.arange(ex.numel()), ex]
-        costs = self.exit_costs().of(self.thresholds.cpu())[0]
-        as_logits = F.one_hot(pred, self.num_classes).double()  # the statistics need only each prediction
-        self.inference_meter.update(
-            InferenceOutput(as_logits.to(self.device), costs[ex].to(self.device), ex.to(self.device)),
-            out.labels.to(self.device),
-        )
-
-    def on_validation_epoch_end(self) -> None:
-        out = self.held_out_exits()
-        if out is not None:
-            ex = th.assign_exits(out.conf, self.thresholds.cpu())
-            acc = out.correct[torch.arange(ex.numel()), ex].double().mean()
-            self.log("val/acc", float(acc), prog_bar=True)
-            self.log("val/gflops", float(self.exit_costs().of(self.thresholds.cpu())[0][ex].mean()) / 1e9)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        out = self._eval_step(batch, "test")
-        self.log("test/gflops", out.flops.mean() / 1e9, sync_dist=True, batch_size=out.flops.numel())
-        if self.hparams.eval_all_exits:
-            self._log_exit_accuracy(self.forward_exits(batch[0]), batch[1], "test")
-
-    def _log_exit_accuracy(self, logits: Tensor, y: Tensor, stage: str) -> None:
-        for d, lg, metric in zip(self.exit_depths, logits, self.exit_accuracy):
-            metric(lg, y)
-            self.log(f"{stage}/acc_exit{d}", metric, batch_size=y.shape[0])
-
     # -- merging and checkpoints -----------------------------------------------------------------
     def fold_block(self, index: int, block: nn.Module) -> None:
         fold_block(self.hparams.base, self.blocks[index], block)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["petl"]["calibration"] = self.calibration_result
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        fixed = self.calibration_config.thresholds
-        if fixed is not None:  # thresholds given now win over the stored ones
-            checkpoint["state_dict"]["thresholds"] = self.calibration_config.threshold_vector(fixed, self.num_exits - 1)
-        else:
-            self.calibration_result = checkpoint.get("petl", {}).get("calibration")
+__all__ = ["DynAdapter"]
 
 
 __all__ = ["DynAdapter"]
