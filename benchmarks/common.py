@@ -241,8 +241,7 @@ def train_step_stats(
         step()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    opt.zero_grad(set_to_none=True)
-    del opt
+    opt.zero_grad(set_to_none=True)  # the optimiser (and its state) goes with this frame
     module.eval()
     return {"train_img_s": images_per_second(x.shape[0], times), "peak_mem_mib": peak}
 

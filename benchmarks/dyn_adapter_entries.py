@@ -1,13 +1,14 @@
 """Benchmark entries for Dyn-Adapter at FLOPs budgets 0.3, 0.5 and 0.7 of the full model.
 
-Each entry runs :meth:`DynAdapter.dynamic_forward` (early exit with batch shrinking: finished
-images leave the batch after each exit) on the merged model (:meth:`DynAdapter.merge`: the
-RepAdapters folded into copies of the blocks, so only the exit heads add cost); the training
-step is timed on the unmerged model with its multi-exit loss. The weights are random, so the thresholds are set on
+Each entry runs :meth:`DynAdapter.infer` (early exit with batch shrinking: finished images leave
+the batch after each exit; exits that take no image are not evaluated) on the merged base: the
+blocks of ``DynAdapter.merge()`` (the plain timm ViT with the RepAdapters folded in), built once and
+passed as ``infer(x, blocks=...)``, so only the exit heads add cost. The training step is timed on
+the unmerged model with its multi-exit loss. The weights are random, so the thresholds are set on
 random images of the benchmark's size to give a geometric exit mix that spends the budget (see
-:func:`build`). The entry's GFLOPs and the exit mix in its notes are those of that calibration
-set; the timed batch is another random batch of the same distribution, so its mix is close to,
-not exactly, it.
+:func:`build`). The entry's GFLOPs and the exit mix in its notes are those of that calibration set
+(costs of the merged form, :meth:`DynAdapter.exit_costs` with ``merged=True``); the timed batch is
+another random batch of the same distribution, so its mix is close to, not exactly, it.
 """
 
 from __future__ import annotations
@@ -16,32 +17,48 @@ import torch
 from benchmarks.common import Entry
 from torch import Tensor, nn
 
-from petl_lightning.methods.dyn_adapter import DynAdapter, candidate_thresholds, evaluate_thresholds
+from petl_lightning.methods.dyn_adapter import DynAdapter
+from petl_lightning.methods.dyn_adapter.thresholds import (
+    candidate_thresholds,
+    evaluate_thresholds,
+    single_exit_thresholds,
+)
 
 BUDGETS = (0.3, 0.5, 0.7)
 
 
 class DynamicLogits(nn.Module):
-    """Images -> logits through the batch-shrinking dynamic path of the merged model (without the
-    statistics meter), with this entry's own thresholds (several entries share one model)."""
+    """Images -> logits through the batch-shrinking dynamic path on the merged blocks, with this
+    entry's own thresholds (several entries share one model and one set of merged blocks)."""
 
-    def __init__(self, method: DynAdapter, thresholds: list[float]) -> None:
+    def __init__(self, method: DynAdapter, merged_blocks: nn.Module, thresholds: list[float]) -> None:
         super().__init__()
         self.method = method
+        self.merged_blocks = merged_blocks  # a submodule, so .to(device) and fused-attention switches reach it
         self.register_buffer("thr", torch.tensor(thresholds, dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.method.is_merged:  # a training step in between drops the merged copies
-            self.method.merge()
         self.method.thresholds.copy_(self.thr)
-        return self.method.dynamic_forward(x).logits
+        return self.method.infer(x, blocks=self.merged_blocks).logits
+
+
+def geometric_candidates(conf: Tensor, resolution: int = 2001) -> Tensor:
+    """MSDNet's geometric threshold vectors, without the single-exit vectors that
+    :func:`candidate_thresholds` adds for the middle exits (every image at one middle exit would
+    shrink no batch: not what these entries measure)."""
+    cands = candidate_thresholds(conf, "geometric", resolution=resolution)
+    middle = single_exit_thresholds(conf.shape[1])[1:-1]
+    if middle.numel() == 0:
+        return cands
+    is_middle = (cands[:, None, :] == middle[None, :, :]).all(dim=2).any(dim=1)
+    return cands[~is_middle]
 
 
 def build(
     model_name: str, img_size: int, num_classes: int, calib_images: int = 128, batch: int = 32, seed: int = 0
-) -> tuple[DynAdapter, dict[float, dict]]:
-    """A random-weight RepAdapter-based DynAdapter, merged (adapters folded into copies of the
-    blocks, as RepAdapter does at inference), and thresholds for each budget.
+) -> tuple[DynAdapter, nn.Module, dict[float, dict]]:
+    """A random-weight RepAdapter-based DynAdapter, the blocks of its merged form (adapters folded,
+    as RepAdapter does at inference), and thresholds for each budget.
 
     Random heads have no accuracy to trade, so the thresholds are not searched for accuracy: among
     MSDNet's geometric exit mixes (share at exit k proportional to q**k, realised exit by exit as
@@ -49,25 +66,30 @@ def build(
     """
     torch.manual_seed(seed)
     m = DynAdapter(
+        base="repadapter",
+        adapter_dim=8,
+        adapter_groups=2,
+        adapter_scale=1.0,
+        calibration={"budget": None},
+        eval_all_exits=False,
         num_classes=num_classes,
         model_name=model_name,
         pretrained=False,
         img_size=img_size,
-        calibrate_budget=None,
-        eval_all_exits=False,
     )
     with torch.no_grad():  # non-zero adapters; heads with spread-out confidences
         for name, p in m.named_parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.05 if "head" in name else 0.02)
-    m.merge()
+    m.eval()
+    merged_blocks = m.merge().blocks.requires_grad_(False)
     g = torch.Generator().manual_seed(seed + 1)
     xs = [torch.randn(batch, 3, img_size, img_size, generator=g) for _ in range(max(1, calib_images // batch))]
     out = m.collect_exits([(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in xs])
-    costs = torch.tensor(m.exit_flops(), dtype=torch.float64)
-    cands = candidate_thresholds(out.conf, "geometric", resolution=2001)
-    _, cost, share = evaluate_thresholds(out.conf, out.correct, costs, cands)
-    full = m.full_flops()
+    costs = m.exit_costs(merged=True)
+    cands = geometric_candidates(out.conf)
+    _, cost, share = evaluate_thresholds(out, costs, cands)
+    full = m.full_flops(merged=True)
     calib = {}
     for b in BUDGETS:
         i = int(torch.where(cost <= b * full, cost, torch.full_like(cost, -1.0)).argmax())
@@ -77,12 +99,12 @@ def build(
             "flops_ratio": float(cost[i]) / full,
             "exit_share": share[i].tolist(),
         }
-    return m, calib
+    return m, merged_blocks, calib
 
 
 def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
     """Dyn-Adapter (RepAdapter base, exits after 1/4, 1/2, 3/4 of the depth) at three budgets."""
-    m, calib = build(model_name, img_size, num_classes)
+    m, merged_blocks, calib = build(model_name, img_size, num_classes)
     trainable = m.parameter_summary()["trainable"]
     rows = []
     for b, c in calib.items():
@@ -90,10 +112,11 @@ def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
         rows.append(
             Entry(
                 f"Dyn-Adapter (budget {b:g})",
-                DynamicLogits(m, c["thresholds"]).eval(),
+                DynamicLogits(m, merged_blocks, c["thresholds"]).eval(),
                 trainable,
                 c["gflops"],
-                f"RepAdapter base (merged); exit mix {mix} after blocks {m.exit_depths}; {c['flops_ratio']:.2f} of full",
+                f"RepAdapter base (merged); exit mix {mix} after blocks {m.exit_depths}; "
+                f"{c['flops_ratio']:.2f} of full",
                 train_module=m,  # one shared training form (all exits' weighted loss), timed once
                 extra={"budget": b, "exit_share": c["exit_share"], "thresholds": c["thresholds"]},
             )
@@ -101,4 +124,4 @@ def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
     return rows
 
 
-__all__ = ["BUDGETS", "DynamicLogits", "build", "entries"]
+__all__ = ["BUDGETS", "DynamicLogits", "build", "entries", "geometric_candidates"]
