@@ -40,7 +40,7 @@ def lightning_main(argv: list[str] | None = None) -> None:
     if not args or args[0] in SUBCOMMANDS or args[0].startswith("-"):
         sys.exit(run_user_command(lambda: _run_cli(argv)))
     try:
-        from lightning_sdk.cli.entrypoint import main_cli  # type: ignore[import-not-found]
+        from lightning_sdk.cli.entrypoint import main_cli
     except ImportError:
         print(
             f"error: 'lightning {args[0]}' is not a petl_lightning command (use fit, validate, test or predict), "

@@ -12,9 +12,10 @@ import difflib
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
@@ -42,10 +43,11 @@ def _hub_file_cached(model_name: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     cfg = timm.models.get_pretrained_cfg(model_name)
-    if cfg is None or not getattr(cfg, "hf_hub_id", None):
+    hub_id: str | None = getattr(cfg, "hf_hub_id", None)
+    if cfg is None or not hub_id:
         return False
     for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        if isinstance(try_to_load_from_cache(cfg.hf_hub_id, filename), str):
+        if isinstance(try_to_load_from_cache(hub_id, filename), str):
             return True
     return False
 
@@ -206,7 +208,7 @@ class FrozenViT(nn.Module):
 
     def shape(self) -> ViTShape:
         """Sizes for :mod:`petl_lightning.flops`."""
-        blk = self.vit.blocks[0]
+        blk: Any = self.vit.blocks[0]  # a timm Block (attn.num_heads, mlp.fc1)
         return ViTShape(
             dim=self.dim,
             depth=self.depth,
@@ -239,7 +241,7 @@ class FrozenViT(nn.Module):
     def set_fused_attn(self, enabled: bool) -> None:
         """Switch timm's fused SDPA attention (off = explicit matmuls, which FLOP counters see)."""
         for blk in self.vit.blocks:
-            blk.attn.fused_attn = enabled
+            cast(Attention, blk.attn).fused_attn = enabled  # type: ignore[misc]  # timm's Final is for TorchScript
 
 
 def frozen_state_ids(module: nn.Module) -> set[int]:

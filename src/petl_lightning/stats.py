@@ -51,6 +51,14 @@ class InferenceStats(Metric):
     full_state_update = False
     higher_is_better = None
 
+    images: Tensor
+    flops: Tensor
+    kept: Tensor
+    offered: Tensor
+    exit_count: Tensor
+    exit_labelled: Tensor
+    exit_correct: Tensor
+
     def __init__(self, depth: int, num_exits: int = 1) -> None:
         super().__init__()
         self.depth = depth

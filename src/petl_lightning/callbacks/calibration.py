@@ -4,13 +4,16 @@ during fit and before test, with the accuracy-vs-GFLOPs curve drawn at the end o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import AttributeDict, rank_zero_info, rank_zero_warn
 
 from petl_lightning.callbacks.stats import InferenceStatsCallback
 from petl_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from petl_lightning.methods.dyn_adapter.early_exit import EarlyExitModule
 
 CURVE_FILE = "dyn_adapter_curve.png"
 CURVE_KEY = "dyn_adapter/acc_vs_gflops"
@@ -43,12 +46,18 @@ class ExitCalibration(Callback):
         self.curve_path: Path | None = None
 
     @staticmethod
+    def _exits(pl_module: LightningModule) -> EarlyExitModule:
+        """``pl_module`` as the early-exit module it is whenever :meth:`_active` holds."""
+        return cast("EarlyExitModule", pl_module)
+
+    @staticmethod
     def _active(pl_module: LightningModule) -> bool:
         cfg = getattr(pl_module, "calibration_config", None)
         return cfg is not None and cfg.budget is not None and cfg.thresholds is None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        ours = [cb for cb in trainer.callbacks if cb is self or isinstance(cb, InferenceStatsCallback)]
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        ours = [cb for cb in callbacks if cb is self or isinstance(cb, InferenceStatsCallback)]
         if ours and ours[0] is not self:
             raise ConfigError(
                 f"ExitCalibration must come before {type(ours[0]).__name__} in trainer.callbacks (it "
@@ -58,26 +67,30 @@ class ExitCalibration(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self._active(pl_module):
             return
-        out = pl_module.held_out_exits(gather=True)
+        module = self._exits(pl_module)
+        out = module.held_out_exits(gather=True)
         if out is None:
             return
-        res = pl_module.calibrate(out)
-        pl_module.record_exits(pl_module.held_out_exits(gather=False))
-        pl_module.log_dict(
+        res = module.calibrate(out)
+        local = module.held_out_exits(gather=False)
+        assert local is not None  # this process's part of ``out``
+        module.record_exits(local)
+        module.log_dict(
             {"calib/acc": res["acc"], "calib/gflops": res["gflops"], "calib/flops_ratio": res["flops_ratio"]}
         )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active(pl_module):
             return
-        res = pl_module.calibration_result or {}
-        dm = trainer.datamodule
-        held_out = pl_module.held_out_exits(gather=True)
+        module = self._exits(pl_module)
+        res = module.calibration_result or {}
+        dm = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
+        held_out = module.held_out_exits(gather=True)
         if res.get("step") != trainer.global_step or held_out is None:  # the last epoch did not validate
-            held_out = self._held_out(pl_module, dm)
+            held_out = self._held_out(module, dm)
             if held_out is None:
                 return
-            res = pl_module.calibrate(held_out)
+            res = module.calibrate(held_out)
             ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "")
             if ckpt:
                 trainer.save_checkpoint(ckpt)
@@ -88,26 +101,27 @@ class ExitCalibration(Callback):
             f"{[round(s, 3) for s in res['exit_share']]}"
         )
         if self.curve and trainer.is_global_zero:
-            self.draw_curve(trainer, pl_module, held_out)
+            self.draw_curve(trainer, module, held_out)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active(pl_module):
             return
-        budget = pl_module.calibration_config.budget
-        res = pl_module.calibration_result
+        module = self._exits(pl_module)
+        budget = module.calibration_config.budget
+        res = module.calibration_result
         if res is not None and res.get("budget") == budget:
             return
-        held_out = self._held_out(pl_module, trainer.datamodule)
+        held_out = self._held_out(module, trainer.datamodule)  # type: ignore[attr-defined]  # undeclared
         if held_out is None:
             return
-        res = pl_module.calibrate(held_out)
+        res = module.calibrate(held_out)
         rank_zero_info(
             f"DynAdapter: calibrated for budget {budget:g} on held-out data before testing: "
             f"{res['flops_ratio']:.3f} of the full FLOPs, held-out acc {res['acc']:.4f}"
         )
 
     @staticmethod
-    def _held_out(pl_module: LightningModule, dm: Any) -> Any:
+    def _held_out(pl_module: EarlyExitModule, dm: Any) -> Any:
         if dm is None or getattr(dm, "val_split", None) is None:
             rank_zero_warn(
                 "ExitCalibration: no held-out split to calibrate the exit thresholds on (use the "
@@ -117,7 +131,7 @@ class ExitCalibration(Callback):
             return None
         return pl_module.collect_exits(dm)
 
-    def draw_curve(self, trainer: Trainer, pl_module: LightningModule, held_out: Any) -> None:
+    def draw_curve(self, trainer: Trainer, pl_module: EarlyExitModule, held_out: Any) -> None:
         """Save and log the accuracy-vs-GFLOPs curve of ``held_out`` (exits' confidences)."""
         if held_out is None:
             return
@@ -127,7 +141,7 @@ class ExitCalibration(Callback):
         out = pl_module.collect_exits(held_out)
         points = pl_module.curve(out, budgets=self.budgets)
         fig = accuracy_gflops_figure(
-            {f"Dyn-Adapter ({pl_module.hparams.base}), early exit": points},
+            {f"Dyn-Adapter ({cast(AttributeDict, pl_module.hparams).base}), early exit": points},
             single_exit_points(out, pl_module.exit_costs()),
             "held-out accuracy vs GFLOPs",
         )

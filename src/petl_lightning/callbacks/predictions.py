@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+
+if TYPE_CHECKING:
+    from petl_lightning.methods.base import PETLModule
 
 COLUMNS = ("path", "class_index", "class_name", "confidence", "exit_block", "keep_rate", "gflops")
 
@@ -34,7 +37,7 @@ class PredictionWriter(BasePredictionWriter):
         self._tmp: Path | None = None
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        dm = trainer.datamodule
+        dm = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
         name = getattr(dm, "predict_name", "predictions")
         suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         self.path = Path(trainer.default_root_dir) / self.dirname / f"{name}{suffix}.csv"
@@ -54,10 +57,10 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        dm = trainer.datamodule
+        dm = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
         paths = getattr(dm, "predict_paths", lambda: None)()
         names = getattr(dm, "class_names", None)
-        depths = getattr(pl_module, "exit_depths", None) or [pl_module.vit.depth]
+        depths = getattr(pl_module, "exit_depths", None) or [cast("PETLModule", pl_module).vit.depth]
         rows = zip(*(prediction[k].tolist() for k in ("pred", "confidence", "exit", "keep_rate", "gflops")))
         for i, (pred, conf, ex, keep, gf) in zip(batch_indices or range(len(prediction["pred"])), rows):
             path = str(paths[i]) if paths is not None else str(i)

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from petl_lightning.methods.base import PETLModule
 
 VECTOR_KEYS = ("keep_rate_per_layer", "exit_share", "exit_acc", "exit_depths", "thresholds")
 
@@ -30,7 +33,7 @@ VECTOR_KEYS = ("keep_rate_per_layer", "exit_share", "exit_acc", "exit_depths", "
 def read_inference_stats(pl_module: LightningModule) -> dict[str, Tensor]:
     """``pl_module.inference_stats()`` as CPU float64 tensors, per-exit / per-block entries 1-D."""
     out = {}
-    for k, v in pl_module.inference_stats().items():
+    for k, v in cast("PETLModule", pl_module).inference_stats().items():
         v = v.detach().double().cpu()
         out[k] = v.reshape(-1) if k in VECTOR_KEYS else v
     return out

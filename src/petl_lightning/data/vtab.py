@@ -16,9 +16,10 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import lightning as L
+from lightning.pytorch.utilities import AttributeDict
 from torch.utils.data import DataLoader
 
 from petl_lightning.data.lists import (
@@ -121,7 +122,8 @@ class VTAB1kDataModule(L.LightningDataModule):
                 f"them. Put a custom task's folder under the root and leave prepare off."
             )
         if prepare and not self.task_dir.is_dir():
-            self.num_classes = self.info.num_classes if num_classes is None else num_classes  # read in setup()
+            info = cast(TaskInfo, self.info)  # prepare=True: a VTAB-1K task (checked above)
+            self.num_classes = info.num_classes if num_classes is None else num_classes  # read in setup()
         else:
             self._load()
 
@@ -243,6 +245,7 @@ class VTAB1kDataModule(L.LightningDataModule):
         ``predict``: :attr:`predict_source`, default ``test``)."""
         self.setup()
         if split not in self._datasets:
+            samples: list[Sample] | None
             if split == "predict":
                 samples = read_images(self.predict_source) if self.predict_source is not None else self.splits["test"]
             else:
@@ -263,7 +266,7 @@ class VTAB1kDataModule(L.LightningDataModule):
         if self.protocol == "train_val":
             return "val200"
         validating = self.trainer is not None and self.trainer.state.fn == "validate"
-        return "test" if self.hparams.val_on_test or validating else None
+        return "test" if cast(AttributeDict, self.hparams).val_on_test or validating else None
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.dataset(split)

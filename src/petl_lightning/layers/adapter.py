@@ -14,12 +14,16 @@ merged into the backbone.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import Block
 
 
 def _kaiming_down(weight: Tensor) -> None:
@@ -141,10 +145,20 @@ class ParallelAdapterBlock(nn.Module):
         x = x + drop_path2(ls2(mlp(h))) + adapter(h)
     """
 
+    norm1: nn.Module
+    attn: nn.Module
+    ls1: nn.Module
+    drop_path1: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    ls2: nn.Module
+    drop_path2: nn.Module
+
     def __init__(self, block: nn.Module, adapter: Adapter) -> None:
         super().__init__()
-        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
-        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
+        blk = cast("Block", block)  # any module with a timm Block's sub-modules
+        self.norm1, self.attn, self.ls1, self.drop_path1 = blk.norm1, blk.attn, blk.ls1, blk.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = blk.norm2, blk.mlp, blk.ls2, blk.drop_path2
         self.adapter = adapter
 
     def forward(self, x: Tensor) -> Tensor:

@@ -52,6 +52,8 @@ class ARCLayer(nn.Module):
             MLP adapter, which therefore does not start as the identity).
     """
 
+    _basis: ARCBasis | nn.Parameter
+
     def __init__(
         self,
         basis: ARCBasis | nn.Parameter,

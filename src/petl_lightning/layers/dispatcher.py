@@ -41,6 +41,8 @@ class TokenDispatcher(nn.Module):
         init_std: std of the normal weight init (official code: 0.02; zero bias).
     """
 
+    logit_threshold: Tensor
+
     def __init__(self, dim: int, tau: float = 5.0, threshold: float = 0.5, init_std: float = 0.02) -> None:
         super().__init__()
         if tau <= 0:

@@ -22,7 +22,7 @@ batch's largest count for the attention products.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from torch import Tensor, nn
 from petl_lightning.errors import ConfigError
 from petl_lightning.layers.adapter import build_adapter
 from petl_lightning.layers.dispatcher import TokenDispatcher
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import Block
 
 Placement = Literal["mlp", "attn", "attn_mlp", "layer"]
 PLACEMENT_SITES: dict[str, tuple[str, ...]] = {
@@ -56,6 +59,15 @@ class DyTBlock(nn.Module):
             and weight-init std.
     """
 
+    norm1: nn.Module
+    attn: nn.Module
+    ls1: nn.Module
+    drop_path1: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    ls2: nn.Module
+    drop_path2: nn.Module
+
     def __init__(
         self,
         block: nn.Module,
@@ -72,8 +84,9 @@ class DyTBlock(nn.Module):
         super().__init__()
         if placement not in PLACEMENT_SITES:
             raise ConfigError(f"Unknown DyT placement {placement!r}; choose one of {', '.join(PLACEMENT_SITES)}.")
-        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
-        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
+        blk = cast("Block", block)  # any module with a timm Block's sub-modules
+        self.norm1, self.attn, self.ls1, self.drop_path1 = blk.norm1, blk.attn, blk.ls1, blk.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = blk.norm2, blk.mlp, blk.ls2, blk.drop_path2
         if placement != "mlp" and (type(self.attn) is not Attention or getattr(self.attn, "gate", None) is not None):
             raise ConfigError(
                 f"DyT placement {placement!r} skips attention queries and supports timm's plain Attention only, "
@@ -82,7 +95,7 @@ class DyTBlock(nn.Module):
         self.placement = placement
         self.sites = PLACEMENT_SITES[placement]
         self.num_prefix_tokens = num_prefix_tokens
-        dim = self.norm1.weight.shape[0]
+        dim = cast(Tensor, self.norm1.weight).shape[0]
         self.dispatchers = nn.ModuleDict(
             {s: TokenDispatcher(dim, tau, threshold, dispatcher_init_std) for s in self.sites}
         )
@@ -101,7 +114,7 @@ class DyTBlock(nn.Module):
         p, masks = self.num_prefix_tokens, []
 
         def site_fn(site: str, t: Tensor) -> Tensor:
-            d = self.dispatchers[site]
+            d = cast(TokenDispatcher, self.dispatchers[site])
             logits = d.logits(t)[:, p:]  # logits of all tokens: a Linear on the t[:, p:] slice would copy it
             patch = d.sample(logits) if sample else d.keep(logits).to(t.dtype)
             masks.append(patch)
@@ -121,9 +134,10 @@ class DyTBlock(nn.Module):
 
         def site_fn(site: str, t: Tensor) -> Tensor:
             b, n, dim = t.shape
-            logits = self.dispatchers[site].logits(t)[:, p:]
+            d = cast(TokenDispatcher, self.dispatchers[site])
+            logits = d.logits(t)[:, p:]
             if keep_count is None:
-                keep = torch.cat([logits.new_ones(b, p, dtype=torch.bool), self.dispatchers[site].keep(logits)], 1)
+                keep = torch.cat([logits.new_ones(b, p, dtype=torch.bool), d.keep(logits)], 1)
                 idx = keep.reshape(-1).nonzero().squeeze(1)
                 per_image = keep.sum(1)
                 if site == "mlp":  # no attention product: no padding, no slots (and no second host sync)
@@ -181,7 +195,7 @@ class DyTBlock(nn.Module):
     def attn_kept_queries(self, x: Tensor, idx: Tensor, slot: Tensor, q_pad: int) -> Tensor:
         """``ls1(attn(norm1(x)))`` for the kept rows only: every token is key and value, the kept
         ones are queries, padded per image to ``q_pad`` rows (``slot``: each row's place)."""
-        attn = self.attn
+        attn = cast(Attention, self.attn)  # placement != "mlp": a plain timm Attention (checked at init)
         b, n, _ = x.shape
         h, hd, adim = attn.num_heads, attn.head_dim, attn.attn_dim
         xn = self.norm1(x)

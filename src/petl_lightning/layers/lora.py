@@ -14,11 +14,14 @@ update is linear: :meth:`LoRALinear.merged` folds it into a plain ``nn.Linear``,
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class LoRALinear(nn.Module):
@@ -76,7 +79,7 @@ class LoRALinear(nn.Module):
         return f"adapter_dim={self.adapter_dim}, scale={self.scale:g}"
 
 
-def merge_lora(module: nn.Module) -> nn.Module:
+def merge_lora(module: ModuleT) -> ModuleT:
     """In place: replace every :class:`LoRALinear` inside ``module`` by its merged ``nn.Linear``;
     returns ``module`` (call it on a copy to keep the trainable form)."""
     for parent in list(module.modules()):

@@ -12,6 +12,8 @@ matrix form, which :func:`petl_lightning.merge.fold_affine_into_linear` folds in
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -70,6 +72,8 @@ class RepAdapterLayer(nn.Module):
     Initialisation as the official code: ``down.weight`` xavier-uniform, every other tensor zero.
     """
 
+    scale: Tensor
+
     def __init__(
         self, dim: int, adapter_dim: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1
     ) -> None:
@@ -94,7 +98,7 @@ class RepAdapterLayer(nn.Module):
         """
         s = self.scale.float()
         w_a, b_a = self.down.weight.float(), self.down.bias.float()
-        w_b, b_b = self.up.dense_weight().float(), self.up.bias.float()
+        w_b, b_b = self.up.dense_weight().float(), cast(Tensor, self.up.bias).float()  # built with a bias
         eye = torch.eye(self.dim, dtype=torch.float32, device=w_a.device)
         return eye + s * (w_b @ w_a), s * (w_b @ b_a + b_b)
 

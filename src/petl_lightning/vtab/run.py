@@ -69,7 +69,7 @@ def run_task(run: TaskRun, resume: bool = True) -> dict[str, Any]:
     m = metrics[0] if metrics else {}
     if "test/acc" not in m:
         raise RuntimeError(f"{run.label}: trainer.test returned no 'test/acc' (got {sorted(m)}).")
-    stats = {k: v.tolist() for k, v in read_inference_stats(model).items()}
+    stats: dict[str, Any] = {k: v.tolist() for k, v in read_inference_stats(model).items()}  # floats or lists
     params = model.parameter_summary()
     no_head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not model.is_head_parameter(n))
     gflops, backbone = float(stats["gflops"]), float(stats["gflops_backbone"])
