@@ -133,6 +133,7 @@ def test_every_arc_parameter_gets_gradient_and_changes() -> None:
 
 # -- real data -------------------------------------------------------------------------------------
 @pytest.mark.timeout(1800)  # about 1.5 min on 2 idle cores; a busy shared machine can take 5x that
+@pytest.mark.slow
 def test_dtd10_beats_linear_probe(vits_weights, dtd10_datamodule_factory) -> None:
     """Real DTD-10 images and real ViT-S weights: ARC beats the linear probe trained the same way
     (56 px, 1 epoch: ``conftest.DTD10_SHORT``)."""

@@ -16,9 +16,11 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
 
 
-def run(*args: str, script: str = "petl-lightning", timeout: int = 600) -> subprocess.CompletedProcess:
+def run(
+    *args: str, script: str = "petl-lightning", timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     exe = [str(BIN / script)] if script != "python" else [sys.executable, "-m", "petl_lightning"]
-    return subprocess.run([*exe, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*exe, *args], cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def metric(output: str, name: str) -> float:
@@ -96,6 +98,7 @@ def test_lightning_script_hands_other_commands_on() -> None:
     assert proc.returncode != 0 and "not a petl_lightning command" in proc.stderr
 
 
+@pytest.mark.slow
 def test_linear_probe_on_dtd10_through_the_lightning_script(
     dtd10_root: Path, vits_weights: Path, tmp_path: Path
 ) -> None:
@@ -206,3 +209,139 @@ def test_conflicting_image_sizes_fail_cleanly(dtd10_root: Path) -> None:
         "48",
     )
     assert_user_error(proc, r"--model.init_args.img_size=32 but --data.init_args.img_size=48")
+
+
+# -- bad input: one line, exit status 2, no traceback, nothing written -------------------------------
+def tiny_task(root: Path, n: int = 12) -> Path:
+    """A 2-class task of ``n`` 32x32 images per list, with images that can be corrupted later."""
+    from PIL import Image
+
+    task = root / "tiny"
+    (task / "images").mkdir(parents=True)
+    for split in ("train800", "val200", "train800val200", "test"):
+        lines = []
+        for i in range(n):
+            Image.new("RGB", (32, 32), (i * 20 % 255, 0, 0)).save(task / "images" / f"{split}{i}.png")
+            lines.append(f"images/{split}{i}.png {i % 2}")
+        (task / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return task
+
+
+def tiny_fit(root: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run(
+        "fit",
+        "-c",
+        "recipes/linear_probe.yaml",
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.task",
+        "tiny",
+        "--data.init_args.img_size",
+        "32",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.batch_size",
+        "4",
+        "--model.init_args.model_name",
+        "vit_tiny_patch16_224",
+        "--model.init_args.pretrained",
+        "false",
+        "--model.init_args.cache_features",
+        "false",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(out),
+        *extra,
+        env=env,
+    )
+
+
+def assert_one_line_and_nothing_written(proc: subprocess.CompletedProcess, pattern: str, out: Path) -> None:
+    assert_user_error(proc, pattern)
+    assert len([ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]) == 1
+    written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert not written, written
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (("--trainer.max_epochs", "-3"), r"max_epochs must be a positive number of epochs"),
+        (("--data.init_args.batch_size", "0"), r"batch_size must be at least 1, got 0"),
+        (("--data.init_args.img_size", "0"), r"img_size must be at least 1, got 0"),
+        (("--data.init_args.img_size", "40"), r"img_size 40 is not a multiple of .* patch size 16 .*; use 32 or 48"),
+        (("--trainer.accelerator", "gpu"), r"error: .*(GPU|gpu|CUDA|cuda).*\(fix the --trainer\.\* arguments\)"),
+        (("--model.init_args.lrr", "0.1"), r"LinearProbe has no argument 'lrr' .*did you mean model\.init_args\.lr\?"),
+        (("--trainer.max_epocks", "2"), r"Trainer has no argument 'max_epocks' .*did you mean trainer\.max_epochs\?"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_write_nothing(tmp_path: Path, extra: tuple[str, ...], pattern: str) -> None:
+    root = tmp_path / "vtab"
+    tiny_task(root)
+    out = tmp_path / "run"
+    assert_one_line_and_nothing_written(tiny_fit(root, out, *extra), pattern, out)
+
+
+def test_old_recipe_keys_name_the_new_key(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        (ROOT / "recipes" / "dyn_adapter.yaml")
+        .read_text()
+        .replace("    exits:", "    exit_blocks: [3, 6, 9]\n    exits:")
+    )
+    proc = run("fit", "-c", str(old), "--print_config")
+    assert_user_error(proc, r"model\.init_args\.exit_blocks is now model\.init_args\.exits\.blocks")
+    proc = run("fit", "-c", "recipes/repadapter.yaml", "--model.init_args.placement", "repblock", "--print_config")
+    assert_user_error(proc, r"placement: 'repblock' is now 'attn_mlp'")
+
+
+def test_output_folder_that_cannot_be_created(tmp_path: Path) -> None:
+    root = tmp_path / "vtab"
+    tiny_task(root)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = tiny_fit(root, blocker / "run")
+    assert_user_error(proc, r"Cannot create the output folder .*not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_corrupt_image_found_mid_epoch_stops_with_file_and_line(tmp_path: Path) -> None:
+    """An image that exists (so the up-front check passes) but cannot be decoded, met during the
+    first epoch: one line naming the list line and the file; no checkpoint, no log version left."""
+    root = tmp_path / "vtab"
+    task = tiny_task(root)
+    (task / "images" / "train800val2005.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    proc = tiny_fit(root, out, "--data.init_args.num_workers", "1")
+    assert_one_line_and_nothing_written(
+        proc, r"train800val200\.txt:6: image .*train800val2005\.png cannot be read", out
+    )
+
+
+def test_recipes_that_would_not_learn_warn_at_fit_start(tmp_path: Path) -> None:
+    root = tmp_path / "vtab"
+    tiny_task(root)
+    env = {k: v for k, v in ENV.items() if k != "PYTHONWARNINGS"}  # warnings shown, as a user sees them
+    flags = ["--model.init_args.warmup_epochs=5", "--data.init_args.protocol=train_val"]
+    proc = tiny_fit(root, tmp_path / "run", *flags, "--trainer.check_val_every_n_epoch=4", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warmup_epochs=5 but max_epochs=1: the learning rate never leaves its warm-up" in proc.stderr
+    assert "check_val_every_n_epoch=4 but max_epochs=1: no validation epoch runs" in proc.stderr
+
+
+def test_model_summary_flops_are_the_real_forward() -> None:
+    """Lightning's summary counts FlopCounterMode FLOPs on the module's example input: 2 x the
+    papers' multiply-adds of one image, LayerNorms excluded (it used to print 0)."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from petl_lightning.flops import vit_flops
+    from petl_lightning.methods.repadapter import RepAdapter
+
+    model = RepAdapter(
+        num_classes=3, model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 2}
+    )
+    model.vit.set_fused_attn(False)
+    n = model.vit.num_tokens
+    extra = sum(blk.adapter_flops(n) for blk in model.blocks)
+    assert ModelSummary(model).total_flops == 2 * vit_flops(model.vit.shape(), 3, extra=extra, norm=False)

@@ -384,6 +384,7 @@ DTD10_SHORT = dict(img_size=56, max_epochs=5, lr=1e-2, warmup_epochs=0.3, schedu
 DYT_SHORT = dict(target_rate=0.5, adapter_scale=0.1, dispatcher_init_std=1.0, w_rate=50.0)
 
 
+@pytest.mark.slow
 def test_dtd10_half_the_tokens_stays_level_with_linear_probe(
     vits_weights, dtd10_datamodule_factory, fit_and_test
 ) -> None:

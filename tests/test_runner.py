@@ -446,6 +446,7 @@ def test_subprocess_workers_in_parallel(fake_root: Path, recipe: Path, tmp_path:
     assert cell[2] == f"{statistics.fmean(accs):.2f} ± {statistics.stdev(accs):.2f}" and cell[3] == "2"
 
 
+@pytest.mark.slow
 def test_real_assets_end_to_end(tmp_path: Path, dtd10_root: Path, vits_weights: Path) -> None:
     """The real VTAB-1K-layout assets (dtd10, cifar10: custom tasks) with the real ViT-S weights,
     through the ``petl-lightning vtab`` entry point on a tiny budget: the table holds both tasks,

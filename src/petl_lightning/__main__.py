@@ -1,8 +1,9 @@
 """The console scripts: ``petl-lightning`` (also ``python -m petl_lightning``) and ``lightning``.
 
 ``fit|validate|test|predict`` run the Lightning CLI (:class:`~petl_lightning.cli.PETLCLI`); ``vtab``
-runs a recipe on many VTAB-1K tasks; ``export`` turns a checkpoint into a deployable file. Every
-user mistake prints one line and exits with status 2.
+runs a recipe on many VTAB-1K tasks; ``vtab-prepare`` / ``vtab-check`` build / verify VTAB-1K task
+folders; ``export`` turns a checkpoint into a deployable file. Every user mistake prints one line and
+exits with status 2.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ def _run_cli(argv: list[str] | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``petl-lightning`` / ``python -m petl_lightning``: Lightning's ``fit|validate|test|predict``,
-    ``vtab`` (a recipe on many VTAB-1K tasks), ``vtab-check`` (verify a VTAB-1K folder) and
-    ``export`` (a checkpoint to a deployable file)."""
+    ``vtab`` (a recipe on many VTAB-1K tasks), ``vtab-prepare`` (build VTAB-1K from TensorFlow
+    Datasets), ``vtab-check`` (verify a VTAB-1K folder) and ``export`` (a checkpoint to a deployable file)."""
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "vtab":
         from petl_lightning.vtab import vtab_main
@@ -30,6 +31,14 @@ def main(argv: list[str] | None = None) -> None:
         from petl_lightning.export import export_main
 
         sys.exit(export_main(args[1:]))
+    if args and args[0] == "vtab-check":
+        from petl_lightning.data.check import check_main
+
+        sys.exit(check_main(args[1:]))
+    if args and args[0] == "vtab-prepare":
+        from petl_lightning.data.prepare import prepare_main
+
+        sys.exit(prepare_main(args[1:]))
     sys.exit(run_user_command(lambda: _run_cli(argv)))
 
 

@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from petl_lightning.cli_keys import explain_parse_error, import_class
-from petl_lightning.errors import CheckpointError, ConfigError
+from petl_lightning.errors import CheckpointError, ConfigError, find_user_error
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -158,6 +158,18 @@ class PETLCLI(LightningCLI):
             )
         check_writable(Path(cfg.get("trainer.default_root_dir") or "."))
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; after a user error (e.g. a corrupt image met mid-epoch) remove what this run
+        created under the output folder, unless it wrote a checkpoint (then it can be resumed)."""
+        root = Path(self.trainer.default_root_dir)
+        before = {p for p in root.rglob("*")} if root.is_dir() else set()
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as err:
+            if find_user_error(err) is not None:
+                discard_new_outputs(root, before)
+            raise
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         try:
             return super().instantiate_trainer(**kwargs)
@@ -196,6 +208,21 @@ def check_writable(folder: Path) -> None:
             f"{'not a folder' if not probe.is_dir() else 'not writable'}; pass a writable "
             f"--trainer.default_root_dir."
         )
+
+
+def discard_new_outputs(root: Path, before: set[Path]) -> None:
+    """Delete the files and folders under ``root`` that are not in ``before``, unless one of them is
+    a checkpoint (a run that saved one can resume; its logs belong to it)."""
+    new = [p for p in root.rglob("*") if p not in before] if root.is_dir() else []
+    if any(p.suffix == ".ckpt" for p in new):
+        return
+    for p in sorted(new, key=lambda q: len(q.parts), reverse=True):
+        if p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+        elif p.is_file() or p.is_symlink():
+            p.unlink()
+    if root.is_dir() and root not in before and not any(root.iterdir()):
+        root.rmdir()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

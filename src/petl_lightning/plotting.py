@@ -1,18 +1,27 @@
 """Every chart the package draws, and the one function that sends a figure to the active loggers.
 
 Imported lazily (callbacks import it inside their hooks), so ``import petl_lightning`` never
-imports matplotlib. Figures are built with ``matplotlib.figure.Figure`` (no pyplot: no global
-state, no GUI backend).
+imports matplotlib; matplotlib itself is the ``plots`` extra and is imported only when a figure is
+drawn. Figures are built with ``matplotlib.figure.Figure`` (no pyplot: no global state, no GUI backend).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from torch import Tensor
+
+from petl_lightning.errors import require
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(**kwargs: Any) -> Figure:
+    """A new matplotlib Figure, or a one-line error naming the ``plots`` extra."""
+    return require("matplotlib.figure", "plots").Figure(**kwargs)
 
 
 def exit_labels(stats: dict[str, Tensor]) -> list[str]:
@@ -46,7 +55,7 @@ def inference_stats_figure(stats: dict[str, Tensor], title: str = "", charts: tu
     with content, or the exit panel alone when neither has."""
     if charts is None:
         charts = tuple(c for c, on in (("exits", has_exits(stats)), ("keep", skips_tokens(stats))) if on) or ("exits",)
-    fig = Figure(figsize=(4.2 * len(charts) + 0.6, 3.4), dpi=110)
+    fig = _figure(figsize=(4.2 * len(charts) + 0.6, 3.4), dpi=110)
     axes = fig.subplots(1, len(charts), squeeze=False)
     for ax, chart in zip(axes[0], charts):
         if chart == "exits":
@@ -102,7 +111,7 @@ def accuracy_gflops_figure(
     """Accuracy-vs-GFLOPs curves: one line per named series of points (``gflops``, ``acc``, and
     ``budget`` to annotate), plus each single exit's point. Budgets that chose the same point share
     one label; labels alternate above and below the line so they do not overlap."""
-    fig = Figure(figsize=(6.0, 4.2), dpi=120)
+    fig = _figure(figsize=(6.0, 4.2), dpi=120)
     ax = fig.subplots()
     for name, points in series.items():
         if not points:

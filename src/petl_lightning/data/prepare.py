@@ -306,10 +306,10 @@ def prepare_tasks(
 
 
 def prepare_main(argv: list[str] | None = None) -> int:
-    """``python -m petl_lightning.data.prepare --root DIR [--tasks all]``: exit 0 when every task is
+    """``petl-lightning vtab-prepare --root DIR [--tasks all]``: exit 0 when every task is
     there, 1 when some could not be built (each said why), 2 for bad input."""
     p = argparse.ArgumentParser(
-        prog="python -m petl_lightning.data.prepare", description="Build VTAB-1K task folders from TensorFlow Datasets."
+        prog="petl-lightning vtab-prepare", description="Build VTAB-1K task folders from TensorFlow Datasets."
     )
     p.add_argument("--root", required=True, help="the VTAB-1K root (task folders go here)")
     p.add_argument("--tasks", default="all", help="all, natural, specialized, structured or a comma list")

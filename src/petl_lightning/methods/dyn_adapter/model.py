@@ -169,7 +169,8 @@ class DynAdapter(EarlyExitModule):
     def infer(self, x: Tensor, blocks: nn.ModuleList | None = None) -> InferenceOutput:
         """Early exit with batch shrinking: after each exit the images whose confidence clears its
         threshold are written out and leave the batch; exits that take no image (``+inf``) are not
-        evaluated. ``blocks``: run these instead (e.g. ``self.merge().blocks``: a folded base)."""
+        evaluated. ``blocks``: the folded blocks of ``self.merge().blocks`` instead (the adapters then
+        cost nothing: the executed FLOPs count them so)."""
         b = x.shape[0]
         tokens, remaining = self.vit.embed(x), torch.arange(b, device=x.device)
         exit_index = torch.full((b,), self.num_exits - 1, dtype=torch.long, device=x.device)
@@ -312,9 +313,6 @@ class DynAdapter(EarlyExitModule):
     # -- merging and checkpoints -----------------------------------------------------------------
     def fold_block(self, index: int, block: nn.Module) -> None:
         fold_block(self.hparams.base, self.blocks[index], block)
-
-
-__all__ = ["DynAdapter"]
 
 
 __all__ = ["DynAdapter"]
