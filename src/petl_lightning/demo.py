@@ -118,7 +118,7 @@ def measure(runs: dict[str, Path], data_root: Path, img_size: int, rounds: int) 
         "DyT": lambda b: models["DyT"].infer(b).logits,
         "LinearProbe": models["LinearProbe"],
     }
-    speed = {name: [] for name in calls}
+    speed: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(3):  # interleaved, so load changes hit every model alike
         for name, fn in calls.items():
             speed[name].append(images_per_second(fn, x, rounds))

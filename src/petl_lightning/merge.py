@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import timm
 import torch
@@ -33,12 +33,6 @@ from petl_lightning.layers.lora import LoRALinear, merge_lora
 
 class MergeError(PETLError, ValueError):
     """An adapter cannot be folded into the layer that follows it."""
-
-
-class AffineAdapter(Protocol):
-    """What a mergeable adapter offers: ``forward(x) == x @ M.T + c`` in eval mode."""
-
-    def affine(self) -> tuple[Tensor, Tensor]: ...
 
 
 @torch.no_grad()
@@ -129,4 +123,4 @@ def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, A
     return p
 
 
-__all__ = ["AffineAdapter", "MergeError", "export_safetensors", "fold_affine_into_linear", "merge_into_vit"]
+__all__ = ["MergeError", "export_safetensors", "fold_affine_into_linear", "merge_into_vit"]

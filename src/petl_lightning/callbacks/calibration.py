@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import AttributeDict, rank_zero_info, rank_zero_warn
 
 from petl_lightning.callbacks.stats import InferenceStatsCallback
-from petl_lightning.errors import ConfigError
+from petl_lightning.errors import ConfigError, MissingExtraError
 
 if TYPE_CHECKING:
     from petl_lightning.methods.dyn_adapter.early_exit import EarlyExitModule
@@ -101,7 +101,10 @@ class ExitCalibration(Callback):
             f"{[round(s, 3) for s in res['exit_share']]}"
         )
         if self.curve and trainer.is_global_zero:
-            self.draw_curve(trainer, module, held_out)
+            try:
+                self.draw_curve(trainer, module, held_out)
+            except MissingExtraError as err:
+                rank_zero_warn(f"ExitCalibration draws no curve: {err}")
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active(pl_module):

@@ -24,6 +24,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from petl_lightning.errors import MissingExtraError
+
 if TYPE_CHECKING:
     from petl_lightning.methods.base import PETLModule
 
@@ -150,7 +152,13 @@ class ExitRateLogger(InferenceStatsCallback):
         step = trainer.global_step
         if self.charts:
             self._wandb_charts(trainer, stage, stats, wanted, step)
-        fig = inference_stats_figure(stats, f"{type(pl_module).__name__} {stage} (step {step})", wanted)
+        try:
+            fig = inference_stats_figure(stats, f"{type(pl_module).__name__} {stage} (step {step})", wanted)
+        except MissingExtraError as err:
+            if not self._warned:
+                rank_zero_warn(f"ExitRateLogger draws no figures: {err}")
+                self._warned = True
+            return
         if self.save_png:
             root = Path(trainer.log_dir or trainer.default_root_dir) / "inference_stats"
             self.saved_pngs.append(save_figure(fig, root / f"{stage}_step{step}.png"))

@@ -66,7 +66,7 @@ class ARC(FoldableAdapterModule):
         dim, r = self.vit.dim, adapter_dim
         self.basis_attn = ARCBasis(dim, r)
         self.basis_mlp = ARCBasis(dim, r) if placement == "attn_mlp" else None
-        mlp_init = "xavier" if coeff_init == "official" else "zeros"
+        mlp_init: Literal["zeros", "xavier"] = "xavier" if coeff_init == "official" else "zeros"
         self.blocks = nn.ModuleList(
             FoldableBlock(
                 blk,

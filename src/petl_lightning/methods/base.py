@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import AttributeDict, rank_zero_info, rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -116,6 +116,11 @@ class PETLModule(L.LightningModule):
         self.input_normalization: dict[str, list[float]] | None = None
         # Adapter-only checkpoints: the frozen backbone is rebuilt from its source on load.
         self.strict_loading = False
+
+    @property
+    def hparams(self) -> AttributeDict:
+        """The saved hyper-parameters (Lightning's ``AttributeDict``: ``self.hparams.lr``)."""
+        return cast(AttributeDict, super().hparams)
 
     @classmethod
     def task_overrides(cls, task: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -266,7 +271,8 @@ class PETLModule(L.LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: decayed weights, and non-decayed biases/norms/heads."""
         hp = self.hparams
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
@@ -274,20 +280,17 @@ class PETLModule(L.LightningModule):
             (no_decay if skip else decay).append(p)
         return [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> Any:
         hp = self.hparams
         opt = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr)
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         start, floor = hp.warmup_lr / hp.lr, hp.min_lr / hp.lr
-        if hp.scheduler_interval == "step":
-            steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max_epochs)
+        # the scheduler counts optimizer steps or epochs; either way factor() takes its count in epochs
+        step_wise = hp.scheduler_interval == "step"
+        steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max_epochs) if step_wise else 1
 
-            def factor(step: int) -> float:
-                return warmup_cosine(step / steps_per_epoch, hp.warmup_epochs, max_epochs, start, floor)
-        else:
-
-            def factor(epoch: int) -> float:
-                return warmup_cosine(float(epoch), hp.warmup_epochs, max_epochs, start, floor)
+        def factor(count: int) -> float:
+            return warmup_cosine(count / steps_per_epoch, hp.warmup_epochs, max_epochs, start, floor)
 
         sched = LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp.scheduler_interval}}

@@ -8,11 +8,23 @@ FLOPs, and folds them block by block when :meth:`PETLModule.merge` builds the pl
 
 from __future__ import annotations
 
+from typing import Protocol, cast
+
 import torch
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from petl_lightning.merge import MergeError, fold_affine_into_linear
 from petl_lightning.methods.base import PETLModule
+
+
+class AffineLayer(Protocol):
+    """An adapter that folds: ``affine() -> (M, c)`` with ``forward(x) == x @ M.T + c`` in eval mode."""
+
+    def affine(self) -> tuple[Tensor, Tensor]: ...
+
+    def flops(self, n_tokens: int) -> int: ...
+
 
 BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
@@ -28,6 +40,17 @@ class FoldableBlock(nn.Module):
     :meth:`fold_into` into ``attn.qkv`` / ``mlp.fc1``.
     """
 
+    norm1: nn.Module
+    attn: nn.Module
+    ls1: nn.Module
+    drop_path1: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    ls2: nn.Module
+    drop_path2: nn.Module
+    attn_adapter: nn.Module
+    mlp_adapter: nn.Module
+
     def __init__(self, block: nn.Module, attn_adapter: nn.Module | None, mlp_adapter: nn.Module | None) -> None:
         super().__init__()
         missing = [name for name in BLOCK_PARTS if not hasattr(block, name)]
@@ -36,8 +59,9 @@ class FoldableBlock(nn.Module):
                 f"{type(block).__name__} has no {missing[0]!r}; adapters expect a timm "
                 f"vision_transformer.Block (pre-norm, attn + mlp branches)."
             )
-        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
-        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
+        blk = cast(Block, block)  # any module with a timm Block's sub-modules
+        self.norm1, self.attn, self.ls1, self.drop_path1 = blk.norm1, blk.attn, blk.ls1, blk.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = blk.norm2, blk.mlp, blk.ls2, blk.drop_path2
         self.attn_adapter = attn_adapter if attn_adapter is not None else nn.Identity()
         self.mlp_adapter = mlp_adapter if mlp_adapter is not None else nn.Identity()
 
@@ -46,9 +70,10 @@ class FoldableBlock(nn.Module):
         x = x + self.drop_path2(self.ls2(self.mlp(self.mlp_adapter(self.norm2(x)))))
         return x
 
-    def adapters(self) -> list[nn.Module]:
+    def adapters(self) -> list[AffineLayer]:
         """The block's adapters (attention first)."""
-        return [a for a in (self.attn_adapter, self.mlp_adapter) if not isinstance(a, nn.Identity)]
+        found = (self.attn_adapter, self.mlp_adapter)
+        return [cast(AffineLayer, a) for a in found if not isinstance(a, nn.Identity)]
 
     def adapter_flops(self, n_tokens: int) -> int:
         """Multiply-adds the adapters add on ``n_tokens`` tokens (0 once merged)."""
@@ -66,7 +91,7 @@ class FoldableBlock(nn.Module):
                     f"Cannot merge: the branch's first layer {type(owner).__name__}.{name} is "
                     f"{type(target).__name__}, not an nn.Linear."
                 )
-            fold_affine_into_linear(target, *adapter.affine())
+            fold_affine_into_linear(target, *cast(AffineLayer, adapter).affine())
 
 
 class FoldableAdapterModule(PETLModule):
@@ -83,10 +108,10 @@ class FoldableAdapterModule(PETLModule):
     def unmerged_flops(self) -> int:
         """FLOPs per image of the training form (backbone + head + the adapters' multiply-adds)."""
         n = self.vit.num_tokens
-        return self.backbone_flops() + sum(blk.adapter_flops(n) for blk in self.blocks)
+        return self.backbone_flops() + sum(cast(FoldableBlock, blk).adapter_flops(n) for blk in self.blocks)
 
     def fold_block(self, index: int, block: nn.Module) -> None:
-        self.blocks[index].fold_into(block)
+        cast(FoldableBlock, self.blocks[index]).fold_into(block)
 
 
 __all__ = ["FoldableAdapterModule", "FoldableBlock"]

@@ -15,7 +15,7 @@ Export the merged model (a plain timm ``VisionTransformer``) in one line::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -117,16 +117,19 @@ class RepAdapter(FoldableAdapterModule):
         table = REPADAPTER_SCALES.get(hparams.get("placement") or "attn_mlp", REPADAPTER_SCALES["attn_mlp"])
         return {"adapter_scale": float(table[task])} if task in table else {}
 
+    def adapters(self) -> list[RepAdapterLayer]:
+        """Every RepAdapter layer, block by block (attention first)."""
+        return [cast(RepAdapterLayer, a) for blk in self.blocks for a in cast(FoldableBlock, blk).adapters()]
+
     @property
     def scale(self) -> float:
         """The scale ``s`` the adapters use now."""
-        return float(self.blocks[0].attn_adapter.scale)
+        return float(self.adapters()[0].scale)
 
     def set_scale(self, scale: float) -> None:
         """Set ``s`` on every adapter (and in the hyper-parameters that checkpoints and loggers show)."""
-        for blk in self.blocks:
-            for a in blk.adapters():
-                a.scale.fill_(float(scale))
+        for a in self.adapters():
+            a.scale.fill_(float(scale))
         self.hparams["adapter_scale"] = float(scale)
 
     def setup(self, stage: str) -> None:

@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, cast
 
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from petl_lightning.errors import ConfigError
@@ -41,8 +42,9 @@ def build_blocks(
     if base not in BASES:
         raise ConfigError(f"Unknown base {base!r}; choose one of {', '.join(BASES)}.")
     blocks: list[nn.Module] = []
-    for blk, p in zip(timm_blocks, dropout):
-        dim = blk.norm1.weight.shape[0]
+    for module, p in zip(timm_blocks, dropout):
+        blk = cast(Block, module)  # a timm Block (or a module with its sub-modules)
+        dim = int(cast(nn.LayerNorm, blk.norm1).normalized_shape[0])
         if base == "repadapter":
             blocks.append(
                 FoldableBlock(
@@ -54,11 +56,12 @@ def build_blocks(
         elif base == "arc":
             if not hasattr(owner, "basis_attn"):
                 owner.basis_attn, owner.basis_mlp = ARCBasis(dim, adapter_dim), ARCBasis(dim, adapter_dim)
+            bases = cast(ARCBasis, owner.basis_attn), cast(ARCBasis, owner.basis_mlp)
             blocks.append(
                 FoldableBlock(
                     blk,
-                    ARCLayer(owner.basis_attn, dim, adapter_dim, p, coeff_init="zeros"),
-                    ARCLayer(owner.basis_mlp, dim, adapter_dim, p, coeff_init="zeros"),
+                    ARCLayer(bases[0], dim, adapter_dim, p, coeff_init="zeros"),
+                    ARCLayer(bases[1], dim, adapter_dim, p, coeff_init="zeros"),
                 )
             )
         elif base == "lora":
@@ -67,7 +70,7 @@ def build_blocks(
                     f"The lora base wraps attn.qkv, an nn.Linear; this model's is "
                     f"{type(getattr(blk.attn, 'qkv', None)).__name__}."
                 )
-            blk.attn.qkv = LoRALinear(blk.attn.qkv, adapter_dim, adapter_scale, p)
+            blk.attn.qkv = LoRALinear(cast(nn.Linear, blk.attn.qkv), adapter_dim, adapter_scale, p)
             blocks.append(blk)
         else:
             blocks.append(ParallelAdapterBlock(blk, Adapter(dim, adapter_dim, adapter_scale, p)))
@@ -86,7 +89,7 @@ def fold_block(base: str, block: nn.Module, target: nn.Module) -> None:
         block.fold_into(target)
 
 
-def adapter_layers(block: nn.Module) -> list[nn.Module]:
+def adapter_layers(block: nn.Module) -> list[Any]:
     """The trainable adapter layers of a method block (each has ``.dropout`` and ``.flops(n)``)."""
     return [m for m in block.modules() if isinstance(m, (RepAdapterLayer, ARCLayer, LoRALinear, Adapter))]
 

@@ -11,12 +11,13 @@ test, and keeps the calibration in checkpoints (a test-time ``calibration.thresh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from petl_lightning.errors import ConfigError
 from petl_lightning.methods.base import PETLModule
@@ -132,7 +133,10 @@ class EarlyExitModule(PETLModule):
             return None
         out = th.ExitOutputs.cat(self._held_out)
         if gather and self._trainer is not None and self.trainer.world_size > 1:
-            parts = [self.all_gather(t.to(self.device)).flatten(0, 1).cpu() for t in (out.conf, out.pred, out.labels)]
+            parts = [
+                cast(Tensor, self.all_gather(t.to(self.device))).flatten(0, 1).cpu()
+                for t in (out.conf, out.pred, out.labels)
+            ]
             out = th.ExitOutputs(*parts)
         return out
 
@@ -165,7 +169,8 @@ class EarlyExitModule(PETLModule):
             self._log_exit_accuracy(self.forward_exits(batch[0]), batch[1], "test")
 
     def _log_exit_accuracy(self, logits: Tensor, y: Tensor, stage: str) -> None:
-        for d, lg, metric in zip(self.exit_depths, logits, self.exit_accuracy):
+        for d, lg, module in zip(self.exit_depths, logits, self.exit_accuracy):
+            metric = cast(MulticlassAccuracy, module)
             metric(lg, y)
             self.log(f"{stage}/acc_exit{d}", metric, batch_size=y.shape[0])
 
@@ -178,7 +183,9 @@ class EarlyExitModule(PETLModule):
         super().on_load_checkpoint(checkpoint)
         fixed = self.calibration_config.thresholds
         if fixed is not None:  # thresholds given now win over the stored ones
-            checkpoint["state_dict"]["thresholds"] = self.calibration_config.threshold_vector(fixed, self.num_exits - 1)
+            checkpoint["state_dict"]["thresholds"] = self.calibration_config.threshold_vector(
+                fixed, len(self.exit_depths) - 1
+            )
         else:
             self.calibration_result = checkpoint.get("petl", {}).get("calibration")
 

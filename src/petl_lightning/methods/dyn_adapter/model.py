@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -77,15 +77,15 @@ class DynAdapter(EarlyExitModule):
         self.exit_config, self.loss_schedule = as_config(ExitConfig, exits), as_config(LossSchedule, loss)
         self.sparsity = as_config(SparsityConfig, sparsity)
         self.calibration_config = as_config(CalibrationConfig, calibration)
-        groups = {
-            "exits": self.exit_config,
-            "loss": self.loss_schedule,
-            "sparsity": self.sparsity,
-            "calibration": self.calibration_config,
-        }
-        self.hparams.update({k: asdict(v) for k, v in groups.items()})  # plain dicts: weights-only loading
-        for cfg in (self.loss_schedule, self.sparsity, self.calibration_config):
-            cfg.check()
+        self.hparams.update(  # plain dicts: what weights-only checkpoint loading accepts
+            exits=asdict(self.exit_config),
+            loss=asdict(self.loss_schedule),
+            sparsity=asdict(self.sparsity),
+            calibration=asdict(self.calibration_config),
+        )
+        self.loss_schedule.check()
+        self.sparsity.check()
+        self.calibration_config.check()
         depth, dim = self.vit.depth, self.vit.dim
         if getattr(self.vit.vit, "attn_pool", None) is not None or self.vit.vit.global_pool != "token":
             raise ConfigError(
@@ -218,7 +218,7 @@ class DynAdapter(EarlyExitModule):
         ]
         depth = [embed_flops(s) + sum(per_block[:d]) for d in self.exit_depths]
         depth[-1] += head_flops(s, self.num_classes, norm=norm)
-        heads = [h.flops(norm) for h in self.exit_heads]
+        heads = [cast(ExitHead, h).flops(norm) for h in self.exit_heads]
         return th.ExitCosts(torch.tensor(depth, dtype=torch.float64), torch.tensor(heads, dtype=torch.float64))
 
     def full_flops(self, merged: bool = False, norm: bool = True) -> int:
@@ -281,7 +281,7 @@ class DynAdapter(EarlyExitModule):
             return
         for blk in self.blocks:
             for a in adapter_layers(blk):
-                a.scale.fill_(float(scale))
+                cast(Tensor, a.scale).fill_(float(scale))
         self.hparams["adapter_scale"] = float(scale)
 
     def is_head_parameter(self, name: str) -> bool:
