@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import timm
 from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
 from petl_lightning.errors import CheckpointError, ConfigError, ModelNameError
@@ -125,6 +125,23 @@ def load_weights(vit: VisionTransformer, checkpoint_path: str | os.PathLike) -> 
     vit.load_state_dict(state, strict=False)
 
 
+def check_family(vit: nn.Module, model_name: str) -> VisionTransformer:
+    """Refuse, in one line saying why and what to use, a model that is not a timm ``VisionTransformer``
+    (EVA-02's ``Eva`` passes rotary position embeddings into every block and attention)."""
+    if isinstance(vit, VisionTransformer):
+        return vit
+    kind = type(vit).__name__
+    why = (
+        " (its blocks take rotary position embeddings at every call and its attention differs from timm's Attention)"
+        if kind == "Eva"
+        else ""
+    )
+    raise ModelNameError(
+        f"{model_name!r} builds a timm {kind}, not a timm VisionTransformer{why}; petl_lightning supports "
+        f"vit_* (incl. LayerScale, *_dinov2, *_reg4_dinov2, *_clip_*), deit_* and deit_*_distilled_* models."
+    )
+
+
 class FrozenViT(nn.Module):
     """A timm ViT with every parameter frozen and no classifier.
 
@@ -163,12 +180,7 @@ class FrozenViT(nn.Module):
                 f"--model.checkpoint_path /path/ViT-B_16.npz (or FrozenViT(checkpoint_path=...)), "
                 f"or pretrained=False for random weights."
             )
-        vit = timm.create_model(model_name, pretrained=use_hub, **kwargs)
-        if not isinstance(vit, VisionTransformer):
-            raise ModelNameError(
-                f"{model_name!r} builds a {type(vit).__name__}, not a timm VisionTransformer; "
-                f"petl_lightning supports plain ViTs (vit_*, deit_*, ...)."
-            )
+        vit = check_family(timm.create_model(model_name, pretrained=use_hub, **kwargs), model_name)
         size, patch = vit.patch_embed.img_size, vit.patch_embed.patch_size
         if size[0] % patch[0] or size[1] % patch[1]:
             lo, hi = size[0] // patch[0] * patch[0], -(-size[0] // patch[0]) * patch[0]
@@ -208,17 +220,42 @@ class FrozenViT(nn.Module):
 
     def shape(self) -> ViTShape:
         """Sizes for :mod:`petl_lightning.flops`."""
-        blk: Any = self.vit.blocks[0]  # a timm Block (attn.num_heads, mlp.fc1)
+        v = self.vit
+        blk: Any = v.blocks[0]  # a timm Block (attn.num_heads, mlp.fc1, mlp.fc2)
+        hidden = blk.mlp.fc2.in_features
+        pool: Any = getattr(v, "attn_pool", None)
         return ViTShape(
             dim=self.dim,
             depth=self.depth,
             num_heads=blk.attn.num_heads,
-            mlp_hidden=blk.mlp.fc1.out_features,
+            mlp_hidden=hidden,
             num_patches=self.num_patches,
             num_prefix_tokens=self.num_prefix_tokens,
-            patch_size=self.vit.patch_embed.patch_size[0],
-            in_chans=self.vit.patch_embed.proj.in_channels,
+            patch_size=v.patch_embed.patch_size[0],
+            in_chans=v.patch_embed.proj.in_channels,
+            gated_mlp=blk.mlp.fc1.out_features == 2 * hidden,
+            norm_pre=isinstance(v.norm_pre, nn.LayerNorm),
+            fc_norm=isinstance(v.fc_norm, nn.LayerNorm),
+            attn_pool_hidden=pool.mlp.fc1.out_features if pool is not None else 0,
         )
+
+    def check_blocks(self, method: str) -> None:
+        """Refuse in one line when ``method``, which wraps every block, cannot wrap this model's:
+        it needs timm's pre-norm ``Block`` (norm1 -> Attention -> ls1, norm2 -> MLP(fc1, fc2) -> ls2)."""
+        for blk in self.vit.blocks:
+            mlp = getattr(blk, "mlp", None)
+            problem = None
+            if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
+                problem = f"{type(blk).__name__} blocks (not timm's pre-norm vision_transformer.Block)"
+            elif not isinstance(blk.attn, Attention):
+                problem = f"a {type(blk.attn).__name__} attention (not timm's Attention)"
+            elif not all(isinstance(getattr(mlp, fc, None), nn.Linear) for fc in ("fc1", "fc2")):
+                problem = f"a {type(mlp).__name__} MLP without fc1/fc2 Linears"
+            if problem:
+                raise ModelNameError(
+                    f"{method} wraps each transformer block, but {self.model_name!r} has {problem}; "
+                    f"use LinearProbe on it, or a vit_*/deit_* model with standard blocks."
+                )
 
     def embed(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) to tokens (B, N, D): patch embed, prefix tokens, position, norm_pre."""
@@ -254,4 +291,4 @@ def frozen_state_ids(module: nn.Module) -> set[int]:
     }
 
 
-__all__ = ["DEFAULT_MODEL", "FrozenViT", "check_model_name", "load_weights", "frozen_state_ids"]
+__all__ = ["DEFAULT_MODEL", "FrozenViT", "check_family", "check_model_name", "load_weights", "frozen_state_ids"]

@@ -34,6 +34,14 @@ class ViTShape:
     num_prefix_tokens: int
     patch_size: int
     in_chans: int = 3
+    #: fc1 emits ``2 * mlp_hidden`` (a SwiGLU/GLU MLP: value and gate), fc2 reads ``mlp_hidden``.
+    gated_mlp: bool = False
+    #: a LayerNorm on all tokens before the blocks (CLIP's ``norm_pre``).
+    norm_pre: bool = False
+    #: the final norm runs on the pooled vector (``fc_norm``, average-pool models), not on all tokens.
+    fc_norm: bool = False
+    #: hidden width of an attention-pool (MAP) head's MLP; 0 when the model has none.
+    attn_pool_hidden: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -50,9 +58,10 @@ def linear_flops(n_tokens: Count, d_in: int, d_out: int) -> Count:
     return n_tokens * d_in * d_out
 
 
-def embed_flops(s: ViTShape) -> int:
-    """Patch embedding convolution."""
-    return s.num_patches * s.in_chans * s.patch_size * s.patch_size * s.dim
+def embed_flops(s: ViTShape, norm: bool = True) -> int:
+    """Patch embedding convolution (and ``norm_pre`` on all tokens, when the model has one)."""
+    f = s.num_patches * s.in_chans * s.patch_size * s.patch_size * s.dim
+    return f + (layernorm_flops(s.num_tokens, s.dim) if norm and s.norm_pre else 0)
 
 
 def attn_flops(n: int, s: ViTShape, norm: bool = True) -> int:
@@ -62,8 +71,9 @@ def attn_flops(n: int, s: ViTShape, norm: bool = True) -> int:
 
 
 def mlp_flops(n: Count, s: ViTShape, norm: bool = True) -> Count:
-    """MLP sub-block on ``n`` tokens: norm2, fc1, fc2."""
-    f = linear_flops(n, s.dim, s.mlp_hidden) + linear_flops(n, s.mlp_hidden, s.dim)
+    """MLP sub-block on ``n`` tokens: norm2, fc1 (value and gate for a gated MLP), fc2."""
+    fc1_out = 2 * s.mlp_hidden if s.gated_mlp else s.mlp_hidden
+    f = linear_flops(n, s.dim, fc1_out) + linear_flops(n, s.mlp_hidden, s.dim)
     return f + (layernorm_flops(n, s.dim) if norm else 0)
 
 
@@ -84,15 +94,28 @@ def attn_kept_query_flops(n: int, q_rows: Count, q_pad: Count, s: ViTShape, norm
     return f + (layernorm_flops(n, s.dim) if norm else 0)
 
 
+def attn_pool_flops(s: ViTShape, n_tokens: int, norm: bool = True) -> int:
+    """An attention-pool (MAP) head: one latent query attends over ``n_tokens`` keys/values, then
+    its norm and MLP (timm's ``AttentionPoolLatent``); 0 when the model pools otherwise."""
+    if not s.attn_pool_hidden:
+        return 0
+    n, d, h = n_tokens, s.dim, s.attn_pool_hidden
+    f = linear_flops(1, d, d) + linear_flops(n, d, 2 * d) + 2 * n * d + linear_flops(1, d, d)
+    f += linear_flops(1, d, h) + linear_flops(1, h, d)
+    return f + (layernorm_flops(1, d) if norm else 0)
+
+
 def head_flops(s: ViTShape, num_classes: int, n_tokens: int | None = None, norm: bool = True) -> int:
-    """Final LayerNorm over all tokens plus the linear classifier on the pooled token."""
+    """Final LayerNorm (over all tokens, or over the pooled vector for ``fc_norm`` models), the
+    attention pool when the model has one, and the linear classifier on the pooled features."""
     n = s.num_tokens if n_tokens is None else n_tokens
-    return (layernorm_flops(n, s.dim) if norm else 0) + linear_flops(1, s.dim, num_classes)
+    f = (layernorm_flops(1 if s.fc_norm else n, s.dim) if norm else 0) + attn_pool_flops(s, n, norm)
+    return f + linear_flops(1, s.dim, num_classes)
 
 
 def non_block_flops(s: ViTShape, num_classes: int, norm: bool = True) -> int:
-    """Everything outside the blocks: patch embedding, final norm, classifier."""
-    return embed_flops(s) + head_flops(s, num_classes, norm=norm)
+    """Everything outside the blocks: patch embedding (and ``norm_pre``), final norm, pool, classifier."""
+    return embed_flops(s, norm) + head_flops(s, num_classes, norm=norm)
 
 
 def vit_flops(
@@ -133,6 +156,7 @@ def gflops(flops: float) -> float:
 __all__ = [
     "ViTShape",
     "attn_flops",
+    "attn_pool_flops",
     "attn_kept_query_flops",
     "block_flops",
     "embed_flops",

@@ -90,9 +90,13 @@ def merge_into_vit(
     state = {
         k: v.float() if v.is_floating_point() else v
         for k, v in source.state_dict().items()
-        if not k.startswith("head.")
+        if not k.startswith(("head.", "head_dist."))
     }
     state["head.weight"], state["head.bias"] = head.weight.float(), head.bias.float()
+    if "head_dist.weight" in merged.state_dict():
+        # A distilled DeiT averages head(CLS) and head_dist(DIST); our head reads their mean, so both
+        # heads get its weights: (W c + b + W d + b) / 2 = W (c + d) / 2 + b.
+        state["head_dist.weight"], state["head_dist.bias"] = state["head.weight"], state["head.bias"]
     merged.load_state_dict(state, strict=True)
     device = next(backbone.parameters()).device
     merged = merged.to(device=device, dtype=torch.float32)

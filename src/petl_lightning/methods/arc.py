@@ -59,6 +59,7 @@ class ARC(FoldableAdapterModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(head_init=head_init, **kwargs)
+        self.vit.check_blocks(type(self).__name__)
         if placement not in PLACEMENTS:
             raise ConfigError(f"Unknown ARC placement {placement!r}; choose one of {', '.join(PLACEMENTS)}.")
         if coeff_init not in ("official", "zeros"):

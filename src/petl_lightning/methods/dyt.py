@@ -109,6 +109,7 @@ class DyT(PETLModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.vit.check_blocks(type(self).__name__)
         for name, rate in (("target_rate", target_rate), ("fixed_keep_rate", fixed_keep_rate)):
             if rate is not None and not 0.0 <= rate <= 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1], got {rate}.")

@@ -100,6 +100,7 @@ class RepAdapter(FoldableAdapterModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.vit.check_blocks(type(self).__name__)
         if placement not in PLACEMENTS:
             raise ConfigError(f"Unknown RepAdapter placement {placement!r}; choose one of {', '.join(PLACEMENTS)}.")
         dim, scale = self.vit.dim, 1.0 if adapter_scale is None else float(adapter_scale)

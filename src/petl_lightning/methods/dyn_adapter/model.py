@@ -74,6 +74,7 @@ class DynAdapter(EarlyExitModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.vit.check_blocks(type(self).__name__)
         self.exit_config, self.loss_schedule = as_config(ExitConfig, exits), as_config(LossSchedule, loss)
         self.sparsity = as_config(SparsityConfig, sparsity)
         self.calibration_config = as_config(CalibrationConfig, calibration)
@@ -216,7 +217,7 @@ class DynAdapter(EarlyExitModule):
             block_flops(n, n, s, norm) + (0 if merged else sum(a.flops(n) for a in adapter_layers(blk)))
             for blk in self.blocks
         ]
-        depth = [embed_flops(s) + sum(per_block[:d]) for d in self.exit_depths]
+        depth = [embed_flops(s, norm) + sum(per_block[:d]) for d in self.exit_depths]
         depth[-1] += head_flops(s, self.num_classes, norm=norm)
         heads = [cast(ExitHead, h).flops(norm) for h in self.exit_heads]
         return th.ExitCosts(torch.tensor(depth, dtype=torch.float64), torch.tensor(heads, dtype=torch.float64))
