@@ -110,6 +110,7 @@ def measure(runs: dict[str, Path], data_root: Path, img_size: int, rounds: int) 
             ).test_dataloader()
         )
     )[0]
+    models["LinearProbe"].cache_features = False  # time the forward, not the training-time feature cache
     dyn = models["Dyn-Adapter"]
     merged_blocks = dyn.merge().blocks  # the RepAdapter base folded: only the exit heads cost extra
     calls = {

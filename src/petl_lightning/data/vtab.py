@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from pathlib import Path
 from typing import Literal, cast
 
@@ -37,6 +38,10 @@ from petl_lightning.data.lists import (
 )
 from petl_lightning.data.tasks import GROUPS, LIST_FILES, VTAB_TASKS, TaskInfo, parse_tasks, tasks_in_group
 from petl_lightning.errors import DataError
+
+# Under protocol trainval_test, fit validates on nothing: val_dataloader() returns [] on purpose, and
+# Lightning's "Total length of `list` across ranks is zero" warning would only alarm the user.
+warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
 
 
 class VTAB1kDataModule(L.LightningDataModule):

@@ -40,6 +40,11 @@ class EarlyExitModule(PETLModule):
     def forward_exits(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def run_exits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Every exit on every image: logits (E, B, K) and, where the blocks' cost varies per image
+        (token skipping), each image's block FLOPs up to each exit (B, E); else ``None``."""
+        return self.forward_exits(x), None
+
     def confidence(self, logits: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -73,17 +78,18 @@ class EarlyExitModule(PETLModule):
         self.eval()
         try:
             for x, y in (bt[:2] for bt in batches):
-                parts.append(self.exit_outputs(self.forward_exits(x.to(self.device)), torch.as_tensor(y)))
+                parts.append(self.exit_outputs(*self.run_exits(x.to(self.device)), torch.as_tensor(y)))
         finally:
             self.train(was_training)
         if not parts:
             raise ConfigError("Calibration got no batches; pass a loader of (images, labels).")
         return th.ExitOutputs.cat(parts)
 
-    def exit_outputs(self, logits: Tensor, y: Tensor) -> th.ExitOutputs:
-        """The confidence/prediction table of every exit's logits (E, B, K)."""
+    def exit_outputs(self, logits: Tensor, block_cost: Tensor | None, y: Tensor) -> th.ExitOutputs:
+        """The confidence/prediction table of every exit's logits (E, B, K) (and block costs (B, E))."""
         conf = torch.stack([self.confidence(lg) for lg in logits], dim=1)
-        return th.ExitOutputs(conf.cpu(), logits.argmax(dim=-1).T.cpu(), y.cpu())
+        cost = None if block_cost is None else block_cost.double().cpu()
+        return th.ExitOutputs(conf.cpu(), logits.argmax(dim=-1).T.cpu(), y.cpu(), cost)
 
     def calibrate(self, data: Any, target: float | None = None, policy: str | None = None) -> dict[str, Any]:
         """Set the early exits' thresholds so the mean executed FLOPs on held-out ``data`` is at most
@@ -121,8 +127,8 @@ class EarlyExitModule(PETLModule):
         """Every exit on every image (calibration reads them); the statistics at today's thresholds."""
         x, y = batch
         self._check_labels(y)
-        logits = self.forward_exits(x)
-        self._held_out.append(self.exit_outputs(logits, y))
+        logits, block_cost = self.run_exits(x)
+        self._held_out.append(self.exit_outputs(logits, block_cost, y))
         self.record_exits(self._held_out[-1], reset=False)
         self.log("val/loss", F.cross_entropy(logits[-1], y), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         self._log_exit_accuracy(logits, y, "val")
@@ -133,11 +139,11 @@ class EarlyExitModule(PETLModule):
             return None
         out = th.ExitOutputs.cat(self._held_out)
         if gather and self._trainer is not None and self.trainer.world_size > 1:
-            parts = [
-                cast(Tensor, self.all_gather(t.to(self.device))).flatten(0, 1).cpu()
-                for t in (out.conf, out.pred, out.labels)
-            ]
-            out = th.ExitOutputs(*parts)
+            def gathered(t: Tensor) -> Tensor:
+                return cast(Tensor, self.all_gather(t.to(self.device))).flatten(0, 1).cpu()
+
+            block = None if out.block_cost is None else gathered(out.block_cost)
+            out = th.ExitOutputs(gathered(out.conf), gathered(out.pred), gathered(out.labels), block)
         return out
 
     def record_exits(self, out: th.ExitOutputs, reset: bool = True) -> None:
@@ -145,22 +151,24 @@ class EarlyExitModule(PETLModule):
         as after a calibration); the same counts the dynamic path would record on those images."""
         if reset:
             self.reset_inference_stats()
-        ex = th.assign_exits(out.conf, self.thresholds.cpu())
+        thr = self.thresholds.cpu()
+        ex = th.assign_exits(out.conf, thr)
         pred = out.pred[torch.arange(ex.numel()), ex]
-        costs = self.exit_costs().of(self.thresholds.cpu())[0]
+        flops = out.cost_of(self.exit_costs(), thr[None], ex[None])[0]
         as_logits = F.one_hot(pred, self.num_classes).double()  # the statistics need only each prediction
         self.inference_meter.update(
-            InferenceOutput(as_logits.to(self.device), costs[ex].to(self.device), ex.to(self.device)),
+            InferenceOutput(as_logits.to(self.device), flops.to(self.device), ex.to(self.device)),
             out.labels.to(self.device),
         )
 
     def on_validation_epoch_end(self) -> None:
         out = self.held_out_exits()
         if out is not None:
-            ex = th.assign_exits(out.conf, self.thresholds.cpu())
+            thr = self.thresholds.cpu()
+            ex = th.assign_exits(out.conf, thr)
             acc = out.correct[torch.arange(ex.numel()), ex].double().mean()
             self.log("val/acc", float(acc), prog_bar=True)
-            self.log("val/gflops", float(self.exit_costs().of(self.thresholds.cpu())[0][ex].mean()) / 1e9)
+            self.log("val/gflops", float(out.cost_of(self.exit_costs(), thr[None], ex[None]).mean()) / 1e9)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         out = self._eval_step(batch, "test")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,27 +42,46 @@ def confidence(logits: Tensor, kind: Literal["max_softmax", "entropy"] = "max_so
 
 @dataclass
 class ExitOutputs:
-    """Every exit's confidence and prediction on a set of images (all exits run on every image)."""
+    """Every exit's confidence and prediction on a set of images (all exits run on every image).
+
+    ``block_cost`` (token-skipping bases): each image's FLOPs in the blocks up to each exit, which
+    depend on the tokens it kept; ``None`` when the blocks cost the same for every image (then
+    :class:`ExitCosts` ``depth`` holds them).
+    """
 
     conf: Tensor  # (N, E)
     pred: Tensor  # (N, E)
     labels: Tensor  # (N,)
+    block_cost: Tensor | None = None  # (N, E) float64
 
     @property
     def correct(self) -> Tensor:
         return self.pred == self.labels[:, None]
 
+    def cost_of(self, costs: ExitCosts, thresholds: Tensor, exits: Tensor) -> Tensor:
+        """FLOPs (M, N) of each image leaving at ``exits`` (M, N) under ``thresholds`` (M, E-1)."""
+        c = costs.of(thresholds).gather(1, exits.to(costs.depth.device))
+        if self.block_cost is not None:
+            c = c + self.block_cost.T.to(c).gather(0, exits.to(c.device))
+        return c
+
     @staticmethod
     def cat(parts: list[ExitOutputs]) -> ExitOutputs:
-        return ExitOutputs(*(torch.cat([getattr(p, k) for p in parts]) for k in ("conf", "pred", "labels")))
+        conf, pred, labels = (torch.cat([getattr(p, k) for p in parts]) for k in ("conf", "pred", "labels"))
+        has = [p.block_cost is not None for p in parts]
+        if any(has) and not all(has):
+            raise ValueError("cannot join exit tables with and without per-image block costs")
+        block = torch.cat([cast(Tensor, p.block_cost) for p in parts]) if all(has) else None
+        return ExitOutputs(conf, pred, labels, block)
 
 
 @dataclass
 class ExitCosts:
     """FLOPs per image of leaving at each exit, given which early heads are evaluated.
 
-    ``depth[k]``: embedding, the blocks up to exit ``k`` (with their adapters) and, for the last
-    exit, the final norm and head; ``heads[k]``: early exit ``k``'s head (E-1 values).
+    ``depth[k]``: embedding, the blocks up to exit ``k`` (with their adapters; not for a
+    token-skipping base, whose images each pay their own, :attr:`ExitOutputs.block_cost`) and, for
+    the last exit, the final norm and head; ``heads[k]``: early exit ``k``'s head (E-1 values).
     """
 
     depth: Tensor  # (E,) float64
@@ -111,7 +130,7 @@ def evaluate_thresholds(
         thr = thresholds[i : i + chunk]
         ex = assign_exits(out.conf, thr)  # (m, N)
         accs.append(correct.gather(0, ex).mean(dim=1))
-        mean_costs.append(costs.of(thr).gather(1, ex.to(costs.depth.device)).mean(dim=1))
+        mean_costs.append(out.cost_of(costs, thr, ex).mean(dim=1))
         shares.append(F.one_hot(ex, n_exits).to(torch.float64).mean(dim=1))
     return torch.cat(accs), torch.cat(mean_costs), torch.cat(shares)
 
@@ -201,11 +220,11 @@ def search_thresholds(
     acc, cost, share = evaluate_thresholds(out, costs, cands)
     ok = cost <= max_cost * (1 + 1e-9)
     if not bool(ok.any()):
-        cheapest = float(costs.single_exit()[0])
+        cheapest = float(cost.min())
         raise ConfigError(
             f"No thresholds meet the budget: the cheapest choice (every image at the first exit) costs "
-            f"{cheapest / 1e9:.4g} GFLOPs per image, {cheapest / float(costs.depth[-1]):.3f} of the full model, "
-            f"above the {max_cost / 1e9:.4g} allowed. Raise the budget or put the first exit earlier (exits.blocks)."
+            f"{cheapest / 1e9:.4g} GFLOPs per image, above the {max_cost / 1e9:.4g} allowed. Raise the "
+            f"budget or put the first exit earlier (exits.blocks)."
         )
     best = torch.where(ok, acc, torch.full_like(acc, -1.0)).max()
     tied = ok & (acc >= best - 1e-12)
@@ -249,7 +268,9 @@ def accuracy_cost_curve(
 
 def single_exit_points(out: ExitOutputs, costs: ExitCosts) -> list[dict[str, float]]:
     """Each exit alone (the model truncated there, only that head): GFLOPs and accuracy."""
-    single = costs.single_exit()
+    e = out.conf.shape[1]
+    single = out.cost_of(costs, single_exit_thresholds(e), torch.arange(e)[:, None].expand(e, out.conf.shape[0]))
+    single = single.mean(dim=1)
     acc = out.correct.double().mean(dim=0)
     return [{"exit": k, "gflops": float(single[k]) / 1e9, "acc": float(acc[k])} for k in range(single.numel())]
 
