@@ -37,6 +37,15 @@ class InferenceOutput:
     kept: Tensor | None = None  # (B, depth) patch tokens the skippable sub-blocks processed
     offered: Tensor | None = None  # (B, depth) patch tokens offered to them (0 for blocks not run)
 
+    def to(self, device: torch.device | str) -> InferenceOutput:
+        """The same output with every tensor on ``device``."""
+        return InferenceOutput(
+            *(
+                None if t is None else t.to(device)
+                for t in (self.logits, self.flops, self.exit_index, self.kept, self.offered)
+            )  # type: ignore[arg-type]
+        )
+
     def keep_rate(self) -> Tensor:
         """Share of offered patch tokens each image kept (B,); 1 where nothing is skippable."""
         if self.kept is None or self.offered is None:

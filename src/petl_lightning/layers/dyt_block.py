@@ -30,7 +30,8 @@ from timm.layers import Attention
 from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
-from petl_lightning.layers.adapter import build_adapter
+from petl_lightning.flops import ViTShape, attn_flops, attn_kept_query_flops, mlp_flops
+from petl_lightning.layers.adapter import Adapter, MoEAdapter, build_adapter
 from petl_lightning.layers.dispatcher import TokenDispatcher
 
 if TYPE_CHECKING:
@@ -160,6 +161,34 @@ class DyTBlock(nn.Module):
 
         x = self._blocks(x, site_fn)
         return x, torch.stack(kept, dim=1)
+
+    def executed_flops(self, kept: Tensor, s: ViTShape, gathered: bool = True, norm: bool = True) -> Tensor:
+        """FLOPs per image (B,) float64 of this block on a batch whose sites kept ``kept`` (B, sites)
+        patch tokens (papers' convention; ``norm=False`` and x2 is FlopCounterMode's count).
+
+        Gathered: the sub-blocks ran on the kept rows (attention queries padded to the batch's
+        largest count); masked: everything ran. Dispatchers and adapters run on every token (the
+        dispatcher's prefix-token logits are computed and ignored: cheaper than slicing).
+        """
+        if kept.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.float64, device=kept.device)
+        n, p = s.num_tokens, s.num_prefix_tokens
+        rows = (kept.double() + p) if gathered else torch.full_like(kept, n, dtype=torch.float64)
+        q_pad = rows.amax(dim=0)  # (sites,): the padded query rows of the whole batch
+        col = {site: j for j, site in enumerate(self.sites)}
+        extra = sum(
+            cast(TokenDispatcher, self.dispatchers[t]).flops(n) + cast(Adapter | MoEAdapter, self.adapters[t]).flops(n)
+            for t in self.sites
+        )
+        total = torch.full(kept.shape[:1], float(extra), dtype=torch.float64, device=kept.device)
+        attn_site = "attn" if "attn" in col else "layer" if "layer" in col else None
+        if attn_site is None:
+            total += attn_flops(n, s, norm)
+        else:
+            total += attn_kept_query_flops(n, rows[:, col[attn_site]], q_pad[col[attn_site]], s, norm)
+        mlp_site = "mlp" if "mlp" in col else "layer" if "layer" in col else None
+        total += mlp_flops(rows[:, col[mlp_site]], s, norm) if mlp_site else mlp_flops(n, s, norm)
+        return total
 
     def _blocks(self, x: Tensor, site_fn: Callable[[str, Tensor], Tensor]) -> Tensor:
         """timm's two residual lines, with each dispatched sub-block's line replaced by ``site_fn``."""

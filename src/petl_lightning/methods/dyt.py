@@ -30,14 +30,14 @@ warms up for 10 epochs, normalises with mean/std 0.5 and selects the best epoch 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
-from petl_lightning.flops import attn_flops, attn_kept_query_flops, mlp_flops, non_block_flops
+from petl_lightning.flops import non_block_flops
 from petl_lightning.layers.dyt_block import PLACEMENT_SITES, DyTBlock, Placement
 from petl_lightning.merge import MergeError
 from petl_lightning.methods.base import PETLModule
@@ -212,30 +212,13 @@ class DyT(PETLModule):
     # -- FLOPs -----------------------------------------------------------------------------------
     def executed_flops(self, kept: Tensor, gathered: bool = True, norm: bool = True) -> Tensor:
         """FLOPs per image (B,) float64 of a batch whose sites kept ``kept`` (B, depth, sites) patch
-        tokens (papers' convention; ``norm=False`` and x2 is FlopCounterMode's count).
-
-        Gathered: the sub-blocks ran on the kept rows (attention queries padded to the batch's
-        largest count); masked: everything ran. Dispatchers and adapters run on every token (the
-        dispatcher's prefix-token logits are computed and ignored: cheaper than slicing).
-        """
+        tokens (:meth:`DyTBlock.executed_flops` per block, plus embedding, final norm and head)."""
         s = self.vit.shape()
-        n, p = s.num_tokens, s.num_prefix_tokens
-        rows = (kept.double() + p) if gathered else torch.full_like(kept, n, dtype=torch.float64)
-        q_pad = rows.amax(dim=0)  # (depth, sites): the padded query rows of the whole batch
         total = torch.full(
             kept.shape[:1], float(non_block_flops(s, self.num_classes, norm)), dtype=torch.float64, device=kept.device
         )
-        col = {site: j for j, site in enumerate(self.sites)}
         for i, blk in enumerate(self.blocks):
-            total += sum(blk.dispatchers[t].flops(n) + blk.adapters[t].flops(n) for t in self.sites)
-            attn_site = "attn" if "attn" in col else "layer" if "layer" in col else None
-            if attn_site is None:
-                total += attn_flops(n, s, norm)
-            else:
-                j = col[attn_site]
-                total += attn_kept_query_flops(n, rows[:, i, j], q_pad[i, j], s, norm)
-            mlp_site = "mlp" if "mlp" in col else "layer" if "layer" in col else None
-            total += mlp_flops(rows[:, i, col[mlp_site]], s, norm) if mlp_site else mlp_flops(n, s, norm)
+            total += cast(DyTBlock, blk).executed_flops(kept[:, i], s, gathered, norm)
         return total
 
     def inference_flops(self) -> int:

@@ -6,6 +6,9 @@
   timm's own; folds.
 - ``adapter``: a bottleneck adapter parallel to the MLP
   (:class:`~petl_lightning.layers.adapter.ParallelAdapterBlock`); non-linear, does not fold.
+- ``dyt``: DyT's block (:class:`~petl_lightning.layers.dyt_block.DyTBlock`: a token dispatcher and
+  a parallel adapter per skippable sub-block), so unimportant tokens also skip work inside the
+  blocks an image runs; decides per token, does not fold.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from torch import nn
 from petl_lightning.errors import ConfigError
 from petl_lightning.layers.adapter import Adapter, ParallelAdapterBlock
 from petl_lightning.layers.arc import ARCBasis, ARCLayer
+from petl_lightning.layers.dyt_block import DyTBlock
 from petl_lightning.layers.lora import LoRALinear
 from petl_lightning.layers.repadapter import RepAdapterLayer
 from petl_lightning.merge import MergeError
+from petl_lightning.methods.dyn_adapter.config import TokenSkipping
 from petl_lightning.methods.foldable import FoldableBlock
 
-Base = Literal["repadapter", "arc", "lora", "adapter"]
-BASES = ("repadapter", "arc", "lora", "adapter")
-DEFAULT_ADAPTER_DIM = {"repadapter": 8, "arc": 50, "lora": 8, "adapter": 8}
+Base = Literal["repadapter", "arc", "lora", "adapter", "dyt"]
+BASES = ("repadapter", "arc", "lora", "adapter", "dyt")
+DEFAULT_ADAPTER_DIM = {"repadapter": 8, "arc": 50, "lora": 8, "adapter": 8, "dyt": 8}
 
 
 def build_blocks(
@@ -36,9 +41,12 @@ def build_blocks(
     adapter_groups: int,
     adapter_scale: float,
     dropout: list[float],
+    skipping: TokenSkipping | None = None,
+    num_prefix_tokens: int = 1,
 ) -> nn.ModuleList:
     """One method block per frozen timm block, with ``dropout[i]`` inside block ``i``'s adapters.
-    ARC's shared bases are registered on ``owner`` (the module that holds every block)."""
+    ARC's shared bases are registered on ``owner`` (the module that holds every block); ``skipping``
+    and ``num_prefix_tokens`` (never dispatched) configure the ``dyt`` base."""
     if base not in BASES:
         raise ConfigError(f"Unknown base {base!r}; choose one of {', '.join(BASES)}.")
     blocks: list[nn.Module] = []
@@ -72,6 +80,22 @@ def build_blocks(
                 )
             blk.attn.qkv = LoRALinear(cast(nn.Linear, blk.attn.qkv), adapter_dim, adapter_scale, p)
             blocks.append(blk)
+        elif base == "dyt":
+            sk = skipping or TokenSkipping()
+            blocks.append(
+                DyTBlock(
+                    blk,
+                    sk.placement,
+                    num_prefix_tokens,
+                    adapter_dim,
+                    1,
+                    adapter_scale,
+                    p,
+                    sk.tau,
+                    sk.threshold,
+                    sk.dispatcher_init_std,
+                )
+            )
         else:
             blocks.append(ParallelAdapterBlock(blk, Adapter(dim, adapter_dim, adapter_scale, p)))
     return nn.ModuleList(blocks)
@@ -80,10 +104,11 @@ def build_blocks(
 def fold_block(base: str, block: nn.Module, target: nn.Module) -> None:
     """Fold ``block``'s affine adapters into ``target``, a plain timm block (LoRA is folded with the
     backbone by :func:`~petl_lightning.merge.merge_into_vit`)."""
-    if base == "adapter":
+    if base in ("adapter", "dyt"):
+        why = "is non-linear (ReLU)" if base == "adapter" else "decides per token at inference"
         raise MergeError(
-            "The bottleneck adapter base is non-linear (ReLU) and cannot be merged into the backbone; "
-            "only the repadapter, arc and lora bases merge."
+            f"The {base} base {why} and cannot be merged into the backbone; only the repadapter, arc "
+            f"and lora bases merge."
         )
     if isinstance(block, FoldableBlock):
         block.fold_into(target)

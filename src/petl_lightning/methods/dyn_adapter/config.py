@@ -9,11 +9,12 @@ checkpoint's hyper-parameters store it) and checked when the model is built.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
 
@@ -146,6 +147,25 @@ class SparsityConfig:
         if self.grad_mask_mode not in ("gradient", "update"):
             raise ConfigError(f"sparsity.grad_mask_mode must be 'gradient' or 'update', got {self.grad_mask_mode!r}.")
 
+    def mask_gradients(self, params: list[nn.Parameter]) -> None:
+        """``"gradient"`` mode, before the optimizer step: each gradient entry survives with
+        probability ``grad_keep`` and is rescaled by ``1 / grad_keep``."""
+        if self.grad_keep < 1.0 and self.grad_mask_mode == "gradient":
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_((torch.rand_like(p.grad) < self.grad_keep) / self.grad_keep)
+
+    def masked_update(self, params: list[nn.Parameter], step: Callable[[], None]) -> None:
+        """Run the optimizer ``step``; in ``"update"`` mode, undo it for each entry masked out."""
+        if self.grad_keep >= 1.0 or self.grad_mask_mode != "update":
+            step()
+            return
+        before = [p.detach().clone() for p in params]
+        step()
+        with torch.no_grad():
+            for p, old in zip(params, before):
+                p.copy_(torch.where(torch.rand_like(p) < self.grad_keep, p, old))
+
     def dropout_per_block(self, depth: int) -> list[float]:
         rates = [float(r) for r in self.adapter_dropout]
         if len(rates) == 2 and depth != 2:
@@ -157,6 +177,51 @@ class SparsityConfig:
                 f"got {list(self.adapter_dropout)}."
             )
         return rates
+
+
+@dataclass
+class TokenSkipping:
+    """DyT's token skipping inside every block, for ``base="dyt"`` (the names are DyT's).
+
+    Attributes:
+        placement: which sub-block unimportant tokens skip: ``"mlp"`` (DyT's default), ``"attn"``,
+            ``"attn_mlp"``, ``"layer"``.
+        target_rate: r, the share of patch tokens the training masks should keep (rate loss).
+        tau: Gumbel-sigmoid temperature of the training masks.
+        threshold: inference keep rule ``sigmoid(logit) > threshold``.
+        fixed_keep_rate: instead, keep the ``round(r * patches)`` top-logit tokens per image and block.
+        w_rate: weight of ``(mean(mask) - target_rate)^2``.
+        w_complete_cls / w_distill: weights of DyT's complete-model terms (CE of the model with no
+            skipping at the final exit; KL from it to the final exit). Off by default: each costs a
+            second forward, and the exits' losses already train every block on real labels.
+        dispatcher_init_std: std of the dispatchers' weight init.
+    """
+
+    placement: Literal["mlp", "attn", "attn_mlp", "layer"] = "mlp"
+    target_rate: float = 0.5
+    tau: float = 5.0
+    threshold: float = 0.5
+    fixed_keep_rate: float | None = None
+    w_rate: float = 2.0
+    w_complete_cls: float = 0.0
+    w_distill: float = 0.0
+    dispatcher_init_std: float = 0.02
+
+    def check(self) -> None:
+        for name in ("target_rate", "fixed_keep_rate", "threshold"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"skipping.{name} must lie in [0, 1], got {v}.")
+        for name in ("w_rate", "w_complete_cls", "w_distill"):
+            if getattr(self, name) < 0:
+                v = getattr(self, name)
+                raise ConfigError(f"skipping.{name} must be non-negative (0 switches the term off), got {v}.")
+        if self.tau <= 0:
+            raise ConfigError(f"skipping.tau must be positive, got {self.tau}.")
+        if self.placement not in ("mlp", "attn", "attn_mlp", "layer"):
+            raise ConfigError(
+                f"Unknown skipping.placement {self.placement!r}; choose one of mlp, attn, attn_mlp, layer."
+            )
 
 
 @dataclass
@@ -201,7 +266,7 @@ class CalibrationConfig:
             )
 
 
-C = TypeVar("C", ExitConfig, LossSchedule, SparsityConfig, CalibrationConfig)
+C = TypeVar("C", ExitConfig, LossSchedule, SparsityConfig, TokenSkipping, CalibrationConfig)
 
 
 def as_config(cls: type[C], value: C | dict[str, Any] | None) -> C:
@@ -219,4 +284,4 @@ def as_config(cls: type[C], value: C | dict[str, Any] | None) -> C:
     raise ConfigError(f"Expected a {cls.__name__} or a dict, got {type(value).__name__}.")
 
 
-__all__ = ["CalibrationConfig", "ExitConfig", "LossSchedule", "SparsityConfig", "as_config"]
+__all__ = ["CalibrationConfig", "ExitConfig", "LossSchedule", "SparsityConfig", "TokenSkipping", "as_config"]

@@ -40,10 +40,15 @@ class EarlyExitModule(PETLModule):
     def forward_exits(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def run_exits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def run_exits(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Every exit on every image: logits (E, B, K) and, where the blocks' cost varies per image
-        (token skipping), each image's block FLOPs up to each exit (B, E); else ``None``."""
-        return self.forward_exits(x), None
+        (token skipping), each image's block FLOPs up to each exit (B, E) and patch tokens kept per
+        block (B, depth); else ``None``s."""
+        return self.forward_exits(x), None, None
+
+    def offered(self, exit_index: Tensor) -> Tensor:
+        """Patch tokens offered to skippable sub-blocks per image and block (B, depth)."""
+        raise NotImplementedError
 
     def confidence(self, logits: Tensor) -> Tensor:
         raise NotImplementedError
@@ -85,11 +90,13 @@ class EarlyExitModule(PETLModule):
             raise ConfigError("Calibration got no batches; pass a loader of (images, labels).")
         return th.ExitOutputs.cat(parts)
 
-    def exit_outputs(self, logits: Tensor, block_cost: Tensor | None, y: Tensor) -> th.ExitOutputs:
-        """The confidence/prediction table of every exit's logits (E, B, K) (and block costs (B, E))."""
+    def exit_outputs(self, logits: Tensor, block_cost: Tensor | None, kept: Tensor | None, y: Tensor) -> th.ExitOutputs:
+        """The table of every exit's logits (E, B, K), with :meth:`run_exits`' block costs and kept tokens."""
         conf = torch.stack([self.confidence(lg) for lg in logits], dim=1)
         cost = None if block_cost is None else block_cost.double().cpu()
-        return th.ExitOutputs(conf.cpu(), logits.argmax(dim=-1).T.cpu(), y.cpu(), cost)
+        return th.ExitOutputs(
+            conf.cpu(), logits.argmax(dim=-1).T.cpu(), y.cpu(), cost, None if kept is None else kept.cpu()
+        )
 
     def calibrate(self, data: Any, target: float | None = None, policy: str | None = None) -> dict[str, Any]:
         """Set the early exits' thresholds so the mean executed FLOPs on held-out ``data`` is at most
@@ -127,8 +134,8 @@ class EarlyExitModule(PETLModule):
         """Every exit on every image (calibration reads them); the statistics at today's thresholds."""
         x, y = batch
         self._check_labels(y)
-        logits, block_cost = self.run_exits(x)
-        self._held_out.append(self.exit_outputs(logits, block_cost, y))
+        logits, block_cost, kept = self.run_exits(x)
+        self._held_out.append(self.exit_outputs(logits, block_cost, kept, y))
         self.record_exits(self._held_out[-1], reset=False)
         self.log("val/loss", F.cross_entropy(logits[-1], y), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         self._log_exit_accuracy(logits, y, "val")
@@ -139,11 +146,13 @@ class EarlyExitModule(PETLModule):
             return None
         out = th.ExitOutputs.cat(self._held_out)
         if gather and self._trainer is not None and self.trainer.world_size > 1:
+
             def gathered(t: Tensor) -> Tensor:
                 return cast(Tensor, self.all_gather(t.to(self.device))).flatten(0, 1).cpu()
 
             block = None if out.block_cost is None else gathered(out.block_cost)
-            out = th.ExitOutputs(gathered(out.conf), gathered(out.pred), gathered(out.labels), block)
+            kept = None if out.kept is None else gathered(out.kept)
+            out = th.ExitOutputs(gathered(out.conf), gathered(out.pred), gathered(out.labels), block, kept)
         return out
 
     def record_exits(self, out: th.ExitOutputs, reset: bool = True) -> None:
@@ -156,10 +165,12 @@ class EarlyExitModule(PETLModule):
         pred = out.pred[torch.arange(ex.numel()), ex]
         flops = out.cost_of(self.exit_costs(), thr[None], ex[None])[0]
         as_logits = F.one_hot(pred, self.num_classes).double()  # the statistics need only each prediction
-        self.inference_meter.update(
-            InferenceOutput(as_logits.to(self.device), flops.to(self.device), ex.to(self.device)),
-            out.labels.to(self.device),
-        )
+        kept = offered = None
+        if out.kept is not None:
+            offered = self.offered(ex)
+            kept = out.kept * (offered > 0)
+        result = InferenceOutput(as_logits, flops, ex, kept, offered)
+        self.inference_meter.update(result.to(self.device), out.labels.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
         out = self.held_out_exits()

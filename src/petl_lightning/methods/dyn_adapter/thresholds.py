@@ -44,15 +44,16 @@ def confidence(logits: Tensor, kind: Literal["max_softmax", "entropy"] = "max_so
 class ExitOutputs:
     """Every exit's confidence and prediction on a set of images (all exits run on every image).
 
-    ``block_cost`` (token-skipping bases): each image's FLOPs in the blocks up to each exit, which
-    depend on the tokens it kept; ``None`` when the blocks cost the same for every image (then
-    :class:`ExitCosts` ``depth`` holds them).
+    ``block_cost`` and ``kept`` (token-skipping bases): each image's FLOPs in the blocks up to each
+    exit, which depend on the tokens it kept, and the patch tokens it kept in each block; ``None``
+    when the blocks cost the same for every image (then :class:`ExitCosts` ``depth`` holds them).
     """
 
     conf: Tensor  # (N, E)
     pred: Tensor  # (N, E)
     labels: Tensor  # (N,)
     block_cost: Tensor | None = None  # (N, E) float64
+    kept: Tensor | None = None  # (N, depth) long
 
     @property
     def correct(self) -> Tensor:
@@ -68,11 +69,13 @@ class ExitOutputs:
     @staticmethod
     def cat(parts: list[ExitOutputs]) -> ExitOutputs:
         conf, pred, labels = (torch.cat([getattr(p, k) for p in parts]) for k in ("conf", "pred", "labels"))
-        has = [p.block_cost is not None for p in parts]
+        has = [p.block_cost is not None and p.kept is not None for p in parts]
         if any(has) and not all(has):
             raise ValueError("cannot join exit tables with and without per-image block costs")
-        block = torch.cat([cast(Tensor, p.block_cost) for p in parts]) if all(has) else None
-        return ExitOutputs(conf, pred, labels, block)
+        if not all(has):
+            return ExitOutputs(conf, pred, labels)
+        block = torch.cat([cast(Tensor, p.block_cost) for p in parts])
+        return ExitOutputs(conf, pred, labels, block, torch.cat([cast(Tensor, p.kept) for p in parts]))
 
 
 @dataclass
