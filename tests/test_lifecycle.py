@@ -34,7 +34,7 @@ ENV = {
     "PYTHONWARNINGS": "ignore",
     "OMP_NUM_THREADS": "1",
 }
-METHODS = ("linear_probe", "repadapter", "arc", "dyt", "dyn_adapter")
+METHODS = ("linear_probe", "repadapter", "arc", "dyt", "dyn_adapter", "dyn_adapter_dyt")
 EPOCHS = 3
 
 
@@ -104,7 +104,7 @@ def method_args(method: str, weights: Path, root: Path, run_dir: Path, epochs: i
         "--trainer.default_root_dir",
         str(run_dir),
     ]
-    if method == "dyn_adapter":
+    if method.startswith("dyn_adapter"):
         args += [
             "--model.init_args.exits.blocks",
             "[1, 2, 3]",
@@ -179,7 +179,7 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory, digits_root: Path, tiny_
 def test_every_recipe_writes_last_checkpoint(method: str, lifecycle: Any) -> None:
     run = lifecycle(method)["straight"]
     ckpt = torch.load(last_ckpt(run), map_location="cpu", weights_only=False)
-    steps = 16 if method == "dyn_adapter" else 20  # train800 (train_val) or train800val200, batch 50
+    steps = 16 if method.startswith("dyn_adapter") else 20  # train800 (train_val) or train800val200, batch 50
     assert ckpt["global_step"] == EPOCHS * steps  # the last epoch's end
     assert not any(k.startswith("vit.") for k in ckpt["state_dict"])  # adapter-only
 
@@ -188,7 +188,7 @@ def test_every_recipe_writes_last_checkpoint(method: str, lifecycle: Any) -> Non
 @pytest.mark.parametrize("method", METHODS)
 def test_interrupt_and_resume_is_exact(method: str, lifecycle: Any) -> None:
     runs = lifecycle(method)
-    steps = 16 if method == "dyn_adapter" else 20
+    steps = 16 if method.startswith("dyn_adapter") else 20
     assert 0 < runs["interrupted_at"] < EPOCHS * steps  # the interrupt came mid-fit: the resume trained on
     a, b = trainable_state(last_ckpt(runs["straight"])), trainable_state(last_ckpt(runs["killed"]))
     assert a.keys() == b.keys()
@@ -313,9 +313,9 @@ def test_predict_writes_a_csv(method: str, lifecycle: Any, tiny_weights: Path, d
     acc = sum(int(r["class_index"]) == y for r, y in zip(rows, labels)) / len(labels)
     assert acc > 0.3
     assert all(0.0 <= float(r["confidence"]) <= 1.0 for r in rows)
-    if method == "dyn_adapter":
+    if method.startswith("dyn_adapter"):
         assert len({r["exit_block"] for r in rows}) > 1  # calibrated: not every image runs the full depth
-    if method == "dyt":
+    if method in ("dyt", "dyn_adapter_dyt"):
         assert 0.0 < sum(float(r["keep_rate"]) for r in rows) / len(rows) < 1.0
 
 

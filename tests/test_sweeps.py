@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "recipes" / "sweeps"
-METHODS = ("linear_probe", "repadapter", "arc", "dyt", "dyn_adapter")
+METHODS = ("linear_probe", "repadapter", "arc", "dyt", "dyn_adapter", "dyn_adapter_dyt")
 SWEEP_FILES = sorted(p.name for p in SWEEPS.glob("*.yaml"))
 # What each method's sweep must search (the "hyper-parameters that matter").
 MUST_SWEEP = {
@@ -31,6 +31,7 @@ MUST_SWEEP = {
     "dyt": {"lr", "weight_decay", "adapter_dim", "adapter_scale", "target_rate"},
     "dyn_adapter": {"lr", "weight_decay", "adapter_dim", "adapter_scale", "budget"},
     "dyn_adapter_thresholds": {"thresholds"},
+    "dyn_adapter_dyt": {"lr", "weight_decay", "adapter_dim", "target_rate", "w_rate", "budget"},
 }
 
 
