@@ -120,8 +120,9 @@ class PETLModule(L.LightningModule):
 
     @property
     def hparams(self) -> AttributeDict:
-        """The saved hyper-parameters (Lightning's ``AttributeDict``: ``self.hparams.lr``)."""
-        return cast(AttributeDict, super().hparams)
+        """The saved hyper-parameters (Lightning's ``AttributeDict``: ``self.hparams.lr``). Read through
+        Lightning's property by name, not ``super()``, which ``torch.compile`` cannot trace in a property."""
+        return cast(AttributeDict, L.LightningModule.hparams.fget(self))  # type: ignore[attr-defined]
 
     @classmethod
     def task_overrides(cls, task: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
