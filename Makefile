@@ -26,7 +26,7 @@ $(DEMO_STAMP): $(STAMP)
 demo: $(DEMO_STAMP)
 	$(PY) -m petl_lightning.demo
 
-# The tests install every extra: [dev] (pytest, ruff, mypy, charts, W&B), [demo] (the converter's
+# The tests install every extra: [dev] (pytest, ruff, mypy, charts, W&B, ONNX export), [demo] (the converter's
 # parity test) and [prepare] (VTAB-1K built from mocked TFDS; about 25 s from PyPI).
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,demo,prepare]"

@@ -6,7 +6,9 @@
 
 Rows: the frozen backbone (a plain timm ViT with a linear head: the reference of every ratio),
 LinearProbe, and every entry of every ``benchmarks/*_entries.py`` module
-(``entries(model_name, img_size, num_classes) -> list[Entry]``).
+(``entries(model_name, img_size, num_classes) -> list[Entry]``); ``deploy_entries.py`` adds the
+deployable forms: ``torch.compile`` (Inductor) and the exported ONNX programs in onnxruntime
+(``--only deploy`` for those alone, with the backbone and LinearProbe).
 
 Inference is timed round-robin: each repeat runs every entry once in turn, so all entries see the
 same machine state; the figure is the median over repeats. Training is one optimiser step
@@ -70,7 +72,7 @@ def base_entries(model_name: str, img_size: int, num_classes: int) -> list[Entry
 
 
 #: Table order of the entries modules (others follow alphabetically).
-ENTRY_ORDER = ("repadapter_arc_entries", "dyt_entries", "dyn_adapter_entries")
+ENTRY_ORDER = ("repadapter_arc_entries", "dyt_entries", "dyn_adapter_entries", "deploy_entries")
 
 
 def discover_entries(

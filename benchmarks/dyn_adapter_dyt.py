@@ -161,7 +161,8 @@ def main() -> None:
         root=args.root, task="dtd10", protocol="train_val", img_size=args.img_size, batch_size=32, num_workers=0
     )
     print(
-        f"dtd10, ViT-S/14 (real weights), {args.img_size} px, {args.epochs} epochs on train800, torch {torch.__version__}"
+        f"dtd10, ViT-S/14 (real weights), {args.img_size} px, {args.epochs} epochs on train800, "
+        f"torch {torch.__version__}"
     )
     print("| seed | model | test acc | FLOPs x backbone | keep rate | exit shares |")
     print("|---:|---|---:|---:|---:|---|")

@@ -186,9 +186,9 @@ def test_training_adds_the_rate_loss_and_reaches_the_dispatchers() -> None:
     extra = 2.0 * float(terms["loss_rate"]) + float(terms["loss_complete_cls"]) + float(terms["loss_distill"])
     assert float(loss) == pytest.approx(exits + extra, rel=1e-5)
     loss.backward()
-    assert all(
-        cast_grad(blk).abs().sum() > 0 for blk in m.blocks
-    ), "the straight-through masks must pass a gradient to every dispatcher"
+    assert all(cast_grad(blk).abs().sum() > 0 for blk in m.blocks), (
+        "the straight-through masks must pass a gradient to every dispatcher"
+    )
 
 
 def cast_grad(blk: Any) -> torch.Tensor:

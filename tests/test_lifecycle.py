@@ -353,3 +353,46 @@ def test_export_loads_in_plain_timm_with_equal_predictions(
     with torch.no_grad():
         pred = model(x).argmax(-1).tolist()
     assert pred == [int(r["class_index"]) for r in rows]
+
+
+# -- deployable programs: DyT's top-k ONNX and Dyn-Adapter's stages through `export` ---------------
+def test_export_dyt_top_k_program_equals_the_checkpoint_at_that_rate(lifecycle: Any) -> None:
+    import onnxruntime as ort
+
+    from petl_lightning.export import load_trained
+
+    runs = lifecycle("dyt")
+    out = runs["base"] / "dyt.onnx"
+    ckpt = last_ckpt(runs["straight"])
+    cli("export", "--ckpt_path", str(ckpt), "--out", str(out), "--keep_rate", "0.5", cwd=runs["base"] / "e_dyt")
+    model = load_trained(ckpt)
+    model.hparams.fixed_keep_rate = 0.5  # the eager model at the exported keep rule
+    x = torch.randn(5, 3, 32, 32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    with torch.no_grad():
+        assert (got - model(x)).abs().max().item() < 1e-4
+    assert session.get_modelmeta().custom_metadata_map["keep_count"] == "2"  # half of the 4 patches
+
+
+def test_export_dyn_adapter_stages_and_driver_give_the_calibrated_exits(lifecycle: Any) -> None:
+    import importlib.util
+
+    from petl_lightning.export import load_trained
+
+    runs = lifecycle("dyn_adapter")
+    out = runs["base"] / "exported"
+    ckpt = last_ckpt(runs["straight"])
+    cli("export", "--ckpt_path", str(ckpt), "--out", str(out), "--exits", cwd=runs["base"] / "e_dyn")
+    assert json.loads((out / "deploy.json").read_text())["exit_depths"] == [1, 2, 3, 4]
+    spec = importlib.util.spec_from_file_location("exported_driver", out / "driver.py")
+    assert spec is not None and spec.loader is not None
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    model = load_trained(ckpt)
+    x = torch.randn(64, 3, 32, 32)
+    logits, exits = driver.EarlyExitModel(out)(x.numpy())
+    with torch.no_grad():
+        want = model.infer(x)
+    assert exits.tolist() == want.exit_index.tolist()
+    assert (torch.from_numpy(logits) - want.logits).abs().max().item() < 1e-4

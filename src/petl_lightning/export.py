@@ -1,12 +1,16 @@
 """``petl-lightning export``: a trained checkpoint to a deployable file, in a new process.
 
-    petl-lightning export --ckpt_path runs/repadapter/checkpoints/last.ckpt --out model.safetensors \\
-        [--weights /new/place/ViT-B_16.npz]
+    petl-lightning export --ckpt_path runs/repadapter/checkpoints/last.ckpt --out model.onnx \\
+        [--format onnx|torch_export|safetensors] [--opset 20] [--weights /new/place/ViT-B_16.npz]
+    petl-lightning export --ckpt_path runs/dyt/checkpoints/last.ckpt --out dyt.pt2 --keep_rate 0.5
+    petl-lightning export --ckpt_path runs/dyn_adapter/checkpoints/last.ckpt --out exported/ --exits
 
 The checkpoint names its method; the method is rebuilt (its frozen backbone from the weights path
-stored in the checkpoint, or ``--weights`` when the file moved) and :meth:`export` writes the merged
-plain timm model with its metadata (model name, image size, classes, normalisation), see
-``docs/deploy.md``. Nothing is written unless the export completes.
+stored in the checkpoint, or ``--weights`` when the file moved) and :meth:`export` writes its
+deployable form with its metadata (model name, image size, classes, normalisation): the merged
+plain timm model (safetensors weights, or an ONNX / ``torch.export`` program with a dynamic batch),
+DyT's top-k program at ``--keep_rate``, or with ``--exits`` Dyn-Adapter's stage programs and
+early-exit driver (see ``docs/deploy.md``). Nothing is written unless the export completes.
 """
 
 from __future__ import annotations
@@ -18,30 +22,43 @@ from typing import Any
 
 from petl_lightning.cli import read_checkpoint
 from petl_lightning.cli_keys import import_class
+from petl_lightning.deploy.programs import FORMATS, check_exporter, resolve_format
 from petl_lightning.errors import CheckpointError, ConfigError, run_user_command
-
-FORMATS = ("safetensors",)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="petl-lightning export", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--ckpt_path", required=True, help="a .ckpt written by petl-lightning fit")
-    p.add_argument("--out", required=True, help="the file to write (e.g. model.safetensors)")
-    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the --out suffix")
+    p.add_argument("--out", required=True, help="the file to write (.onnx, .pt2, .safetensors); with --exits a folder")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the --out suffix (onnx with --exits)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset, 18-23 (default: torch.onnx's)")
+    p.add_argument("--keep_rate", type=float, default=None, help="DyT: share of patch tokens kept (top-k) per block")
+    p.add_argument("--exits", action="store_true", help="Dyn-Adapter: one program per exit and an early-exit driver")
     p.add_argument("--weights", default=None, help="the backbone weights file, when it is not where training found it")
     return p
 
 
 def export_checkpoint(
-    ckpt_path: str | Path, out: str | Path, weights: str | None = None, fmt: str | None = None
+    ckpt_path: str | Path,
+    out: str | Path,
+    weights: str | None = None,
+    fmt: str | None = None,
+    opset: int | None = None,
+    keep_rate: float | None = None,
+    exits: bool = False,
 ) -> Path:
-    """Rebuild the method of ``ckpt_path`` and export it to ``out``; returns the written path."""
-    fmt = fmt or Path(out).suffix.lstrip(".")
-    if fmt not in FORMATS:
-        raise ConfigError(
-            f"Unknown export format {fmt!r} (from --out {str(out)!r}); choose one of {', '.join(FORMATS)}."
-        )
-    return load_trained(ckpt_path, weights).export(out)
+    """Rebuild the method of ``ckpt_path`` and export it to ``out``; returns the written path (with
+    ``exits``: Dyn-Adapter's stage folder)."""
+    fmt = (fmt or "onnx") if exits else resolve_format(out, fmt)
+    check_exporter(fmt, opset)  # before the (slow) rebuild
+    model = load_trained(ckpt_path, weights)
+    if not exits:
+        return model.export(out, fmt, opset, keep_rate)
+    if not hasattr(model, "export_exits"):
+        raise ConfigError(f"--exits exports early-exit stages; {type(model).__name__} has no exits (drop --exits).")
+    if keep_rate is not None:
+        raise ConfigError("--keep_rate is DyT's export option; Dyn-Adapter's stages take none.")
+    return model.export_exits(out, fmt, opset)
 
 
 def load_trained(ckpt_path: str | Path, weights: str | None = None) -> Any:
@@ -67,7 +84,7 @@ def export_main(argv: Sequence[str]) -> int:
     ns = build_parser().parse_args(list(argv))
 
     def go() -> None:
-        path = export_checkpoint(ns.ckpt_path, ns.out, ns.weights, ns.format)
+        path = export_checkpoint(ns.ckpt_path, ns.out, ns.weights, ns.format, ns.opset, ns.keep_rate, ns.exits)
         print(f"exported {path}")
 
     return run_user_command(go)

@@ -8,10 +8,20 @@ Dyn-Adapter gives shallow exits more capacity (an MLP) and deep exits less (a li
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
 from petl_lightning.flops import layernorm_flops
+
+
+def pool_exit_tokens(tokens: Tensor, pool: str, num_prefix_tokens: int) -> Tensor:
+    """What an early exit reads from tokens (B, N, D): ``"cls"`` the first token, ``"avg"`` the mean
+    patch token, ``"cls_avg"`` both; (B, 1 or 2, D)."""
+    cls, avg = tokens[:, :1], tokens[:, num_prefix_tokens:].mean(dim=1, keepdim=True)
+    if pool not in ("cls", "avg", "cls_avg"):
+        raise ConfigError(f"Unknown exit pooling {pool!r}; use 'cls', 'avg' or 'cls_avg'.")
+    return cls if pool == "cls" else avg if pool == "avg" else torch.cat([cls, avg], dim=1)
 
 
 class ExitHead(nn.Module):
@@ -78,4 +88,4 @@ class ExitHead(nn.Module):
         return f"dim={self.dim}, num_tokens={self.num_tokens}, hidden={self.hidden}, num_classes={self.num_classes}"
 
 
-__all__ = ["ExitHead"]
+__all__ = ["ExitHead", "pool_exit_tokens"]

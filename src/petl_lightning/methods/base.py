@@ -31,9 +31,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT, frozen_state_ids
-from petl_lightning.errors import CheckpointError, DataError
+from petl_lightning.deploy.programs import export_model
+from petl_lightning.errors import CheckpointError, ConfigError, DataError
 from petl_lightning.flops import vit_flops
-from petl_lightning.merge import export_safetensors, merge_into_vit
+from petl_lightning.merge import merge_into_vit
 from petl_lightning.methods.rng import restore_rng, rng_to_checkpoint
 from petl_lightning.stats import InferenceOutput, InferenceStats
 
@@ -119,8 +120,9 @@ class PETLModule(L.LightningModule):
 
     @property
     def hparams(self) -> AttributeDict:
-        """The saved hyper-parameters (Lightning's ``AttributeDict``: ``self.hparams.lr``)."""
-        return cast(AttributeDict, super().hparams)
+        """The saved hyper-parameters (Lightning's ``AttributeDict``: ``self.hparams.lr``). Read through
+        Lightning's property by name, not ``super()``, which ``torch.compile`` cannot trace in a property."""
+        return cast(AttributeDict, L.LightningModule.hparams.fget(self))  # type: ignore[attr-defined]
 
     @classmethod
     def task_overrides(cls, task: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,9 +326,20 @@ class PETLModule(L.LightningModule):
             "method": type(self).__name__,
         }
 
-    def export(self, path: str | Path) -> Path:
-        """:meth:`merge`, then save as ``.safetensors`` with :meth:`export_metadata` (``docs/deploy.md``)."""
-        return export_safetensors(self.merge(), path, self.export_metadata())
+    def deploy_form(self, keep_rate: float | None = None) -> nn.Module:
+        """The module a deployment runs (what :meth:`export` traces): :meth:`merge`'s plain timm ViT, a
+        copy. ``keep_rate`` is DyT's option (its top-k form); other methods take none."""
+        if keep_rate is not None:
+            raise ConfigError(f"keep_rate is DyT's export option; {type(self).__name__} exports its merged form.")
+        return self.merge()
+
+    def export(
+        self, path: str | Path, format: str | None = None, opset: int | None = None, keep_rate: float | None = None
+    ) -> Path:
+        """Write the deployable form to ``path`` with :meth:`export_metadata`: ``"safetensors"`` (the merged
+        timm model's weights), ``"onnx"`` or ``"torch_export"`` (``.pt2``; programs with a dynamic batch).
+        Default format: from the suffix. This module is not modified (``docs/deploy.md``)."""
+        return export_model(self, path, format, opset, keep_rate)
 
     # -- summaries and warnings ------------------------------------------------------------------
     def parameter_summary(self) -> dict[str, int]:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from petl_lightning.deploy.dyt_topk import DyTTopK
 from petl_lightning.errors import ConfigError
 from petl_lightning.flops import non_block_flops
 from petl_lightning.layers.dyt_block import PLACEMENT_SITES, DyTBlock, Placement
@@ -278,6 +279,11 @@ class DyT(PETLModule):
             if mine:
                 groups.append({**g, "params": mine, "lr": self.hparams.lr * scale})
         return groups
+
+    def deploy_form(self, keep_rate: float | None = None) -> nn.Module:
+        """The static top-k form :meth:`export` traces (:class:`~petl_lightning.deploy.dyt_topk.DyTTopK`):
+        ``keep_rate`` (default ``fixed_keep_rate``) of the patch tokens per image and block; a copy."""
+        return DyTTopK.of(self, keep_rate)
 
     def merge(self) -> Any:
         raise MergeError(

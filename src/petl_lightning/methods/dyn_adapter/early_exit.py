@@ -33,6 +33,8 @@ class EarlyExitModule(PETLModule):
     thresholds: Tensor
     calibration_config: CalibrationConfig
     exit_accuracy: nn.ModuleList
+    #: Patch tokens each block offers skippable sub-blocks (token-skipping bases; else 0).
+    skippable_tokens: int = 0
     #: The last calibration (budget, policy, held-out accuracy and FLOPs); saved in checkpoints.
     calibration_result: dict[str, Any] | None = None
     _held_out: list[th.ExitOutputs]
@@ -47,8 +49,12 @@ class EarlyExitModule(PETLModule):
         return self.forward_exits(x), None, None
 
     def offered(self, exit_index: Tensor) -> Tensor:
-        """Patch tokens offered to skippable sub-blocks per image and block (B, depth)."""
-        raise NotImplementedError
+        """Patch tokens offered to the skippable sub-blocks (B, depth): every block an image ran
+        (for images leaving at ``exit_index`` (B,))."""
+        depth = self.exit_depths[-1]
+        blocks = torch.arange(depth, device=exit_index.device)[None]
+        ran = blocks < torch.as_tensor(self.exit_depths, device=exit_index.device)[exit_index][:, None]
+        return ran.long() * self.skippable_tokens
 
     def confidence(self, logits: Tensor) -> Tensor:
         raise NotImplementedError

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -24,11 +25,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from petl_lightning.deploy.stages import export_exit_stages
 from petl_lightning.errors import ConfigError
 from petl_lightning.flops import block_flops, embed_flops, head_flops
 from petl_lightning.layers.dyt_block import PLACEMENT_SITES, DyTBlock
 from petl_lightning.layers.dyt_loss import dyt_loss_terms
-from petl_lightning.layers.exits import ExitHead
+from petl_lightning.layers.exits import ExitHead, pool_exit_tokens
 from petl_lightning.methods.dyn_adapter import thresholds as th
 from petl_lightning.methods.dyn_adapter.bases import DEFAULT_ADAPTER_DIM, Base, adapter_layers, build_blocks, fold_block
 from petl_lightning.methods.dyn_adapter.config import (
@@ -171,11 +173,7 @@ class DynAdapter(EarlyExitModule):
         """Exit ``k``'s logits from the tokens after block ``exit_depths[k]``."""
         if k == self.num_exits - 1:
             return self.head(self.vit.pool(tokens))
-        p = self.vit.num_prefix_tokens
-        cls, avg = tokens[:, :1], tokens[:, p:].mean(dim=1, keepdim=True)
-        pool = self.exit_config.pool
-        pooled = cls if pool == "cls" else avg if pool == "avg" else torch.cat([cls, avg], dim=1)
-        return self.exit_heads[k](pooled)
+        return self.exit_heads[k](pool_exit_tokens(tokens, self.exit_config.pool, self.vit.num_prefix_tokens))
 
     def forward_exits(self, x: Tensor) -> Tensor:
         """Every exit on every image: logits (E, B, K)."""
@@ -235,13 +233,16 @@ class DynAdapter(EarlyExitModule):
         threshold are written out and leave the batch; exits that take no image (``+inf``) are not
         evaluated. ``blocks``: the folded blocks of ``self.merge().blocks`` instead (the adapters then
         cost nothing: the executed FLOPs count them so). With the ``dyt`` base each block also runs
-        only the kept tokens of the images still in the batch, and each image pays for those."""
-        b, depth = x.shape[0], len(self.blocks)
+        only the kept tokens of the images still in the batch, and each image pays for those. Host
+        syncs on a GPU: one read of the thresholds, and one per evaluated early exit (the size of the
+        smaller batch); the ``dyt`` base's thresholded keep rule adds its own per block (use
+        ``skipping.fixed_keep_rate`` for none)."""
+        b, last, depth = x.shape[0], self.num_exits - 1, len(self.blocks)
+        thresholds = self.thresholds.tolist()
         tokens, remaining = self.vit.embed(x), torch.arange(b, device=x.device)
-        exit_index = torch.full((b,), self.num_exits - 1, dtype=torch.long, device=x.device)
+        exit_index = torch.full((b,), last, dtype=torch.long, device=x.device)
         block_flops = torch.zeros(b, dtype=torch.float64, device=x.device)
         kept = torch.zeros(b, depth, dtype=torch.long, device=x.device)
-        takes = [t < math.inf for t in self.thresholds.tolist()]
         s = self.vit.shape()
         out: Tensor | None = None
         start = 0
@@ -253,36 +254,30 @@ class DynAdapter(EarlyExitModule):
                     block_flops.index_add_(0, remaining, blk.executed_flops(counts[:, j], s))
                 kept[remaining, start:end] = counts.sum(-1)
             start = end
-            if k < self.num_exits - 1 and not takes[k]:
+            if k < last and not thresholds[k] < math.inf:
                 continue
             logits = self.exit_logits(k, tokens)
             out = logits.new_empty(b, logits.shape[1]) if out is None else out
-            if k == self.num_exits - 1:
+            if k == last:
                 out.index_copy_(0, remaining, logits)
                 break
-            done = self.confidence(logits) >= self.thresholds[k]
-            leave = done.nonzero().squeeze(1)
-            if leave.numel():
-                out.index_copy_(0, remaining[leave], logits[leave])
-                exit_index[remaining[leave]] = k
-                if leave.numel() == remaining.numel():
-                    break
-                stay = (~done).nonzero().squeeze(1)
-                tokens, remaining = tokens.index_select(0, stay), remaining.index_select(0, stay)
+            done = self.confidence(logits) >= thresholds[k]
+            n_stay = done.numel() - int(done.sum())
+            if n_stay == done.numel():
+                continue
+            order = torch.sort(done.to(torch.uint8), stable=True).indices  # staying first, each part in order
+            stay, leave = order[:n_stay], order[n_stay:]
+            out.index_copy_(0, remaining[leave], logits[leave])
+            exit_index.index_fill_(0, remaining[leave], k)
+            if n_stay == 0:
+                break
+            tokens, remaining = tokens.index_select(0, stay), remaining.index_select(0, stay)
         assert out is not None
-        costs = self.exit_costs(merged=blocks is not None).of(self.thresholds.cpu())[0].to(x.device)
-        flops = costs[exit_index] + block_flops
+        costs = self.exit_costs(merged=blocks is not None).of(torch.tensor(thresholds, dtype=torch.float64))[0]
+        flops = costs.to(x.device, non_blocking=True)[exit_index] + block_flops
         if not self.skippable_tokens:
             return InferenceOutput(out, flops, exit_index)
         return InferenceOutput(out, flops, exit_index, kept, self.offered(exit_index))
-
-    def offered(self, exit_index: Tensor) -> Tensor:
-        """Patch tokens offered to the skippable sub-blocks (B, depth): every block an image ran."""
-        ran = (
-            torch.arange(len(self.blocks), device=exit_index.device)[None]
-            < torch.as_tensor(self.exit_depths, device=exit_index.device)[exit_index][:, None]
-        )
-        return ran.long() * self.skippable_tokens
 
     def infer_reference(self, x: Tensor) -> InferenceOutput:
         """The same decisions without batch shrinking (every exit on every image; for tests)."""
@@ -434,9 +429,15 @@ class DynAdapter(EarlyExitModule):
 
         self.sparsity.masked_update(self.adapter_parameters(), step)
 
-    # -- merging and checkpoints -----------------------------------------------------------------
+    # -- merging and export ----------------------------------------------------------------------
     def fold_block(self, index: int, block: nn.Module) -> None:
         fold_block(self.hparams.base, self.blocks[index], block)
+
+    def export_exits(self, folder: str | Path, format: str = "onnx", opset: int | None = None) -> Path:
+        """Write one program per exit (``onnx`` or ``torch_export``), ``deploy.json`` (the current
+        thresholds) and a standalone early-exit ``driver.py`` into ``folder`` (``docs/deploy.md``);
+        :meth:`export` writes the merged base without exits. This module is not modified."""
+        return export_exit_stages(self, folder, format, opset)
 
 
 __all__ = ["DynAdapter"]
