@@ -181,3 +181,33 @@ def test_the_unfoldable_adapter_base_exports_its_trained_blocks(tmp_path: Path) 
     logits, exits = driver_module.EarlyExitModel(folder)(x.numpy())
     assert exits.tolist() == want.exit_index.tolist() and 0 < exits.sum() < 20
     assert np.abs(logits - want.logits.numpy()).max() < TOL
+
+
+def test_dyt_base_stages_skip_tokens_and_equal_its_fixed_keep_rate_inference(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Both savings survive export: the stages keep the top-k tokens per block and the driver gives
+    the composed model's exits and logits at the same fixed keep rate."""
+    torch.manual_seed(0)
+    m = DynAdapter(
+        num_classes=7, base="dyt", exits={"blocks": [1, 2, 3]}, skipping={"fixed_keep_rate": 0.5}, **TINY
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "head" in name or "dispatch" in name else 0.02))
+    x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        conf = torch.stack([m.confidence(lg) for lg in m.forward_exits(x)], dim=1)[:, :-1]
+    m.thresholds.copy_(torch.tensor(spaced_thresholds(conf, 0.6)))
+    with pytest.raises(ConfigError, match="keep_rate"):
+        m.export_exits(tmp_path_factory.mktemp("bad") / "e", keep_rate=1.5)
+    folder = m.export_exits(tmp_path_factory.mktemp("dyt") / "exported", format="onnx")
+    with torch.no_grad():
+        want = m.infer(x)
+    assert bool((want.kept[want.offered > 0] == 2).all())  # round(0.5 * 4 patches) in every block run
+    assert len(set(want.exit_index.tolist())) >= 2
+    logits, exits = driver(folder, x.numpy(), tmp_path_factory.mktemp("run"))
+    assert exits.tolist() == want.exit_index.tolist()
+    assert np.abs(logits - want.logits.numpy()).max() < TOL

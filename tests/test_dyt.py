@@ -404,7 +404,8 @@ def test_dtd10_half_the_tokens_stays_level_with_linear_probe(
     stats = model.inference_stats()  # the test set only (no validation during fit)
     ratio = stats["gflops"].item() / stats["gflops_backbone"].item()
     print(
-        f"\nDTD-10 @56px, {DTD10_SHORT['max_epochs']} epochs: DyT r=0.5 acc {acc:.4f} vs LinearProbe {lp_acc:.4f}; test keep rate "
+        f"\nDTD-10 @56px, {DTD10_SHORT['max_epochs']} epochs: DyT r=0.5 acc {acc:.4f} vs LinearProbe {lp_acc:.4f}; "
+        "test keep rate "
         f"{stats['keep_rate'].item():.3f} (per layer {[round(v, 2) for v in stats['keep_rate_per_layer'].tolist()]}); "
         f"executed GFLOPs {stats['gflops'].item():.4f} = {ratio:.3f} x backbone"
     )

@@ -56,9 +56,7 @@ def export_checkpoint(
         return model.export(out, fmt, opset, keep_rate)
     if not hasattr(model, "export_exits"):
         raise ConfigError(f"--exits exports early-exit stages; {type(model).__name__} has no exits (drop --exits).")
-    if keep_rate is not None:
-        raise ConfigError("--keep_rate is DyT's export option; Dyn-Adapter's stages take none.")
-    return model.export_exits(out, fmt, opset)
+    return model.export_exits(out, fmt, opset, keep_rate)
 
 
 def load_trained(ckpt_path: str | Path, weights: str | None = None) -> Any:

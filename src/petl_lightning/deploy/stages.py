@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from petl_lightning.backbone import FrozenViT
 from petl_lightning.deploy.programs import SUFFIXES, check_exporter, example_images, export_program
 from petl_lightning.errors import ConfigError
+from petl_lightning.layers.dyt_block import DyTBlock
 from petl_lightning.layers.exits import pool_exit_tokens
 from petl_lightning.merge import MergeError
 
@@ -91,15 +92,38 @@ class TokenEmbed(nn.Module):
         return self.vit.embed(images)
 
 
-def build_stages(model: Any) -> list[ExitStage]:
+class TopKBlock(nn.Module):
+    """A DyT block keeping each image's ``keep_count`` top-logit patch tokens (static shapes)."""
+
+    def __init__(self, block: DyTBlock, keep_count: int) -> None:
+        super().__init__()
+        self.block, self.keep_count = block, keep_count
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.block.forward_gathered(tokens, self.keep_count)[0]
+
+
+def build_stages(model: Any, keep_rate: float | None = None) -> list[ExitStage]:
     """The stage modules of a :class:`~petl_lightning.methods.dyn_adapter.DynAdapter` (fp32, CPU,
-    eval mode; copies: ``model`` is not modified)."""
+    eval mode; copies: ``model`` is not modified). The ``dyt`` base keeps the top-k tokens at
+    ``keep_rate`` (default: its ``skipping.fixed_keep_rate``) in every block."""
     try:
         merged = model.merge()
         blocks, norm, fc_norm = list(merged.blocks), merged.norm, merged.fc_norm
-    except MergeError:  # the bottleneck adapter base does not fold: its trained blocks run as they are
+    except MergeError:  # the adapter and dyt bases do not fold: their trained blocks run as they are
         blocks = list(copy.deepcopy(model.blocks))
         norm, fc_norm = copy.deepcopy(model.vit.vit.norm), copy.deepcopy(model.vit.vit.fc_norm)
+    if any(isinstance(b, DyTBlock) for b in blocks):
+        rate = model.skipping.fixed_keep_rate if keep_rate is None else keep_rate
+        if rate is None or not 0.0 <= rate <= 1.0:
+            raise ConfigError(
+                "The dyt base's stages export with a fixed keep rate (the top-k tokens per image and block) in "
+                f"[0, 1]; pass keep_rate (petl-lightning export --keep_rate), got {rate}."
+            )
+        k = int(round(rate * model.vit.num_patches))
+        blocks = [TopKBlock(b, k) for b in blocks]
+    elif keep_rate is not None:
+        raise ConfigError("keep_rate applies to the dyt base's stages only (this model skips no tokens).")
     stages, start, last = [], 0, model.num_exits - 1
     pool, prefix = model.exit_config.pool, model.vit.num_prefix_tokens
     for k, end in enumerate(model.exit_depths):
@@ -114,7 +138,9 @@ def build_stages(model: Any) -> list[ExitStage]:
     return [s.to("cpu", torch.float32).eval() for s in stages]
 
 
-def export_exit_stages(model: Any, folder: str | Path, fmt: str = "onnx", opset: int | None = None) -> Path:
+def export_exit_stages(
+    model: Any, folder: str | Path, fmt: str = "onnx", opset: int | None = None, keep_rate: float | None = None
+) -> Path:
     """Write ``stage{k}.onnx`` (or ``.pt2``) for every exit, ``deploy.json`` and ``driver.py`` into
     ``folder``; returns the folder. Thresholds: the model's current ones (``null``: the exit takes no
     image); edit ``deploy.json`` to move the operating point without exporting again."""
@@ -127,7 +153,7 @@ def export_exit_stages(model: Any, folder: str | Path, fmt: str = "onnx", opset:
     x: Tensor = example_images(model)
     names = []
     with torch.no_grad():
-        for k, stage in enumerate(build_stages(model)):
+        for k, stage in enumerate(build_stages(model, keep_rate)):
             early = k < model.num_exits - 1
             name = f"stage{k}{SUFFIXES[fmt]}"
             outputs = ("tokens_out", "logits", "confidence") if early else ("logits",)
@@ -156,6 +182,7 @@ __all__ = [
     "ExitStage",
     "FinalReadout",
     "TokenEmbed",
+    "TopKBlock",
     "build_stages",
     "export_exit_stages",
 ]

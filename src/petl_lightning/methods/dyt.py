@@ -140,6 +140,10 @@ class DyT(PETLModule):
         )
         self.sites = PLACEMENT_SITES[placement]
 
+    def dyt_blocks(self) -> list[DyTBlock]:
+        """The wrapped blocks, typed (``nn.ModuleList`` iterates as plain modules)."""
+        return [cast(DyTBlock, blk) for blk in self.blocks]
+
     def keep_count(self) -> int | None:
         """Patch tokens every image keeps per site under ``fixed_keep_rate`` (None: thresholded)."""
         rate = self.hparams.fixed_keep_rate
@@ -149,14 +153,14 @@ class DyT(PETLModule):
     def run_complete(self, x: Tensor) -> Tensor:
         """Logits of the complete model (every token through every sub-block)."""
         tokens = self.vit.embed(x)
-        for blk in self.blocks:
+        for blk in self.dyt_blocks():
             tokens = blk.forward_complete(tokens)
         return self.head(self.vit.pool(tokens))
 
     def run_masked(self, x: Tensor, sample: bool) -> tuple[Tensor, Tensor]:
         """Logits and masks (B, depth, sites, P) of the masked path (``sample``: Gumbel, training)."""
         tokens, masks = self.vit.embed(x), []
-        for blk in self.blocks:
+        for blk in self.dyt_blocks():
             tokens, m = blk.forward_masked(tokens, sample)
             masks.append(m)
         return self.head(self.vit.pool(tokens)), torch.stack(masks, dim=1)
@@ -164,7 +168,7 @@ class DyT(PETLModule):
     def run_gathered(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and kept patch tokens (B, depth, sites) of the fast path."""
         tokens, kept, k = self.vit.embed(x), [], self.keep_count()
-        for blk in self.blocks:
+        for blk in self.dyt_blocks():
             tokens, c = blk.forward_gathered(tokens, k)
             kept.append(c)
         return self.head(self.vit.pool(tokens)), torch.stack(kept, dim=1)
@@ -218,8 +222,8 @@ class DyT(PETLModule):
         total = torch.full(
             kept.shape[:1], float(non_block_flops(s, self.num_classes, norm)), dtype=torch.float64, device=kept.device
         )
-        for i, blk in enumerate(self.blocks):
-            total += cast(DyTBlock, blk).executed_flops(kept[:, i], s, gathered, norm)
+        for i, blk in enumerate(self.dyt_blocks()):
+            total += blk.executed_flops(kept[:, i], s, gathered, norm)
         return total
 
     def inference_flops(self) -> int:
@@ -232,9 +236,9 @@ class DyT(PETLModule):
     # -- calibration, optimisation, merging ------------------------------------------------------
     def set_logit_threshold(self, value: float) -> None:
         """Set every dispatcher's inference threshold, in logit space (0.0 = the paper's 0.5)."""
-        for blk in self.blocks:
+        for blk in self.dyt_blocks():
             for d in blk.dispatchers.values():
-                d.logit_threshold.fill_(value)
+                cast(Tensor, d.logit_threshold).fill_(value)
 
     @torch.no_grad()
     def calibrate(
@@ -271,7 +275,7 @@ class DyT(PETLModule):
         scale = self.hparams.dispatcher_lr_scale
         if scale == 1.0:
             return super().parameter_groups()
-        dispatch = {id(p) for blk in self.blocks for p in blk.dispatchers.parameters()}
+        dispatch = {id(p) for blk in self.dyt_blocks() for p in blk.dispatchers.parameters()}
         groups = []
         for g in super().parameter_groups():
             groups.append({**g, "params": [p for p in g["params"] if id(p) not in dispatch]})

@@ -433,11 +433,14 @@ class DynAdapter(EarlyExitModule):
     def fold_block(self, index: int, block: nn.Module) -> None:
         fold_block(self.hparams.base, self.blocks[index], block)
 
-    def export_exits(self, folder: str | Path, format: str = "onnx", opset: int | None = None) -> Path:
+    def export_exits(
+        self, folder: str | Path, format: str = "onnx", opset: int | None = None, keep_rate: float | None = None
+    ) -> Path:
         """Write one program per exit (``onnx`` or ``torch_export``), ``deploy.json`` (the current
         thresholds) and a standalone early-exit ``driver.py`` into ``folder`` (``docs/deploy.md``);
-        :meth:`export` writes the merged base without exits. This module is not modified."""
-        return export_exit_stages(self, folder, format, opset)
+        :meth:`export` writes the merged base without exits. The ``dyt`` base's blocks keep the top-k
+        tokens at ``keep_rate`` (default ``skipping.fixed_keep_rate``). This module is not modified."""
+        return export_exit_stages(self, folder, format, opset, keep_rate)
 
 
 __all__ = ["DynAdapter"]
