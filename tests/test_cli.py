@@ -61,6 +61,12 @@ def test_missing_data_root_fails_cleanly_and_writes_nothing(tmp_path: Path) -> N
     assert not out.exists()
 
 
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    proc = run("fit", "-c", "recipes/no_such.yaml", "--trainer.default_root_dir", str(tmp_path / "run"))
+    assert_user_error(proc, r"error: Config file 'recipes/no_such.yaml' not found: check the path")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_model_name_fails_cleanly(dtd10_root: Path) -> None:
     proc = run(
         "fit",

@@ -100,10 +100,13 @@ def test_cli_links_the_models_backbone_into_the_normalisation(tmp_path: Path) ->
     from petl_lightning.cli import PETLCLI
 
     make_task(tmp_path, "digits", classes=10, classes_txt=True)
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"  # vit_tiny_patch16_224: cfg 0.5/0.5
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "linear_probe.yaml"
     args = [
         "-c",
         str(recipe),
+        "--model.init_args.model_name=vit_tiny_patch16_224",  # its timm cfg: mean = std = 0.5
+        "--model.init_args.pretrained=false",
+        "--data.init_args.task=digits",
         f"--data.init_args.root={tmp_path}",
         "--trainer.logger=false",
         f"--trainer.default_root_dir={tmp_path / 'runs'}",
