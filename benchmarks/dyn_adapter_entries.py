@@ -1,4 +1,5 @@
-"""Benchmark entries for Dyn-Adapter at FLOPs budgets 0.3, 0.5 and 0.7 of the full model.
+"""Benchmark entries for Dyn-Adapter at FLOPs budgets 0.3, 0.5 and 0.7 of the full model, and for
+Dyn-Adapter over a DyT base (both savings composed) at budget 0.35.
 
 Each entry runs :meth:`DynAdapter.infer` (early exit with batch shrinking: finished images leave
 the batch after each exit; exits that take no image are not evaluated) on the merged base: the
@@ -25,13 +26,14 @@ from petl_lightning.methods.dyn_adapter.thresholds import (
 )
 
 BUDGETS = (0.3, 0.5, 0.7)
+COMPOSED_BUDGET = 0.35
 
 
 class DynamicLogits(nn.Module):
     """Images -> logits through the batch-shrinking dynamic path on the merged blocks, with this
     entry's own thresholds (several entries share one model and one set of merged blocks)."""
 
-    def __init__(self, method: DynAdapter, merged_blocks: nn.Module, thresholds: list[float]) -> None:
+    def __init__(self, method: DynAdapter, merged_blocks: nn.Module | None, thresholds: list[float]) -> None:
         super().__init__()
         self.method = method
         self.merged_blocks = merged_blocks  # a submodule, so .to(device) and fused-attention switches reach it
@@ -55,21 +57,32 @@ def geometric_candidates(conf: Tensor, resolution: int = 2001) -> Tensor:
 
 
 def build(
-    model_name: str, img_size: int, num_classes: int, calib_images: int = 128, batch: int = 32, seed: int = 0
-) -> tuple[DynAdapter, nn.Module, dict[float, dict]]:
-    """A random-weight RepAdapter-based DynAdapter, the blocks of its merged form (adapters folded,
-    as RepAdapter does at inference), and thresholds for each budget.
+    model_name: str,
+    img_size: int,
+    num_classes: int,
+    calib_images: int = 128,
+    batch: int = 32,
+    seed: int = 0,
+    base: str = "repadapter",
+    budgets: tuple[float, ...] = BUDGETS,
+) -> tuple[DynAdapter, nn.Module | None, dict[float, dict]]:
+    """A random-weight DynAdapter, the blocks of its merged form (adapters folded, as RepAdapter
+    does at inference; None for the ``dyt`` base, which does not fold) and thresholds per budget.
 
     Random heads have no accuracy to trade, so the thresholds are not searched for accuracy: among
     MSDNet's geometric exit mixes (share at exit k proportional to q**k, realised exit by exit as
     confidence quantiles of the images still running), the most expensive one within the budget.
+    The ``dyt`` base keeps the top half of the patch tokens in every block (``fixed_keep_rate`` 0.5:
+    random dispatchers would keep an arbitrary share under the threshold rule).
     """
     torch.manual_seed(seed)
+    composed = base == "dyt"
     m = DynAdapter(
-        base="repadapter",
+        base=base,  # type: ignore[arg-type]
         adapter_dim=8,
         adapter_groups=2,
         adapter_scale=1.0,
+        skipping={"fixed_keep_rate": 0.5} if composed else {},
         calibration={"budget": None},
         eval_all_exits=False,
         num_classes=num_classes,
@@ -82,16 +95,16 @@ def build(
             if p.requires_grad:
                 p.normal_(0.0, 0.05 if "head" in name else 0.02)
     m.eval()
-    merged_blocks = m.merge().blocks.requires_grad_(False)
+    merged_blocks = None if composed else m.merge().blocks.requires_grad_(False)
     g = torch.Generator().manual_seed(seed + 1)
     xs = [torch.randn(batch, 3, img_size, img_size, generator=g) for _ in range(max(1, calib_images // batch))]
     out = m.collect_exits([(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in xs])
-    costs = m.exit_costs(merged=True)
+    costs = m.exit_costs(merged=not composed)
     cands = geometric_candidates(out.conf)
     _, cost, share = evaluate_thresholds(out, costs, cands)
-    full = m.full_flops(merged=True)
+    full = m.full_flops(merged=not composed)
     calib = {}
-    for b in BUDGETS:
+    for b in budgets:
         i = int(torch.where(cost <= b * full, cost, torch.full_like(cost, -1.0)).argmax())
         calib[b] = {
             "thresholds": cands[i].tolist(),
@@ -121,7 +134,22 @@ def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
                 extra={"budget": b, "exit_share": c["exit_share"], "thresholds": c["thresholds"]},
             )
         )
+    dyt, _, composed = build(model_name, img_size, num_classes, base="dyt", budgets=(COMPOSED_BUDGET,))
+    c = composed[COMPOSED_BUDGET]
+    mix = "/".join(f"{s:.2f}" for s in c["exit_share"])
+    rows.append(
+        Entry(
+            f"Dyn-Adapter + DyT (budget {COMPOSED_BUDGET:g})",
+            DynamicLogits(dyt, None, c["thresholds"]).eval(),
+            dyt.parameter_summary()["trainable"],
+            c["gflops"],
+            f"DyT base, top half of the patch tokens through each MLP; exit mix {mix} after blocks "
+            f"{dyt.exit_depths}; {c['flops_ratio']:.2f} of full (no exit, no skipping)",
+            train_module=dyt,
+            extra={"budget": COMPOSED_BUDGET, "exit_share": c["exit_share"], "thresholds": c["thresholds"]},
+        )
+    )
     return rows
 
 
-__all__ = ["BUDGETS", "DynamicLogits", "build", "entries", "geometric_candidates"]
+__all__ = ["BUDGETS", "COMPOSED_BUDGET", "DynamicLogits", "build", "entries", "geometric_candidates"]
