@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # two torchrun processes: make test, not make test-fast
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY = dict(

@@ -17,6 +17,8 @@ from petl_lightning.export import export_main
 from petl_lightning.methods.repadapter import RepAdapter
 from test_lifecycle import cli, tiny_weights  # noqa: F401 - the lifecycle's console-script helper and weights fixture
 
+pytestmark = pytest.mark.slow  # console-script processes: in make test, not in make test-fast
+
 
 @pytest.fixture(scope="module")
 def repadapter_checkpoint(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[RepAdapter, Path]:  # noqa: F811

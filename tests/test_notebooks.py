@@ -17,6 +17,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the notebooks in a kernel: make test, not make test-fast
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 BUDGET_S = float(os.environ.get("PETL_NOTEBOOK_BUDGET_S", "180"))  # per notebook

@@ -37,6 +37,8 @@ from petl_lightning.data.vtab_splits import (
 )
 from petl_lightning.errors import DataError
 
+pytestmark = pytest.mark.slow  # builds tasks through (mocked) TensorFlow Datasets: make test, not make test-fast
+
 TESTS = Path(__file__).resolve().parent
 SRC = VTAB_SOURCES
 TEST_LIMIT = 300  # test images built for the tasks whose canonical test list is too big for CI

@@ -21,6 +21,8 @@ from petl_lightning.flops import vit_flops
 from petl_lightning.vtab import launch, plan, report, run
 from petl_lightning.vtab.reference import reference, summarize
 
+pytestmark = pytest.mark.slow  # console-script processes: in make test, not in make test-fast
+
 FAKE_TASKS = {"dtd": 3, "eurosat": 3, "mytask": 2}  # natural, specialized, custom; labels used
 N_TEST = 6
 
