@@ -185,7 +185,8 @@ def _check_trainer(keys: dict[str, Any]) -> str | None:
 def explain_parse_error(message: str, argv: list[str]) -> str:
     """One line for a jsonargparse error: the renamed or unknown key when the user's keys show one,
     else the innermost "key: problem" of the message."""
-    missing = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config") and not Path(argv[i + 1]).is_file()]
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+    missing = [c for c in configs if not Path(c).is_file()]
     if missing:
         return f"Config file {missing[0]!r} not found: check the path (recipes live in the repository's recipes/)."
     keys = user_keys(argv)
