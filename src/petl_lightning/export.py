@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the file to write (.onnx, .pt2, .safetensors); with --exits a folder")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: from the --out suffix (onnx with --exits)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset, 18-23 (default: torch.onnx's)")
-    p.add_argument("--keep_rate", type=float, default=None, help="DyT: share of patch tokens kept (top-k) per block")
+    p.add_argument(
+        "--keep_rate",
+        type=float,
+        default=None,
+        help="share of patch tokens kept (top-k) per block: DyT, or a dyt-base Dyn-Adapter with --exits",
+    )
     p.add_argument("--exits", action="store_true", help="Dyn-Adapter: one program per exit and an early-exit driver")
     p.add_argument("--weights", default=None, help="the backbone weights file, when it is not where training found it")
     return p
