@@ -37,11 +37,16 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
+# Two pytest workers (pytest-xdist), one test file per worker at a time: the suite is mostly separate
+# processes (console scripts, torchrun, notebooks) whose start-up is single-threaded.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
 test: lint
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(TEST_STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/benchmark.py

@@ -208,18 +208,9 @@ def test_test_from_last_in_a_new_process(method: str, lifecycle: Any, tiny_weigh
     runs = lifecycle(method)
     args = method_args(method, tiny_weights, digits_root, runs["straight"])
     by_last = cli("test", *args, "--ckpt_path", "last", "--trainer.logger", "false", cwd=runs["base"] / "t1")
-    assert "no last checkpoint" not in by_last.stderr
-    explicit = cli(
-        "test",
-        *args,
-        "--ckpt_path",
-        str(last_ckpt(runs["straight"])),
-        "--trainer.logger",
-        "false",
-        cwd=runs["base"] / "t2",
-    )
+    # "last" resolved to this run's last.ckpt (not the interrupted run's, not a newer file elsewhere)
+    assert f"checkpoint path at {last_ckpt(runs['straight'])}" in by_last.stdout + by_last.stderr
     acc = metric(by_last.stdout, "test/acc")
-    assert acc == metric(explicit.stdout, "test/acc")
     assert acc > 0.3  # trained: chance is 0.1
 
 
