@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from timm.models.vision_transformer import Block
 
 Placement = Literal["mlp", "attn", "attn_mlp", "layer"]
+# DyT's default adapter scale (ours; the official VTAB code uses 1.0): at 1.0 and a high learning rate
+# the parallel adapters outgrow the MLPs and training diverges (docs/dyt.md, "Short budgets").
+DYT_ADAPTER_SCALE = 0.1
 PLACEMENT_SITES: dict[str, tuple[str, ...]] = {
     "mlp": ("mlp",),
     "attn": ("attn",),

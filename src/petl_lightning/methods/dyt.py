@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from petl_lightning.deploy.dyt_topk import DyTTopK
 from petl_lightning.errors import ConfigError
 from petl_lightning.flops import non_block_flops
-from petl_lightning.layers.dyt_block import PLACEMENT_SITES, DyTBlock, Placement
+from petl_lightning.layers.dyt_block import DYT_ADAPTER_SCALE, PLACEMENT_SITES, DyTBlock, Placement
 from petl_lightning.merge import MergeError
 from petl_lightning.methods.base import PETLModule
 from petl_lightning.stats import InferenceOutput
@@ -95,7 +95,7 @@ class DyT(PETLModule):
         self,
         placement: Placement = "mlp",
         adapter_dim: int = 8,
-        adapter_scale: float = 0.1,
+        adapter_scale: float = DYT_ADAPTER_SCALE,
         adapter_dropout: float = 0.1,
         num_experts: int = 1,
         target_rate: float = 0.5,
