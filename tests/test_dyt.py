@@ -321,6 +321,24 @@ def test_dispatcher_init_std() -> None:
     assert 0.015 < w.std().item() < 0.025
 
 
+def test_default_adapter_scale_follows_the_learning_rate_and_is_saved(tmp_path) -> None:
+    """None: the official 1.0 up to lr 1e-3, 1e-3 / lr above it; the value trained is in the hparams
+    (so a checkpoint rebuilds it) and an explicit scale wins."""
+    for lr, want in ((1e-4, 1.0), (1e-3, 1.0), (1e-2, 0.1), (4e-2, 0.025)):
+        m = DyT(num_classes=5, lr=lr, **TINY)
+        assert [a.scale for blk in m.blocks for a in blk.adapters.values()] == pytest.approx([want] * 3)
+        assert m.hparams.adapter_scale == pytest.approx(want)
+    assert DyT(num_classes=5, lr=1e-2, adapter_scale=1.0, **TINY).hparams.adapter_scale == 1.0
+    m = DyT(num_classes=5, lr=1e-2, **TINY)
+    path = tmp_path / "dyt.ckpt"
+    import lightning
+
+    ckpt = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}
+    torch.save({**ckpt, "pytorch-lightning_version": lightning.__version__}, path)
+    again = DyT.load_from_checkpoint(path, strict=False, lr=1e-3)  # another lr, the trained model
+    assert [a.scale for blk in again.blocks for a in blk.adapters.values()] == pytest.approx([0.1] * 3)
+
+
 def test_dispatcher_learning_rate_scale_splits_the_groups() -> None:
     m = DyT(num_classes=5, lr=1e-2, dispatcher_lr_scale=0.1, **TINY)
     groups = m.parameter_groups()

@@ -38,9 +38,16 @@ if TYPE_CHECKING:
     from timm.models.vision_transformer import Block
 
 Placement = Literal["mlp", "attn", "attn_mlp", "layer"]
-# DyT's default adapter scale (ours; the official VTAB code uses 1.0): at 1.0 and a high learning rate
-# the parallel adapters outgrow the MLPs and training diverges (docs/dyt.md, "Short budgets").
-DYT_ADAPTER_SCALE = 0.1
+
+
+def default_adapter_scale(lr: float) -> float:
+    """DyT's adapter scale when none is given (ours): the official 1.0 up to the paper's lr 1e-3, and
+    ``1e-3 / lr`` above it, so the adapters' output moves no faster per step than in the paper's
+    recipe. At lr 1e-2 the official 1.0 lets the parallel adapters outgrow the MLPs and training
+    diverges, while 0.1 at lr 1e-3 leaves them nearly untrained (docs/dyt.md, "Short budgets")."""
+    return min(1.0, 1e-3 / lr)
+
+
 PLACEMENT_SITES: dict[str, tuple[str, ...]] = {
     "mlp": ("mlp",),
     "attn": ("attn",),

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from petl_lightning.deploy.dyt_topk import DyTTopK
 from petl_lightning.errors import ConfigError
 from petl_lightning.flops import non_block_flops
-from petl_lightning.layers.dyt_block import DYT_ADAPTER_SCALE, PLACEMENT_SITES, DyTBlock, Placement
+from petl_lightning.layers.dyt_block import PLACEMENT_SITES, DyTBlock, Placement, default_adapter_scale
 from petl_lightning.merge import MergeError
 from petl_lightning.methods.base import PETLModule
 from petl_lightning.stats import InferenceOutput
@@ -71,9 +71,9 @@ class DyT(PETLModule):
         placement: which sub-block tokens skip: ``"mlp"`` (paper default), ``"attn"``,
             ``"attn_mlp"``, ``"layer"`` (see :mod:`petl_lightning.layers.dyt_block`).
         adapter_dim: adapter bottleneck d (paper VTAB: 8; official VTAB script: 16; elsewhere 64).
-        adapter_scale: adapter output scale. Default 0.1 (ours; the official VTAB code uses 1.0, which
-            ``recipes/dyt.yaml`` sets): at 1.0 and a high learning rate the parallel adapters outgrow
-            the MLPs and the model diverges (docs/dyt.md, "Short budgets").
+        adapter_scale: adapter output scale (official VTAB code: 1.0, which ``recipes/dyt.yaml``
+            sets). None (ours): ``min(1, 1e-3 / lr)``, :func:`~petl_lightning.layers.dyt_block.
+            default_adapter_scale`, stored in the hparams as the value trained.
         adapter_dropout: dropout inside the adapter (official: 0.1).
         num_experts: 1 = plain adapter; N > 1 = DyT-dagger's MoE adapter (paper: N=4).
         target_rate: r, the target share of activated patch tokens.
@@ -95,7 +95,7 @@ class DyT(PETLModule):
         self,
         placement: Placement = "mlp",
         adapter_dim: int = 8,
-        adapter_scale: float = DYT_ADAPTER_SCALE,
+        adapter_scale: float | None = None,
         adapter_dropout: float = 0.1,
         num_experts: int = 1,
         target_rate: float = 0.5,
@@ -125,6 +125,8 @@ class DyT(PETLModule):
         if inference_mode not in ("gather", "mask"):
             raise ConfigError(f"inference_mode must be 'gather' or 'mask', got {inference_mode!r}.")
         self.loss_weights = weights
+        if adapter_scale is None:
+            adapter_scale = self.hparams["adapter_scale"] = default_adapter_scale(self.hparams.lr)
         self.blocks = nn.ModuleList(
             DyTBlock(
                 blk,

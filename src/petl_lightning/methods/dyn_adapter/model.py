@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from petl_lightning.deploy.stages import export_exit_stages
 from petl_lightning.errors import ConfigError
 from petl_lightning.flops import block_flops, embed_flops, head_flops
-from petl_lightning.layers.dyt_block import DYT_ADAPTER_SCALE, PLACEMENT_SITES, DyTBlock
+from petl_lightning.layers.dyt_block import PLACEMENT_SITES, DyTBlock, default_adapter_scale
 from petl_lightning.layers.dyt_loss import dyt_loss_terms
 from petl_lightning.layers.exits import ExitHead, pool_exit_tokens
 from petl_lightning.methods.dyn_adapter import thresholds as th
@@ -61,7 +61,8 @@ class DynAdapter(EarlyExitModule):
         adapter_groups: RepAdapter's up-projection groups (2).
         adapter_scale: the base's branch scale (LoRA: ``alpha / r``). None: 1.0, except for the
             repadapter base, which takes RepAdapter's official per-task scale (:meth:`task_overrides`),
-            and the dyt base, which takes DyT's default (0.1).
+            and the dyt base, which takes DyT's lr-dependent default (:func:`~petl_lightning.layers.
+            dyt_block.default_adapter_scale`).
         exits / loss / sparsity / skipping / calibration: the option groups of
             :mod:`~petl_lightning.methods.dyn_adapter.config` (dataclasses or dicts); ``skipping``
             (DyT's token skipping) applies to ``base="dyt"`` only.
@@ -127,7 +128,9 @@ class DynAdapter(EarlyExitModule):
         self.exit_heads = nn.ModuleList(
             ExitHead(dim, self.num_classes, h, cfg.dropout, n_pool, cfg.grad_scale) for h in hidden
         )
-        scale = (DYT_ADAPTER_SCALE if base == "dyt" else 1.0) if adapter_scale is None else float(adapter_scale)
+        if adapter_scale is None and base == "dyt":
+            adapter_scale = self.hparams["adapter_scale"] = default_adapter_scale(self.hparams.lr)
+        scale = 1.0 if adapter_scale is None else float(adapter_scale)
         width = DEFAULT_ADAPTER_DIM.get(base, 8) if adapter_dim is None else adapter_dim
         dropout, prefix = self.sparsity.dropout_per_block(depth), self.vit.num_prefix_tokens
         self.blocks = build_blocks(
