@@ -6,7 +6,8 @@ Every cell trains with the methods' default arguments on the same budget: the sh
 at 112 px, 5 epochs, AdamW, no warm-up, step-wise cosine, on dtd10 and cifar10 (VTAB-1K layout,
 train800val200 -> test) at lr 1e-3 and 1e-2, two seeds. DyT's "complete" column is the same trained
 DyT run with every token through every MLP (no skipping); its keep rate and GFLOPs are the test
-set's (threshold 0.5, the paper's rule). Each cell runs in its own process (``--workers`` at a
+set's, at the inference threshold the default ``agreement`` calibration chose at the end of
+fit (the paper's rule is a fixed 0.5). Each cell runs in its own process (``--workers`` at a
 time, one thread each); finished cells are appended to ``--out`` and skipped when it is run again.
 """
 
@@ -75,6 +76,7 @@ def run_cell(task: str, method: str, lr: float, seed: int, epochs: int, img_size
         row["keep"] = round(float(stats["keep_rate"]), 3)
         row["gflops"] = round(float(stats["gflops"]), 3)
         row["gflops_ratio"] = round(float(stats["gflops"] / stats["gflops_backbone"]), 3)
+        row["threshold"] = round(module.inference_threshold(), 3)
         module.eval()
         correct = total = 0
         with torch.inference_mode():
@@ -92,8 +94,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         cells.setdefault((r["task"], r["lr"], r["seed"]), {})[r["method"]] = r
     lines = [
         "| task | lr | seed | LinearProbe | RepAdapter | DyT complete | DyT r=0.5 | DyT - complete | DyT - LP "
-        "| keep | GFLOPs (x backbone) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| threshold | keep | GFLOPs (x backbone) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (task, lr, seed), by in sorted(cells.items()):
         lp, rep, dyt = by.get("linear_probe"), by.get("repadapter"), by.get("dyt")
@@ -105,9 +107,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         gap_lp = "-" if dyt is None or lp is None else f"{dyt['acc'] - lp['acc']:+.3f}"
         flops = "-" if dyt is None else f"{dyt['gflops']:.2f} ({dyt['gflops_ratio']:.2f})"
         keep = "-" if dyt is None else f"{dyt['keep']:.2f}"
+        thr = "-" if dyt is None else f"{dyt.get('threshold', 0.5):.2f}"
         lines.append(
             f"| {task} | {lr:g} | {seed} | {acc(lp)} | {acc(rep)} | {acc(dyt, 'complete')} | {acc(dyt)} "
-            f"| {gap_c} | {gap_lp} | {keep} | {flops} |"
+            f"| {gap_c} | {gap_lp} | {thr} | {keep} | {flops} |"
         )
     return "\n".join(lines)
 

@@ -115,6 +115,8 @@ def method_args(method: str, weights: Path, root: Path, run_dir: Path, epochs: i
         ]
     if method == "linear_probe":
         args += ["--model.init_args.cache_features", "false"]
+    if method == "dyt":  # the recipe is the paper's fixed threshold; this runs the default calibration
+        args += ["--model.init_args.agreement", "0.99"]
     return args
 
 

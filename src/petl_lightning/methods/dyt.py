@@ -20,7 +20,10 @@ has a weight (0 switches it off; with both complete-model terms off, the second 
 The rate loss constrains the keep rate of the *training* masks (sampled, keep probability
 ``sigmoid(logit)``); the inference mask keeps more wherever logits are positive but small, until
 training has made the dispatchers decisive (the paper trains 100 epochs). :meth:`DyT.calibrate`
-(ours) sets the inference threshold so a chosen keep rate holds on given images.
+(ours) sets the inference threshold so a chosen keep rate holds on given images;
+:meth:`DyT.calibrate_agreement` (ours, on by default through ``agreement``) lowers it until the
+dynamic model predicts the complete model's class on a chosen share of the images: after a short
+budget the threshold rule skips tokens the model still needs (docs/dyt.md, "Short budgets").
 
 Code-vs-paper notes: the official VTAB script uses d=16 (paper: 8), hard-codes weight decay 1e-4,
 warms up for 10 epochs, normalises with mean/std 0.5 and selects the best epoch on the test set
@@ -29,6 +32,7 @@ warms up for 10 epochs, normalises with mean/std 0.5 and selects the best epoch 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, Literal, cast
 
@@ -39,6 +43,7 @@ from torch import Tensor, nn
 from petl_lightning.deploy.dyt_topk import DyTTopK
 from petl_lightning.errors import ConfigError
 from petl_lightning.flops import non_block_flops
+from petl_lightning.layers.dispatcher import TokenDispatcher
 from petl_lightning.layers.dyt_block import PLACEMENT_SITES, DyTBlock, Placement, default_adapter_scale
 from petl_lightning.merge import MergeError
 from petl_lightning.methods.base import PETLModule
@@ -72,7 +77,7 @@ class DyT(PETLModule):
             ``"attn_mlp"``, ``"layer"`` (see :mod:`petl_lightning.layers.dyt_block`).
         adapter_dim: adapter bottleneck d (paper VTAB: 8; official VTAB script: 16; elsewhere 64).
         adapter_scale: adapter output scale (official VTAB code: 1.0, which ``recipes/dyt.yaml``
-            sets). None (ours): ``min(1, 1e-3 / lr)``, :func:`~petl_lightning.layers.dyt_block.
+            sets). None (ours): ``min(1, (1e-3 / lr) ** 1.3)``, :func:`~petl_lightning.layers.dyt_block.
             default_adapter_scale`, stored in the hparams as the value trained.
         adapter_dropout: dropout inside the adapter (official: 0.1).
         num_experts: 1 = plain adapter; N > 1 = DyT-dagger's MoE adapter (paper: N=4).
@@ -86,6 +91,12 @@ class DyT(PETLModule):
             image keeps at every site (ours; static shapes).
         dispatcher_lr_scale: learning-rate multiplier of the dispatchers (1.0 = the paper; ours).
         dispatcher_init_std: std of the dispatchers' weight init (official: 0.02).
+        agreement: at the last batch of every training epoch, :meth:`calibrate_agreement` lowers the
+            inference threshold from ``threshold`` (never raises it) to the highest value at which
+            the dynamic model predicts the complete model's class on this share of the epoch's
+            last ``agreement_batches`` training batches (ours; 0.99 is our choice). None: the
+            threshold stays ``threshold`` (the paper; ``recipes/dyt.yaml``).
+        agreement_batches: how many of each epoch's last training batches it checks.
         **kwargs: :class:`PETLModule` arguments.
     """
 
@@ -109,6 +120,8 @@ class DyT(PETLModule):
         fixed_keep_rate: float | None = None,
         dispatcher_lr_scale: float = 1.0,
         dispatcher_init_std: float = 0.02,
+        agreement: float | None = 0.99,
+        agreement_batches: int = 4,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -122,6 +135,10 @@ class DyT(PETLModule):
             raise ConfigError(f"Loss weights must be non-negative (0 switches a term off): {', '.join(bad)}.")
         if dispatcher_lr_scale <= 0:
             raise ConfigError(f"dispatcher_lr_scale must be positive, got {dispatcher_lr_scale}.")
+        if agreement is not None and not 0.0 < agreement <= 1.0:
+            raise ConfigError(f"agreement must lie in (0, 1] (a share of images) or be None, got {agreement}.")
+        if agreement_batches < 1:
+            raise ConfigError(f"agreement_batches must be at least 1, got {agreement_batches}.")
         if inference_mode not in ("gather", "mask"):
             raise ConfigError(f"inference_mode must be 'gather' or 'mask', got {inference_mode!r}.")
         self.loss_weights = weights
@@ -143,6 +160,8 @@ class DyT(PETLModule):
             for blk in self.vit.blocks
         )
         self.sites = PLACEMENT_SITES[placement]
+        # this epoch's last ``agreement_batches`` training images (not saved)
+        self.agreement_images: deque[Tensor] = deque(maxlen=agreement_batches)
 
     def dyt_blocks(self) -> list[DyTBlock]:
         """The wrapped blocks, typed (``nn.ModuleList`` iterates as plain modules)."""
@@ -238,6 +257,10 @@ class DyT(PETLModule):
         return int(self.executed_flops(kept)[0])
 
     # -- calibration, optimisation, merging ------------------------------------------------------
+    def inference_threshold(self) -> float:
+        """The dispatchers' shared inference threshold on ``sigmoid(logit)`` (the first one's)."""
+        return cast(TokenDispatcher, self.dyt_blocks()[0].dispatchers[self.sites[0]]).threshold
+
     def set_logit_threshold(self, value: float) -> None:
         """Set every dispatcher's inference threshold, in logit space (0.0 = the paper's 0.5)."""
         for blk in self.dyt_blocks():
@@ -273,6 +296,73 @@ class DyT(PETLModule):
         finally:
             self.train(was_training)
         return {"threshold": float(torch.sigmoid(torch.tensor(0.5 * (lo + hi)))), "keep_rate": rate}
+
+    @torch.no_grad()
+    def calibrate_agreement(
+        self, data: Iterable[Any], agreement: float | None = None, max_batches: int | None = 8, iters: int = 6
+    ) -> dict[str, float]:
+        """Set one inference threshold for all dispatchers: the highest, up to the ``threshold``
+        hparam, at which the dynamic model predicts the complete model's class on a share
+        ``agreement`` (default the hparam) of the images of ``data`` (ours). A bisection on the
+        threshold in ``(0, threshold]`` (0 keeps every token: the complete model), ``iters`` steps
+        (6: to within ``threshold / 64``). Counts are summed over the ranks of a distributed run,
+        so every rank sets the same threshold. Returns the threshold on ``sigmoid(logit)``, the
+        agreement and the keep rate on ``data``; the threshold is saved in checkpoints."""
+        agreement = self.hparams.agreement if agreement is None else agreement
+        if agreement is None or not 0.0 < agreement <= 1.0:
+            raise ConfigError(f"The agreement target must lie in (0, 1] (a share of images), got {agreement}.")
+        images = image_batches(data, self.device, max_batches)
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+
+        def set_threshold(threshold: float) -> None:
+            self.set_logit_threshold(float(torch.logit(torch.tensor(threshold, dtype=torch.float64))))
+
+        def measure(threshold: float) -> tuple[float, float]:
+            """Agreement share and keep rate on ``images`` at a shared threshold."""
+            set_threshold(threshold)
+            counts = torch.zeros(4, dtype=torch.float64, device=self.device)
+            for x, target in zip(images, targets, strict=True):
+                logits, kept = self.run_gathered(x)
+                counts[0] += (logits.argmax(-1) == target).sum()
+                counts[1] += x.shape[0]
+                counts[2] += kept.sum()
+                counts[3] += kept.numel() * self.vit.num_patches
+            if distributed:
+                counts = cast(Tensor, self.trainer.strategy.reduce(counts, reduce_op="sum"))
+            return float(counts[0] / counts[1]), float(counts[2] / counts[3])
+
+        was_training = self.training
+        self.eval()
+        try:
+            targets = [self.run_complete(x).argmax(-1) for x in images]
+            hi = self.hparams.threshold
+            share, keep = measure(hi)
+            if share < agreement:  # agreement rises as the threshold falls (more tokens kept)
+                lo, share, keep = 0.0, 1.0, 1.0
+                for _ in range(iters):
+                    mid = 0.5 * (lo + hi)
+                    at_mid = measure(mid)
+                    if at_mid[0] >= agreement:
+                        lo, (share, keep) = mid, at_mid
+                    else:
+                        hi = mid
+                set_threshold(lo)  # the highest that met the target (its share and keep are kept above)
+        finally:
+            self.train(was_training)
+        return {"threshold": self.inference_threshold(), "agreement": share, "keep_rate": keep}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Keep the epoch's last ``agreement_batches`` training images; at its last batch, set the
+        inference threshold with :meth:`calibrate_agreement` (before epoch-end checkpoints and
+        validation, so both see it). The last batches, not the first: a run resumed mid-epoch sees
+        the same ones, so the threshold resumes exactly too."""
+        if self.hparams.agreement is None:
+            return
+        self.agreement_images.append(batch[0].detach())
+        if self.trainer.is_last_batch:
+            result = self.calibrate_agreement(list(self.agreement_images), max_batches=None)
+            self.agreement_images.clear()
+            self.log_dict({f"calibration/{k}": v for k, v in result.items()}, on_step=False, on_epoch=True)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The base groups, with the dispatchers split off at ``lr * dispatcher_lr_scale``."""
