@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from petl_lightning.data.vtab import EpochShuffleSampler
-from petl_lightning.errors import CheckpointError, DataError
+from petl_lightning.errors import CheckpointError, DataError, PETLError
 from petl_lightning.methods.base import PETLModule, warmup_cosine
 from petl_lightning.methods.baselines import FullFinetune, LinearProbe
 
@@ -125,6 +125,12 @@ def test_labels_outside_the_head_are_a_clear_error() -> None:
     m = LinearProbe(num_classes=3, **TINY)
     with pytest.raises(DataError, match=r"Label 7 is outside \[0, 3\)"):
         m.training_step((torch.randn(2, 3, 32, 32), torch.tensor([0, 7])), 0)
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3])
+def test_non_positive_learning_rate_is_a_clear_error(lr: float) -> None:
+    with pytest.raises(PETLError, match="lr must be positive"):
+        LinearProbe(num_classes=3, lr=lr, **TINY)
 
 
 def test_checkpoint_holds_only_trainable_tensors_and_reloads(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ The DDP side is launched the way a user launches a multi-node job, with ``torchr
 script; Lightning's ``strategy="ddp"`` then joins the processes torchrun created. Each case builds
 the same tiny random model (same seed) and evaluates it with ``trainer.test``; rank 0 writes the
 logged metrics and the callbacks' statistics to a JSON file that the test compares with an
-in-process single-device run.
+in-process single-device run. A DyT fit under DDP calibrates its inference threshold on both ranks'
+last batches together (the same threshold on every rank, equal to one process calibrating on the
+union of those batches).
 """
 
 from __future__ import annotations
@@ -88,10 +90,64 @@ def run_case(case: str, devices: int, strategy: str = "auto") -> dict[str, Any]:
     }
 
 
+N_FIT, FIT_BATCH, AGREEMENT_BATCHES = 32, 4, 2
+
+
+def calibrating_dyt() -> Any:
+    """A DyT whose head reads every patch token, so skipping changes predictions."""
+    from petl_lightning.methods.dyt import DyT
+
+    torch.manual_seed(0)
+    tiny = {**TINY, "model_kwargs": {**TINY["model_kwargs"], "global_pool": "avg"}}
+    model = DyT(
+        num_classes=NUM_CLASSES,
+        lr=1e-2,
+        warmup_epochs=0.0,
+        agreement=0.9,
+        agreement_batches=AGREEMENT_BATCHES,
+        **tiny,
+    )
+    with torch.no_grad():
+        for blk in model.blocks:
+            for d in blk.dispatchers.values():
+                d.proj.weight.normal_(0.0, 0.5)
+        model.head.weight.normal_(0.0, 2.0)
+    return model
+
+
+def fit_calibrated(rank: int) -> Any:
+    """:func:`calibrating_dyt` after a one-epoch 2-process DDP fit (which calibrates its threshold at
+    the end); rank ``r`` trains on images ``r, r + 2, ...`` of :func:`eval_data`, in order."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = calibrating_dyt()
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    x, y = eval_data(N_FIT)
+    trainer.fit(model, DataLoader(TensorDataset(x[rank::2], y[rank::2]), batch_size=FIT_BATCH))
+    return model
+
+
 def worker(out_path: str) -> None:
-    """Entry point under torchrun: every case in one process group; rank 0 writes the results."""
+    """Entry point under torchrun: every case in one process group; rank 0 writes the results,
+    every rank its fitted threshold."""
     results = {case: run_case(case, devices=2, strategy="ddp") for case in CASES}
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    fitted = fit_calibrated(rank)
+    Path(f"{out_path}.threshold{rank}").write_text(json.dumps(fitted.inference_threshold()))
+    if rank == 0:
+        torch.save(fitted.state_dict(), f"{out_path}.state.pt")
         Path(out_path).write_text(json.dumps(results))
 
 
@@ -123,7 +179,10 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, f"torchrun failed ({elapsed:.0f}s):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    results = json.loads(out.read_text())
+    results["fit_thresholds"] = [json.loads(Path(f"{out}.threshold{r}").read_text()) for r in (0, 1)]
+    results["fit_state"] = torch.load(f"{out}.state.pt")
+    return results
 
 
 @pytest.mark.parametrize("case", ["dyn_adapter", "dyt"])
@@ -155,6 +214,22 @@ def test_ddp_metrics_equal_single_process(ddp_results: dict[str, Any], case: str
     else:
         assert 0.0 < m["test/keep_rate"] < 1.0
         assert m["test/flops_vs_backbone"] < 1.0
+
+
+def test_ddp_fit_calibrates_one_threshold_on_every_ranks_batches(ddp_results: dict[str, Any]) -> None:
+    """Each rank collects its own last training batches; the agreement counts are summed over the
+    ranks, so both set the threshold one process sets on the union of those batches."""
+    ranks = ddp_results["fit_thresholds"]
+    assert ranks[0] == ranks[1]
+    x, y = eval_data(N_FIT)
+    union = [x[r::2][-AGREEMENT_BATCHES * FIT_BATCH :] for r in (0, 1)]  # each rank's last batches
+    model = calibrating_dyt()
+    model.load_state_dict(ddp_results["fit_state"])  # the weights the DDP fit ended with
+    single = model.calibrate_agreement([(b, y[:1]) for b in union], max_batches=None)
+    assert 0.0 < single["threshold"] < 0.5  # calibrated: the paper's 0.5 missed the target
+    assert ranks[0] == pytest.approx(single["threshold"], abs=1e-6)
+    one_rank = model.calibrate_agreement([(union[0], y[:1])], max_batches=None)
+    assert one_rank["threshold"] != pytest.approx(single["threshold"], abs=1e-6)  # the sum over ranks matters
 
 
 def test_ddp_padding_is_visible_in_the_image_count(ddp_results: dict[str, Any]) -> None:

@@ -495,4 +495,6 @@ def test_dtd10_defaults_beat_linear_probe_and_stay_within_2_points_of_the_comple
     assert stats["images"].item() == total == 200
     assert acc > lp_acc
     assert acc >= complete_acc - 0.02
-    assert 0.0 < stats["keep_rate"].item() < 1.0 and ratio < 0.95  # tokens really skipped the MLPs
+    # tokens really skipped the MLPs: after 5 epochs the agreement calibration keeps about 0.9 of them
+    # (block 12's patch tokens alone, which the head does not read, are 0.05 of the FLOPs at 56 px)
+    assert 0.0 < stats["keep_rate"].item() < 0.95 and ratio < 0.97

@@ -98,6 +98,8 @@ class PETLModule(L.LightningModule):
         super().__init__()
         if num_classes < 1:
             raise DataError(f"num_classes must be at least 1, got {num_classes}.")
+        if not lr > 0:  # the schedule divides by it
+            raise ConfigError(f"lr must be positive, got {lr}; the recipes use 1e-3.")
         self.save_hyperparameters()
         self.num_classes = num_classes
         self.vit = FrozenViT(model_name, checkpoint_path, pretrained, img_size, drop_path_rate, model_kwargs)
