@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import sys
 
-from petl_lightning.cli import PETLCLI, SUBCOMMANDS
-from petl_lightning.errors import run_user_command
+from petl_lightning.cli import PETLCLI, SUBCOMMANDS, OutputGuard
+from petl_lightning.errors import find_user_error, run_user_command
 
 
 def _run_cli(argv: list[str] | None) -> None:
-    PETLCLI(args=argv)
+    """The Lightning CLI; after a user error (e.g. a corrupt image met mid-epoch) what the run created
+    under its output folder is removed, unless it wrote a checkpoint."""
+    guard = OutputGuard()
+    try:
+        PETLCLI(args=argv, output_guard=guard)
+    except Exception as err:
+        if find_user_error(err) is not None:
+            guard.discard()
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:

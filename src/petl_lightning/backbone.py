@@ -2,8 +2,8 @@
 
 `FrozenViT` builds any timm ``VisionTransformer`` by name, loads its weights from a local file
 (Google's ``.npz`` layout such as ``ViT-B_16.npz``, a ``.pth``/``.pt``/``.bin`` state dict, or
-``.safetensors``) or from the Hugging Face hub cache, freezes every parameter, and exposes the
-pieces methods need: :meth:`embed`, :attr:`blocks`, :meth:`pool`.
+``.safetensors``) or from the Hugging Face hub cache and freezes every parameter. It is the
+:class:`~petl_lightning.adapted.AdaptedViT` with no adaptation.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import difflib
 import os
 import socket
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import timm
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
+from petl_lightning.adapted import AdaptedViT
 from petl_lightning.errors import CheckpointError, ConfigError, ModelNameError
-from petl_lightning.flops import ViTShape
 
 DEFAULT_MODEL = "vit_base_patch16_224.orig_in21k"
 WEIGHT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
@@ -142,8 +141,10 @@ def check_family(vit: nn.Module, model_name: str) -> VisionTransformer:
     )
 
 
-class FrozenViT(nn.Module):
-    """A timm ViT with every parameter frozen and no classifier.
+class FrozenViT(AdaptedViT):
+    """A timm ViT with every parameter frozen and no classifier: the adapted ViT with no adaptation
+    (what :class:`~petl_lightning.methods.baselines.LinearProbe` trains a head on, and what
+    :func:`petl_lightning.adapt` adapts).
 
     Args:
         model_name: timm name, e.g. ``vit_base_patch16_224.orig_in21k`` (Google's ``ViT-B_16.npz``).
@@ -164,7 +165,6 @@ class FrozenViT(nn.Module):
         drop_path_rate: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
         check_model_name(model_name)
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         kwargs.update(num_classes=0, drop_path_rate=drop_path_rate)
@@ -191,104 +191,29 @@ class FrozenViT(nn.Module):
         if pretrained and checkpoint_path is not None:
             load_weights(vit, checkpoint_path)
         vit.requires_grad_(False)
-        self.vit = vit
+        super().__init__(vit, vit.blocks)
         self.model_name = model_name
 
-    @property
-    def blocks(self) -> nn.Sequential:
-        return self.vit.blocks
 
-    @property
-    def dim(self) -> int:
-        return self.vit.embed_dim
-
-    @property
-    def depth(self) -> int:
-        return len(self.vit.blocks)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.vit.num_prefix_tokens
-
-    @property
-    def num_patches(self) -> int:
-        return self.vit.patch_embed.num_patches
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_patches + self.num_prefix_tokens
-
-    def shape(self) -> ViTShape:
-        """Sizes for :mod:`petl_lightning.flops`."""
-        v = self.vit
-        blk: Any = v.blocks[0]  # a timm Block (attn.num_heads, mlp.fc1, mlp.fc2)
-        hidden = blk.mlp.fc2.in_features
-        pool: Any = getattr(v, "attn_pool", None)
-        return ViTShape(
-            dim=self.dim,
-            depth=self.depth,
-            num_heads=blk.attn.num_heads,
-            mlp_hidden=hidden,
-            num_patches=self.num_patches,
-            num_prefix_tokens=self.num_prefix_tokens,
-            patch_size=v.patch_embed.patch_size[0],
-            in_chans=v.patch_embed.proj.in_channels,
-            gated_mlp=blk.mlp.fc1.out_features == 2 * hidden,
-            norm_pre=isinstance(v.norm_pre, nn.LayerNorm),
-            fc_norm=isinstance(v.fc_norm, nn.LayerNorm),
-            attn_pool_hidden=pool.mlp.fc1.out_features if pool is not None else 0,
+def frozen_timm_vit(model: nn.Module) -> VisionTransformer:
+    """The frozen timm ``VisionTransformer`` behind ``model`` (a timm ViT, whose parameters this
+    freezes, or a :class:`FrozenViT`); anything else is a one-line error."""
+    if isinstance(model, FrozenViT):
+        return model.vit
+    if isinstance(model, AdaptedViT):
+        raise ConfigError(
+            f"adapt() takes a timm ViT or a FrozenViT, not an already adapted {type(model).__name__}; adapt the "
+            f"model it was made from."
         )
-
-    def check_blocks(self, method: str) -> None:
-        """Refuse in one line when ``method``, which wraps every block, cannot wrap this model's:
-        it needs timm's pre-norm ``Block`` (norm1 -> Attention -> ls1, norm2 -> MLP(fc1, fc2) -> ls2)."""
-        for blk in self.vit.blocks:
-            mlp = getattr(blk, "mlp", None)
-            problem = None
-            if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
-                problem = f"{type(blk).__name__} blocks (not timm's pre-norm vision_transformer.Block)"
-            elif not isinstance(blk.attn, Attention):
-                problem = f"a {type(blk.attn).__name__} attention (not timm's Attention)"
-            elif not all(isinstance(getattr(mlp, fc, None), nn.Linear) for fc in ("fc1", "fc2")):
-                problem = f"a {type(mlp).__name__} MLP without fc1/fc2 Linears"
-            if problem:
-                raise ModelNameError(
-                    f"{method} wraps each transformer block, but {self.model_name!r} has {problem}; "
-                    f"use LinearProbe on it, or a vit_*/deit_* model with standard blocks."
-                )
-
-    def embed(self, x: Tensor) -> Tensor:
-        """Images (B, C, H, W) to tokens (B, N, D): patch embed, prefix tokens, position, norm_pre."""
-        v = self.vit
-        x = v.patch_embed(x)
-        x = v._pos_embed(x)
-        x = v.patch_drop(x)
-        return v.norm_pre(x)
-
-    def pool(self, tokens: Tensor) -> Tensor:
-        """Tokens (B, N, D) to features (B, D): final norm, then CLS (or the model's global pool)."""
-        return self.vit.forward_head(self.vit.norm(tokens), pre_logits=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Pooled features of the frozen model."""
-        x = self.embed(x)
-        x = self.vit.blocks(x)
-        return self.pool(x)
-
-    def set_fused_attn(self, enabled: bool) -> None:
-        """Switch timm's fused SDPA attention (off = explicit matmuls, which FLOP counters see)."""
-        for blk in self.vit.blocks:
-            cast(Attention, blk.attn).fused_attn = enabled  # type: ignore[misc]  # timm's Final is for TorchScript
+    vit = check_family(model, type(model).__name__)
+    return vit.requires_grad_(False)
 
 
-def frozen_state_ids(module: nn.Module) -> set[int]:
-    """Identities of the frozen tensors in ``module``'s state dict: every tensor except trainable
-    parameters (a LoRA layer injected into the backbone trains, so it is kept in checkpoints)."""
-    return {
-        id(t)
-        for t in module.state_dict(keep_vars=True).values()
-        if not (isinstance(t, nn.Parameter) and t.requires_grad)
-    }
-
-
-__all__ = ["DEFAULT_MODEL", "FrozenViT", "check_family", "check_model_name", "load_weights", "frozen_state_ids"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "FrozenViT",
+    "check_family",
+    "check_model_name",
+    "frozen_timm_vit",
+    "load_weights",
+]

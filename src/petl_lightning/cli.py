@@ -2,12 +2,16 @@
 (the console scripts live in :mod:`petl_lightning.__main__`).
 
 `PETLCLI` is a ``LightningCLI`` in subclass mode for the model and the data, with ``data.num_classes``
-linked into the model and two forced callbacks: :class:`~petl_lightning.callbacks.PETLCheckpoint`
+linked into the model, two forced callbacks, :class:`~petl_lightning.callbacks.PETLCheckpoint`
 (``last.ckpt`` every epoch in ``<default_root_dir>/checkpoints``, so ``--ckpt_path last`` works in a
-new process) and :class:`~petl_lightning.callbacks.PredictionWriter` (``predict`` writes a CSV).
+new process) and :class:`~petl_lightning.callbacks.PredictionWriter` (``predict`` writes a CSV), and
+checkpoints written atomically (:class:`~petl_lightning.callbacks.AtomicCheckpointIO`).
 A checkpoint given to ``--ckpt_path`` must come from the same method and backbone; its structural
 hyper-parameters (``STRUCTURAL_HPARAMS`` of the method) win over the command line, every other value
-given now wins (an unset ``null`` falls back to the stored one). User mistakes are one line and exit 2.
+given now wins (an unset ``null`` falls back to the stored one). User mistakes are one line and exit 2,
+and the files a failed run created are removed (:class:`OutputGuard`) unless it wrote a checkpoint.
+It uses LightningCLI's documented hooks only (``parse_arguments``, ``before_instantiate_classes``,
+``instantiate_trainer``, ``before_<subcommand>``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from petl_lightning.cli_keys import explain_parse_error, import_class
-from petl_lightning.errors import CheckpointError, ConfigError, find_user_error
+from petl_lightning.errors import CheckpointError, ConfigError
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -41,14 +45,40 @@ class LoggerSaveConfig(SaveConfigCallback):
                 logger.experiment.config.update(config, allow_val_change=True)
 
 
-class PETLCLI(LightningCLI):
-    """LightningCLI for petl_lightning modules and data modules (see the module docstring)."""
+class OutputGuard:
+    """What a run's output folder held before the run, so that the files a failed run created can be
+    removed (the console scripts hand one to :class:`PETLCLI` and call :meth:`discard` on a user error)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self) -> None:
+        self.root: Path | None = None
+        self.before: set[Path] = set()
+
+    def snapshot(self, root: Path) -> None:
+        self.root = root
+        self.before = set(root.rglob("*")) if root.is_dir() else set()
+
+    def discard(self) -> None:
+        """Delete what the run created under its folder, unless it wrote a checkpoint (it can resume)."""
+        if self.root is not None:
+            discard_new_outputs(self.root, self.before)
+
+
+class PETLCLI(LightningCLI):
+    """LightningCLI for petl_lightning modules and data modules (see the module docstring).
+
+    Args:
+        output_guard: records the output folder before the subcommand runs (see :class:`OutputGuard`).
+        *args, **kwargs: ``LightningCLI``'s.
+    """
+
+    def __init__(self, *args: Any, output_guard: OutputGuard | None = None, **kwargs: Any) -> None:
         import petl_lightning  # noqa: F401 - registers every class for short class_path names
         from petl_lightning.data.vtab import VTAB1kDataModule
-        from petl_lightning.methods.base import PETLModule
+        from petl_lightning.tasks.classification import PETLModule
 
+        self.output_guard = output_guard or OutputGuard()
+        self.ckpt_hparams: dict[str, Any] | None = None  # the --ckpt_path checkpoint's hyper-parameters
+        self.given_model: Namespace | None = None  # the model config given, before Lightning reads the checkpoint
         kwargs.setdefault("model_class", PETLModule)
         kwargs.setdefault("datamodule_class", VTAB1kDataModule)
         kwargs.setdefault("subclass_mode_model", True)
@@ -71,30 +101,33 @@ class PETLCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name", "data.init_args.backbone_name")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse; then resolve ``--ckpt_path last`` and refuse a checkpoint of another method or
+        backbone, before Lightning reads the checkpoint's hyper-parameters into the config."""
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             raise ConfigError(explain_parse_error(str(err), sys.argv[1:] if args is None else list(args))) from None
+        self.read_ckpt_path()
 
-    def _sub(self) -> Namespace:
+    def subcommand_config(self) -> Namespace:
         sub = self.config.get("subcommand")
         return self.config[sub] if sub else self.config
 
     # -- checkpoints given to --ckpt_path ------------------------------------------------------------
-    def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path last``; refuse a checkpoint of another method or backbone; take its
-        structural hyper-parameters; let every other value of the command line win."""
-        sub, cfg = self.config.get("subcommand"), self._sub()
+    def read_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last``; refuse a checkpoint of another method or backbone; keep its
+        hyper-parameters and the model config given, for :meth:`before_instantiate_classes`."""
+        sub, cfg = self.config.get("subcommand"), self.subcommand_config()
         path = cfg.get("ckpt_path")
         if not sub or path in (None, "best", "hpc", "registry"):
             return
         if path == "last":
-            path = self._last_checkpoint(cfg)
+            path = self.last_checkpoint(cfg)
             if path is None:
                 if sub == "fit":
                     return  # nothing to resume yet: Lightning starts from scratch
                 raise CheckpointError(
-                    f"--ckpt_path last: no last.ckpt in {self._checkpoint_dir(cfg)}. Fit first (same "
+                    f"--ckpt_path last: no last.ckpt in {self.checkpoint_dir(cfg)}. Fit first (same "
                     f"--trainer.default_root_dir), or pass the .ckpt file."
                 )
             cfg["ckpt_path"] = str(path)
@@ -113,27 +146,41 @@ class PETLCLI(LightningCLI):
                 f"{path} was trained on backbone {stored['model_name']!r}, but this run builds "
                 f"{args.get('model_name')!r}: pass --model.init_args.model_name {stored['model_name']}."
             )
+        self.ckpt_hparams, self.given_model = stored, cfg["model"].clone()
+
+    def model_config_with_checkpoint(self) -> Namespace:
+        """The model config given, with the checkpoint's structural hyper-parameters (and its values
+        for the arguments left unset)."""
+        assert self.given_model is not None and self.ckpt_hparams is not None
+        model = self.given_model.clone()
+        cls = import_class(model["class_path"])
         structural = set(getattr(cls, "STRUCTURAL_HPARAMS", ()))
-        for key, value in stored.items():
+        args = model["init_args"]
+        for key, value in self.ckpt_hparams.items():
             if key not in args or key.startswith("_") or key == "num_classes":
                 continue
             if key in structural or args[key] is None:
                 args[key] = (
                     Namespace(**value) if isinstance(value, dict) and isinstance(args[key], Namespace) else value
                 )
+        return model
 
-    def _checkpoint_dir(self, cfg: Namespace) -> Path:
+    def checkpoint_dir(self, cfg: Namespace) -> Path:
         return Path(cfg.get("checkpoint.dirpath") or Path(cfg["trainer.default_root_dir"] or ".") / "checkpoints")
 
-    def _last_checkpoint(self, cfg: Namespace) -> Path | None:
-        path = self._checkpoint_dir(cfg) / "last.ckpt"
+    def last_checkpoint(self, cfg: Namespace) -> Path | None:
+        path = self.checkpoint_dir(cfg) / "last.ckpt"
         return path if path.is_file() else None
 
     # -- classes ---------------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
-        """Reconcile image sizes; apply the method's per-task hyper-parameters to unset arguments;
-        check trainer values Lightning would accept or fail on with a traceback."""
-        cfg = self._sub()
+        """Take the ``--ckpt_path`` checkpoint's architecture (replacing Lightning's reading of its
+        hyper-parameters, which would override every value given now); reconcile image sizes; apply
+        the method's per-task hyper-parameters to unset arguments; check values Lightning would
+        accept or fail on with a traceback."""
+        cfg = self.subcommand_config()
+        if self.given_model is not None:
+            cfg["model"] = self.model_config_with_checkpoint()
         model_size, data_size = cfg.get("model.init_args.img_size"), cfg.get("data.init_args.img_size")
         if "model.init_args.img_size" in cfg and "data.init_args.img_size" in cfg:
             if model_size is None and data_size is not None:
@@ -158,42 +205,43 @@ class PETLCLI(LightningCLI):
             )
         check_writable(Path(cfg.get("trainer.default_root_dir") or "."))
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        """Run it; after a user error (e.g. a corrupt image met mid-epoch) remove what this run
-        created under the output folder, unless it wrote a checkpoint (then it can be resumed)."""
-        root = Path(self.trainer.default_root_dir)
-        before = {p for p in root.rglob("*")} if root.is_dir() else set()
-        try:
-            super()._run_subcommand(subcommand)
-        except Exception as err:
-            if find_user_error(err) is not None:
-                discard_new_outputs(root, before)
-            raise
-
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, with checkpoints written atomically unless the recipe sets its own checkpoint IO."""
+        from lightning.pytorch.plugins.io import CheckpointIO
+
+        from petl_lightning.callbacks import AtomicCheckpointIO
+
+        given = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {}).get("plugins")
+        plugins = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
         try:
-            return super().instantiate_trainer(**kwargs)
+            return super().instantiate_trainer(plugins=plugins, **kwargs)
         except MisconfigurationException as err:
             raise ConfigError(f"{' '.join(str(err).split())} (fix the --trainer.* arguments).") from None
 
-    def _check_ckpt_path(self) -> None:
+    def check_ckpt_path(self) -> None:
         """Fail before the trainer starts (no logs, no files) when ``--ckpt_path`` does not fit."""
-        path = self._sub().get("ckpt_path")
+        path = self.subcommand_config().get("ckpt_path")
         if path in (None, "last", "best", "hpc", "registry"):
             return
         self.model.check_checkpoint(read_checkpoint(path))
 
+    def before_run(self) -> None:
+        self.output_guard.snapshot(Path(self.trainer.default_root_dir))
+        self.check_ckpt_path()
+
     def before_fit(self) -> None:
-        self._check_ckpt_path()
+        self.before_run()
 
     def before_validate(self) -> None:
-        self._check_ckpt_path()
+        self.before_run()
 
     def before_test(self) -> None:
-        self._check_ckpt_path()
+        self.before_run()
 
     def before_predict(self) -> None:
-        self._check_ckpt_path()
+        self.before_run()
 
 
 def check_writable(folder: Path) -> None:
@@ -245,4 +293,4 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-__all__ = ["PETLCLI", "SUBCOMMANDS", "check_writable", "read_checkpoint"]
+__all__ = ["PETLCLI", "SUBCOMMANDS", "OutputGuard", "check_writable", "read_checkpoint"]

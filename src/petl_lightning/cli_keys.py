@@ -22,7 +22,27 @@ import yaml
 RENAMED: dict[str, dict[str, str | None]] = {
     "RepAdapter": {"r": "adapter_dim", "groups": "adapter_groups", "scale": "adapter_scale", "scale_task": None},
     "ARC": {"r": "adapter_dim"},
-    "DyT": {"variant": "placement", "force_keep_rate": "fixed_keep_rate", "bottleneck": "adapter_dim"},
+    "DyT": {
+        "variant": "skipping.sites",
+        "placement": "skipping.sites",
+        "force_keep_rate": "skipping.fixed_keep_rate",
+        "bottleneck": "adapter_dim",
+        "inference_mode": "skipping.inference",
+        **{
+            key: f"skipping.{key}"
+            for key in (
+                "target_rate",
+                "tau",
+                "threshold",
+                "fixed_keep_rate",
+                "w_rate",
+                "w_complete_cls",
+                "w_distill",
+                "dispatcher_init_std",
+                "dispatcher_lr_scale",
+            )
+        },
+    },
     "DynAdapter": {
         "exit_blocks": "exits.blocks",
         "exit_hidden": "exits.hidden",
@@ -47,6 +67,15 @@ RENAMED: dict[str, dict[str, str | None]] = {
     },
 }
 REMOVED_WHY = {"scale_task": "leave adapter_scale null and the official scale of data.init_args.task is used"}
+#: Fields of option groups renamed: (group class, old field) -> new field.
+RENAMED_FIELDS: dict[tuple[str, str], str] = {("TokenSkipping", "placement"): "sites"}
+#: Classes a recipe may name that were removed, with what to do instead.
+REMOVED_CLASSES = {
+    "ExitCalibration": (
+        "DynAdapter calibrates its exit thresholds itself (calibration.budget); drop it from trainer.callbacks "
+        "(petl_lightning.callbacks.ExitCurveLogger draws the accuracy-vs-GFLOPs curve)"
+    ),
+}
 #: Values renamed by the redesign: (class, key) -> {old value: new value}.
 RENAMED_VALUES: dict[tuple[str, str], dict[str, str]] = {
     ("RepAdapter", "placement"): {"repblock": "attn_mlp", "repattn": "attn"},
@@ -75,6 +104,14 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}.{k}" if prefix else str(k)
         out.update(_flatten(v, key) if isinstance(v, dict) and k != "dict_kwargs" else {key: v})
     return out
+
+
+def _strings(tree: Any) -> list[str]:
+    """Every string inside nested lists and dicts (e.g. the class paths of a callbacks list)."""
+    if isinstance(tree, str):
+        return [tree]
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list) else []
+    return [s for v in values for s in _strings(v)]
 
 
 def user_keys(argv: list[str]) -> dict[str, Any]:
@@ -153,6 +190,9 @@ def _check_group(keys: dict[str, Any], group: str) -> str | None:
         group_cls = _dataclass(annotation)
         if group_cls is not None and len(rest) > 1:
             fields = [f.name for f in dataclasses.fields(group_cls)]
+            renamed_field = RENAMED_FIELDS.get((group_cls.__name__, rest[1]))
+            if renamed_field:
+                return f"{prefix}.{name}.{rest[1]} is now {prefix}.{name}.{renamed_field} (one name per concept)."
             if rest[1] not in fields:
                 close = difflib.get_close_matches(rest[1], fields, n=1, cutoff=0.5)
                 hint = f"; did you mean {prefix}.{name}.{close[0]}?" if close else f"; valid: {', '.join(fields)}."
@@ -161,10 +201,10 @@ def _check_group(keys: dict[str, Any], group: str) -> str | None:
 
 
 def _dataclass(annotation: Any) -> type | None:
-    import petl_lightning.methods.dyn_adapter.config as groups
+    import petl_lightning
 
     if isinstance(annotation, str):
-        annotation = getattr(groups, annotation.split("|")[0].strip(), None)
+        annotation = getattr(petl_lightning, annotation.split("|")[0].strip(), None)
     return annotation if isinstance(annotation, type) and dataclasses.is_dataclass(annotation) else None
 
 
@@ -190,6 +230,10 @@ def explain_parse_error(message: str, argv: list[str]) -> str:
     if missing:
         return f"Config file {missing[0]!r} not found: check the path (recipes live in the repository's recipes/)."
     keys = user_keys(argv)
+    for value in _strings(list(keys.values())):
+        name = value.rpartition(".")[2]
+        if name in REMOVED_CLASSES:
+            return f"{value} was removed: {REMOVED_CLASSES[name]}."
     for found in (_check_group(keys, "model"), _check_group(keys, "data"), _check_trainer(keys)):
         if found:
             return found

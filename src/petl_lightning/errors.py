@@ -36,6 +36,25 @@ class MissingExtraError(PETLError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 
 
+class MergeError(PETLError, ValueError):
+    """An adapter cannot be folded into the layer it acts on (non-linear, or per-token decisions)."""
+
+
+class ExportError(PETLError, RuntimeError):
+    """A program could not be exported, or the written file does not compute what the module does."""
+
+
+class RunnerError(PETLError, ValueError):
+    """A bad ``petl-lightning vtab`` invocation (tasks, recipe, output folder)."""
+
+
+class UnknownReferenceError(PETLError, KeyError):
+    """An unknown name of a method whose published VTAB-1K numbers are looked up."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def require(module: str, extra: str) -> Any:
     """Import an optional dependency, or raise :class:`MissingExtraError` naming the pip extra."""
     import importlib
@@ -89,9 +108,13 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "ExportError",
+    "MergeError",
     "MissingExtraError",
     "ModelNameError",
     "PETLError",
+    "RunnerError",
+    "UnknownReferenceError",
     "find_user_error",
     "one_line",
     "require",

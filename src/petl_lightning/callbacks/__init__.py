@@ -1,14 +1,16 @@
-"""Callbacks: statistics loggers that only read ``inference_stats()``, Dyn-Adapter's calibration,
-the checkpoint and prediction-CSV defaults of the CLI, and an image-batch throughput monitor."""
+"""Callbacks: statistics loggers that only read ``inference_stats()``, Dyn-Adapter's accuracy-vs-GFLOPs
+curve, the checkpoint and prediction-CSV defaults of the CLI, and an image-batch throughput
+monitor."""
 
-from petl_lightning.callbacks.calibration import ExitCalibration
-from petl_lightning.callbacks.checkpoint import PETLCheckpoint
+from petl_lightning.callbacks.checkpoint import AtomicCheckpointIO, PETLCheckpoint
+from petl_lightning.callbacks.curve import ExitCurveLogger
 from petl_lightning.callbacks.predictions import PredictionWriter
 from petl_lightning.callbacks.stats import ExitRateLogger, FlopsLogger, InferenceStatsCallback, read_inference_stats
 from petl_lightning.callbacks.throughput import ImageThroughputMonitor, images_in_batch
 
 __all__ = [
-    "ExitCalibration",
+    "AtomicCheckpointIO",
+    "ExitCurveLogger",
     "ExitRateLogger",
     "FlopsLogger",
     "ImageThroughputMonitor",

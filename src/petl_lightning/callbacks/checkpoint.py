@@ -1,20 +1,41 @@
-"""``PETLCheckpoint``: Lightning's ``ModelCheckpoint`` with the defaults every run of this package needs."""
+"""``PETLCheckpoint``: Lightning's ``ModelCheckpoint`` with the defaults every run of this package
+needs, and ``AtomicCheckpointIO``: checkpoints written to a temporary file and renamed."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` that writes a local checkpoint to a temporary file next to it
+    and renames it into place, so an interrupt never leaves half a checkpoint (the CLI installs it)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path) or storage_options is not None:  # remote storage: Lightning's own writer
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class PETLCheckpoint(ModelCheckpoint):
     """``last.ckpt`` at every training epoch end, whatever the protocol, plus the best by
     ``monitor`` where validation logs it, in ``<default_root_dir>/checkpoints/`` (not inside a
-    logger's version folder), so ``--ckpt_path last`` finds it from a new process. Files are
-    written to a temporary name and renamed, so an interrupt never leaves half a checkpoint.
+    logger's version folder), so ``--ckpt_path last`` finds it from a new process.
 
     ``last.ckpt`` is written here rather than by ``ModelCheckpoint(save_last=True)``, which (Lightning
     2.6) refreshes it only in epochs that also saved a best checkpoint.
@@ -63,17 +84,7 @@ class PETLCheckpoint(ModelCheckpoint):
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:  # type: ignore[attr-defined]
             return
         self.last_model_path = os.path.join(str(self.dirpath), f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-        tmp = f"{self.last_model_path}.tmp"
-        trainer.save_checkpoint(tmp, self.save_weights_only)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.last_model_path)
-
-    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
-        tmp = f"{filepath}.tmp"
-        super()._save_checkpoint(trainer, tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, filepath)
-        self._last_checkpoint_saved = filepath
+        trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
 
 
-__all__ = ["PETLCheckpoint"]
+__all__ = ["AtomicCheckpointIO", "PETLCheckpoint"]

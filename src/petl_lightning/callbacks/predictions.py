@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 if TYPE_CHECKING:
-    from petl_lightning.methods.base import PETLModule
+    from petl_lightning.tasks.classification import PETLModule
 
 COLUMNS = ("path", "class_index", "class_name", "confidence", "exit_block", "keep_rate", "gflops")
 

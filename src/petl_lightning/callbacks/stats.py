@@ -27,7 +27,7 @@ from torch import Tensor
 from petl_lightning.errors import MissingExtraError
 
 if TYPE_CHECKING:
-    from petl_lightning.methods.base import PETLModule
+    from petl_lightning.tasks.classification import PETLModule
 
 VECTOR_KEYS = ("keep_rate_per_layer", "exit_share", "exit_acc", "exit_depths", "thresholds")
 

@@ -39,7 +39,7 @@ from PIL import Image
 from petl_lightning.data.check import sha256_of
 from petl_lightning.data.tasks import VTAB_TASKS, parse_tasks
 from petl_lightning.data.vtab_splits import LISTS, VTAB_SOURCES, TaskSource, limit_spec, slice_size
-from petl_lightning.errors import DataError
+from petl_lightning.errors import DataError, MissingExtraError
 
 MISSING_EXTRA = "tensorflow-datasets is not installed: pip install 'petl-lightning[prepare]'"
 PARTIAL = ".partial-"  # temporary task folders are named .<task>.partial-<random>
@@ -47,10 +47,6 @@ PARTIAL = ".partial-"  # temporary task folders are named .<task>.partial-<rando
 
 class ManualDownloadRequired(DataError):
     """A task whose tfds dataset must be downloaded by hand first."""
-
-
-class MissingExtra(DataError):
-    """TensorFlow Datasets is not installed."""
 
 
 def _import_tfds() -> Any:
@@ -64,7 +60,7 @@ def _import_tfds() -> Any:
         import tensorflow as tf
         import tensorflow_datasets as tfds
     except ImportError:
-        raise MissingExtra(f"Cannot build VTAB-1K tasks: {MISSING_EXTRA}.") from None
+        raise MissingExtraError(f"Cannot build VTAB-1K tasks: {MISSING_EXTRA}.") from None
     with contextlib.suppress(RuntimeError):  # already initialised: nothing to change
         tf.config.set_visible_devices([], "GPU")
     return tfds
@@ -290,8 +286,6 @@ def prepare_tasks(
         start = time.perf_counter()
         try:
             built = prepare_task(root, task, data_dir, manual_dir, test_limit)
-        except MissingExtra:
-            raise
         except DataError as err:
             report.failed[task] = str(err)
             manual = isinstance(err, ManualDownloadRequired)

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from petl_lightning.deploy.dyt_topk import DyTTopK
-from petl_lightning.errors import ConfigError, PETLError, require
-from petl_lightning.merge import export_safetensors
+from petl_lightning.deploy.protocol import Exportable
+from petl_lightning.deploy.safetensors import export_safetensors
+from petl_lightning.errors import ConfigError, ExportError, require
 
 #: Export formats and the file suffix each one writes.
 FORMATS = ("onnx", "torch_export", "safetensors")
@@ -38,10 +38,6 @@ SUFFIXES = {"onnx": ".onnx", "torch_export": ".pt2", "safetensors": ".safetensor
 ONNX_OPSETS = range(18, 24)
 #: The name of the metadata file inside a ``.pt2`` archive (``torch.export.load(..., extra_files=)``).
 PT2_METADATA = "petl_metadata.json"
-
-
-class ExportError(PETLError, RuntimeError):
-    """A program could not be exported, or the written file does not compute what the module does."""
 
 
 def resolve_format(path: str | Path, fmt: str | None) -> str:
@@ -164,30 +160,25 @@ def _export_onnx(
     return list(session.run(None, {n: t.numpy() for n, t in zip(input_names, check_input)}))
 
 
-def example_images(model: Any, batch: int = 2, seed: int = 0) -> Tensor:
-    """Random images (batch, C, H, W) of the size ``model``'s backbone takes: what a program is traced with."""
-    patch_embed = model.vit.vit.patch_embed
-    size, chans = patch_embed.img_size, patch_embed.proj.in_channels
-    return torch.randn(batch, chans, *size, generator=torch.Generator().manual_seed(seed))
-
-
 def export_model(
-    model: Any, path: str | Path, fmt: str | None = None, opset: int | None = None, keep_rate: float | None = None
+    model: Exportable,
+    path: str | Path,
+    fmt: str | None = None,
+    opset: int | None = None,
+    keep_rate: float | None = None,
 ) -> Path:
-    """:meth:`PETLModule.export <petl_lightning.methods.base.PETLModule.export>`: ``safetensors``: the
-    merged timm model's weights; ``onnx`` / ``torch_export``: a program of ``model.deploy_form()``
-    traced on the CPU in fp32. Either way with ``model.export_metadata()``."""
+    """``model.export(...)`` of every method: ``safetensors``: the merged timm model's weights;
+    ``onnx`` / ``torch_export``: a program of ``model.deploy_form(keep_rate)`` traced on the CPU in
+    fp32. Either way with ``model.export_metadata(keep_rate)``."""
     fmt = resolve_format(path, fmt)
     check_exporter(fmt, opset)
-    meta = model.export_metadata()
     if fmt == "safetensors":
         if keep_rate is not None:
             raise ConfigError("keep_rate applies to the onnx and torch_export formats (DyT's top-k programs).")
-        return export_safetensors(model.merge(), path, meta)
+        return export_safetensors(model.merge(), path, model.export_metadata())
     form = model.deploy_form(keep_rate).to("cpu", torch.float32)
-    if isinstance(form, DyTTopK):
-        meta["keep_count"] = form.keep_count
-    return export_program(form, (example_images(model),), path, fmt, opset, metadata=meta)
+    example = (model.example_input().cpu(),)
+    return export_program(form, example, path, fmt, opset, metadata=model.export_metadata(keep_rate))
 
 
 __all__ = [
@@ -195,10 +186,8 @@ __all__ = [
     "ONNX_OPSETS",
     "PT2_METADATA",
     "SUFFIXES",
-    "ExportError",
     "batch_dynamic",
     "check_exporter",
-    "example_images",
     "export_model",
     "export_program",
     "resolve_format",

@@ -1,5 +1,5 @@
-"""The bottleneck adapter (Houlsby et al. 2019; AdaptFormer's parallel form, Chen et al. 2022), its
-mixture-of-experts form (DyT-dagger), and the block that puts it parallel to a frozen MLP.
+"""The bottleneck adapter (Houlsby et al. 2019; AdaptFormer's parallel form, Chen et al. 2022) and its
+mixture-of-experts form (DyT-dagger).
 
 Per token ``x`` (size ``dim``)::
 
@@ -14,23 +14,20 @@ merged into the backbone.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from petl_lightning.errors import ConfigError
-
-if TYPE_CHECKING:
-    from timm.models.vision_transformer import Block
+from petl_lightning.errors import ConfigError, MergeError
+from petl_lightning.layers.wrapper import AdapterLayer
 
 
 def _kaiming_down(weight: Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
-class Adapter(nn.Module):
+class Adapter(AdapterLayer):
     """Bottleneck adapter branch ``scale * up(dropout(relu(down(x))))``.
 
     Args:
@@ -64,11 +61,17 @@ class Adapter(nn.Module):
         """Multiply-adds on ``n_tokens`` tokens (down and up projections; biases not counted)."""
         return n_tokens * 2 * self.dim * self.adapter_dim
 
+    def merged(self) -> nn.Module:
+        raise MergeError(
+            "The bottleneck adapter is non-linear (ReLU) and cannot be merged into the backbone; only "
+            "RepAdapter, ARC and LoRA adapters fold."
+        )
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, adapter_dim={self.adapter_dim}, scale={self.scale:g}"
 
 
-class MoEAdapter(nn.Module):
+class MoEAdapter(AdapterLayer):
     """DyT-dagger's adapter: ``N`` expert adapters merged per image by a router.
 
     The router ``Linear(dim -> N)`` reads the adapter input averaged over all tokens of the image
@@ -135,36 +138,4 @@ def build_adapter(
     return MoEAdapter(dim, adapter_dim, num_experts, scale, dropout)
 
 
-class ParallelAdapterBlock(nn.Module):
-    """A frozen timm ``Block`` with an :class:`Adapter` parallel to its MLP (AdaptFormer's place),
-    reading the MLP's normalised input, added outside LayerScale (a small LayerScale must not
-    shrink the adapter's update)::
-
-        x = x + drop_path1(ls1(attn(norm1(x))))
-        h = norm2(x)
-        x = x + drop_path2(ls2(mlp(h))) + adapter(h)
-    """
-
-    norm1: nn.Module
-    attn: nn.Module
-    ls1: nn.Module
-    drop_path1: nn.Module
-    norm2: nn.Module
-    mlp: nn.Module
-    ls2: nn.Module
-    drop_path2: nn.Module
-
-    def __init__(self, block: nn.Module, adapter: Adapter) -> None:
-        super().__init__()
-        blk = cast("Block", block)  # any module with a timm Block's sub-modules
-        self.norm1, self.attn, self.ls1, self.drop_path1 = blk.norm1, blk.attn, blk.ls1, blk.drop_path1
-        self.norm2, self.mlp, self.ls2, self.drop_path2 = blk.norm2, blk.mlp, blk.ls2, blk.drop_path2
-        self.adapter = adapter
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        h = self.norm2(x)
-        return x + self.drop_path2(self.ls2(self.mlp(h))) + self.adapter(h)
-
-
-__all__ = ["Adapter", "MoEAdapter", "ParallelAdapterBlock", "build_adapter"]
+__all__ = ["Adapter", "MoEAdapter", "build_adapter"]

@@ -2,8 +2,8 @@
 token deciding whether it goes through the skippable sub-block.
 
 Training samples a hard 0/1 mask with a soft gradient (:func:`gumbel_sigmoid_st`); inference keeps
-a token when ``sigmoid(logit) > threshold`` (no noise), or, with an explicit keep count, the
-``k`` tokens with the largest logits (:meth:`TokenDispatcher.top_k`).
+a token when ``sigmoid(logit) > threshold`` (no noise); DyT's block can instead keep a fixed count of
+the largest logits per image.
 """
 
 from __future__ import annotations
@@ -68,15 +68,14 @@ class TokenDispatcher(nn.Module):
         """Inference decision (B, N) bool: ``sigmoid(logit) > threshold``."""
         return logits > self.logit_threshold
 
-    @staticmethod
-    def top_k(logits: Tensor, k: int) -> Tensor:
-        """Indices (B, k) of the ``k`` largest logits of each row, in token order (static shapes)."""
-        return logits.topk(k, dim=1).indices.sort(dim=1).values
-
     @property
     def threshold(self) -> float:
         """The inference threshold on ``sigmoid(logit)``."""
         return float(torch.sigmoid(self.logit_threshold))
+
+    def set_threshold(self, threshold: float) -> None:
+        """Set the inference threshold on ``sigmoid(logit)`` (0 keeps every token, 1 none)."""
+        self.logit_threshold.fill_(float(torch.logit(torch.tensor(threshold, dtype=torch.float64))))
 
     def flops(self, n_tokens: int) -> int:
         """Multiply-adds for ``n_tokens`` tokens."""

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from petl_lightning.methods.base import PETLModule
+from petl_lightning.stats import InferenceOutput
+from petl_lightning.tasks.classification import PETLModule
 
 
 class LinearProbe(PETLModule):
@@ -30,17 +31,25 @@ class LinearProbe(PETLModule):
     def _key(image: Tensor) -> bytes:
         return hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """The frozen backbone's pooled features (B, D), from the cache where an image was seen."""
         if not self.cache_features:
-            return super().forward_features(x)
+            return self.vit.run(x).features
         keys = [self._key(img) for img in x]
         todo = [i for i, k in enumerate(keys) if k not in self._feature_cache]
         if todo:
             with torch.no_grad():
-                feats = super().forward_features(x[todo])
+                feats = self.vit.run(x[todo]).features
             for i, f in zip(todo, feats):
                 self._feature_cache[keys[i]] = f.detach().cpu()
         return torch.stack([self._feature_cache[k] for k in keys]).to(device=x.device, dtype=x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def infer(self, x: Tensor) -> InferenceOutput:
+        flops = torch.full((x.shape[0],), float(self.inference_flops()), dtype=torch.float64, device=x.device)
+        return InferenceOutput(self(x), flops)
 
 
 class FullFinetune(PETLModule):

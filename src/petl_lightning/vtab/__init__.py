@@ -23,9 +23,9 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from petl_lightning.errors import run_user_command
+from petl_lightning.errors import RunnerError, run_user_command
 from petl_lightning.vtab.launch import Launcher, execute, make_slots, output_lock, run_inprocess, run_subprocess
-from petl_lightning.vtab.plan import RunnerError, TaskRun, plan_runs
+from petl_lightning.vtab.plan import TaskRun, plan_runs
 from petl_lightning.vtab.report import collect_results, log_to_wandb, write_tables
 from petl_lightning.vtab.run import atomic_write
 

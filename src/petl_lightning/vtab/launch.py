@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from petl_lightning.errors import find_user_error, one_line
-from petl_lightning.vtab.plan import RunnerError, TaskRun
+from petl_lightning.errors import RunnerError, find_user_error, one_line
+from petl_lightning.vtab.plan import TaskRun
 from petl_lightning.vtab.run import WORKER_ENV, atomic_write, run_task
 
 SPEC_FILE = "spec.json"

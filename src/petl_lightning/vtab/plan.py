@@ -16,14 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from petl_lightning.data.vtab import GROUPS, LIST_FILES, VTAB_TASKS
-from petl_lightning.errors import PETLError
+from petl_lightning.errors import RunnerError
 
 RESULT_FILE = "result.json"
 RESERVED = ("--data.init_args.task", "--data.task", "--seed_everything", "--trainer.default_root_dir")
-
-
-class RunnerError(PETLError, ValueError):
-    """A bad ``petl-lightning vtab`` invocation (tasks, recipe, output folder)."""
 
 
 @dataclass
@@ -229,7 +225,6 @@ def plan_runs(
 
 __all__ = [
     "RESULT_FILE",
-    "RunnerError",
     "TaskRun",
     "fingerprint",
     "parse_fit_config",

@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Any
 
 from petl_lightning.data.vtab import GROUPS, VTAB_TASKS
-from petl_lightning.errors import PETLError
+from petl_lightning.errors import UnknownReferenceError
 
 #: Column headings of the papers' tables, in the papers' order (= ``VTAB_TASKS`` order).
 SHORT_NAMES: dict[str, str] = {
@@ -46,13 +46,6 @@ SHORT_NAMES: dict[str, str] = {
     "smallnorb_azi": "sN-a",
     "smallnorb_ele": "sN-e",
 }
-
-
-class ReferenceError(PETLError, KeyError):
-    """An unknown reference method name."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -98,7 +91,7 @@ def resolve_name(name: str) -> str:
         return aliases.get(key, key)
     close = difflib.get_close_matches(name, list(methods), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ReferenceError(f"No reported VTAB-1K numbers for {name!r}.{hint} Known: {', '.join(methods)}.")
+    raise UnknownReferenceError(f"No reported VTAB-1K numbers for {name!r}.{hint} Known: {', '.join(methods)}.")
 
 
 def reference(name: str) -> Reference:
@@ -135,7 +128,7 @@ def reference_for_module(class_name: str, hparams: Mapping[str, Any] | None = No
         return None
     try:
         key = resolve_name(class_name)
-    except ReferenceError:
+    except UnknownReferenceError:
         return None
     return key if _load()["methods"][key]["per_task"] is not None else None
 
@@ -192,7 +185,7 @@ def paper_table(rows: Mapping[str, Mapping[str, float]], digits: int = 1) -> str
 
 __all__ = [
     "Reference",
-    "ReferenceError",
+    "UnknownReferenceError",
     "SHORT_NAMES",
     "format_delta",
     "paper_table",

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from petl_lightning.errors import run_user_command
-from petl_lightning.vtab.plan import RunnerError, TaskRun
+from petl_lightning.errors import RunnerError, run_user_command
+from petl_lightning.vtab.plan import TaskRun
 
 WORKER_ENV = "PETL_VTAB_WORKER"
 

@@ -1,13 +1,9 @@
-"""Dyn-Adapter: the model (``model.py``), its PETL bases (``bases.py``), the threshold maths
-(``thresholds.py``) and the option groups (``config.py``)."""
+"""Dyn-Adapter: its option groups (``groups.py``) and config (``config.py``), its early-exit model
+(``adapted.py``), the threshold maths (``thresholds.py``), its stage programs (``deploy.py``) and its
+LightningModule (``model.py``)."""
 
-from petl_lightning.methods.dyn_adapter.config import (
-    CalibrationConfig,
-    ExitConfig,
-    LossSchedule,
-    SparsityConfig,
-    TokenSkipping,
-)
+from petl_lightning.methods.dyn_adapter.config import DynAdapterConfig
+from petl_lightning.methods.dyn_adapter.groups import CalibrationConfig, ExitConfig, LossSchedule, SparsityConfig
 from petl_lightning.methods.dyn_adapter.model import DynAdapter
 
-__all__ = ["CalibrationConfig", "DynAdapter", "ExitConfig", "LossSchedule", "SparsityConfig", "TokenSkipping"]
+__all__ = ["CalibrationConfig", "DynAdapter", "DynAdapterConfig", "ExitConfig", "LossSchedule", "SparsityConfig"]

@@ -1,160 +1,156 @@
-"""Dyn-Adapter (Zhang et al., ECCV 2024, arXiv 2407.14302): early-exit heads over a PETL base on a
-frozen ViT, trained with a scheduled multi-exit loss and bidirectional sparsity, run with per-image
-early exit. No official code exists: every number and shape is our choice and an option (``config.py``;
-``docs/dyn_adapter.md``). Inference removes finished images from the batch after each exit and skips
-the heads of exits that take no image, tested equal to a per-image loop; :meth:`DynAdapter.calibrate`
-picks the thresholds for a FLOPs budget on held-out data (``ExitCalibration`` does it during fit and
-before test); :meth:`DynAdapter.merge` folds a RepAdapter, ARC or LoRA base into a plain timm ViT.
+"""Dyn-Adapter's LightningModule (Zhang et al., ECCV 2024, arXiv 2407.14302): image classification
+over ``DynAdapterConfig``'s early-exit model, trained with a scheduled multi-exit loss and
+bidirectional sparsity, run with per-image early exit. No official code exists: every number and
+shape is our choice and an option (``groups.py``; ``docs/dyn_adapter.md``).
+
+The module keeps its exit thresholds calibrated for ``calibration.budget`` (a share of the full
+model's FLOPs) on held-out data by itself, with any ``Trainer``: at the last batch of every
+validation epoch (before the statistics callbacks read them), at the end of fit when the last epoch
+did not validate (``last.ckpt`` is then written again), and before testing when the checkpoint holds
+no calibration for the budget given now. :meth:`DynAdapter.merge` folds a RepAdapter, ARC or LoRA
+base into a plain timm ViT; :meth:`DynAdapter.export_exits` writes one program per exit.
 
 With ``base="dyt"`` (ours; no published code combines the two) every block is DyT's, so both savings
 compose: finished images leave the batch after each exit, and inside every block an image still runs,
-only its kept tokens go through the skippable sub-block. Each image then pays its own block FLOPs
-(its kept tokens), which the exit tables carry so calibration meets the budget on held-out data.
+only its kept tokens go through the skippable sub-block.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
+import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from petl_lightning.adapted import AdaptedViT
+from petl_lightning.backbone import FrozenViT
 from petl_lightning.deploy.stages import export_exit_stages
 from petl_lightning.errors import ConfigError
-from petl_lightning.flops import block_flops, embed_flops, head_flops
-from petl_lightning.layers.dyt_block import PLACEMENT_SITES, DyTBlock, default_adapter_scale
-from petl_lightning.layers.dyt_loss import dyt_loss_terms
-from petl_lightning.layers.exits import ExitHead, pool_exit_tokens
+from petl_lightning.methods.adapter.config import AdapterConfig
+from petl_lightning.methods.arc.config import ARCConfig
+from petl_lightning.methods.config import MethodConfig, as_group
 from petl_lightning.methods.dyn_adapter import thresholds as th
-from petl_lightning.methods.dyn_adapter.bases import DEFAULT_ADAPTER_DIM, Base, adapter_layers, build_blocks, fold_block
-from petl_lightning.methods.dyn_adapter.config import (
-    CalibrationConfig,
-    ExitConfig,
-    LossSchedule,
-    SparsityConfig,
-    TokenSkipping,
-    as_config,
-)
-from petl_lightning.methods.dyn_adapter.early_exit import EarlyExitModule
-from petl_lightning.methods.repadapter import RepAdapter
-from petl_lightning.stats import InferenceOutput, InferenceStats
+from petl_lightning.methods.dyn_adapter.adapted import EarlyExitViT, threshold_vector
+from petl_lightning.methods.dyn_adapter.config import DynAdapterConfig
+from petl_lightning.methods.dyn_adapter.deploy import exit_stages
+from petl_lightning.methods.dyn_adapter.groups import CalibrationConfig, ExitConfig, LossSchedule, SparsityConfig
+from petl_lightning.methods.dyt.config import DyTConfig, default_adapter_scale
+from petl_lightning.methods.dyt.skipping import TokenSkipping
+from petl_lightning.methods.lora.config import LoRAConfig
+from petl_lightning.methods.repadapter.config import RepAdapterConfig
+from petl_lightning.methods.repadapter.layer import set_adapter_scale
+from petl_lightning.methods.repadapter.model import RepAdapter
+from petl_lightning.stats import InferenceOutput
+from petl_lightning.tasks.classification import PETLModule
+
+BASES = ("repadapter", "arc", "lora", "adapter", "dyt")
+DEFAULT_ADAPTER_DIM = {"repadapter": 8, "arc": 50, "lora": 8, "adapter": 8, "dyt": 8}
+#: Dyn-Adapter's dyt base without DyT's complete-model terms (each costs a second forward, and the
+#: exits' losses already train every block on real labels).
+DYT_BASE_SKIPPING = TokenSkipping(w_complete_cls=0.0, w_distill=0.0)
 
 
-class DynAdapter(EarlyExitModule):
+def base_config(
+    base: str, adapter_dim: int | None, adapter_groups: int, adapter_scale: float, skipping: TokenSkipping
+) -> MethodConfig:
+    """The PETL base's config from Dyn-Adapter's arguments (dropout is set per depth afterwards)."""
+    if base not in BASES:
+        raise ConfigError(f"Unknown base {base!r}; choose one of {', '.join(BASES)}.")
+    dim = DEFAULT_ADAPTER_DIM[base] if adapter_dim is None else adapter_dim
+    configs = {
+        "repadapter": lambda: RepAdapterConfig(dim, adapter_groups, adapter_scale, "attn_mlp", 0.0),
+        "arc": lambda: ARCConfig(dim, 0.0, "attn_mlp", "zeros"),
+        "lora": lambda: LoRAConfig(dim, adapter_scale, 0.0, "attn"),
+        "adapter": lambda: AdapterConfig(dim, adapter_scale, 0.0),
+        "dyt": lambda: DyTConfig(dim, adapter_scale, 0.0, 1, skipping),
+    }
+    return cast(MethodConfig, configs[base]())
+
+
+class DynAdapter(PETLModule):
     """Dyn-Adapter: early exits over a PETL base on a frozen ViT, with budgeted dynamic inference.
 
-    Exit ``k`` reads pooled tokens after block ``exits.blocks[k]`` through an
-    :class:`~petl_lightning.layers.exits.ExitHead`; the final exit is the backbone's final norm and
-    ``self.head``. ``forward`` returns the early-exit prediction ``(B, K)`` in every mode;
-    :meth:`forward_exits` returns every exit's logits (the training path).
+    ``forward`` returns the early-exit prediction ``(B, K)`` in every mode; :meth:`forward_exits`
+    returns every exit's logits (the training path).
 
     Args:
-        base: ``"repadapter"`` (default), ``"arc"``, ``"lora"``, ``"adapter"`` or ``"dyt"``
-            (:mod:`~petl_lightning.methods.dyn_adapter.bases`).
+        base: ``"repadapter"`` (default), ``"arc"``, ``"lora"``, ``"adapter"`` or ``"dyt"``.
         adapter_dim: the base's width or rank (None: 8; 50 for ARC).
         adapter_groups: RepAdapter's up-projection groups (2).
         adapter_scale: the base's branch scale (LoRA: ``alpha / r``). None: 1.0, except for the
             repadapter base, which takes RepAdapter's official per-task scale (:meth:`task_overrides`),
-            and the dyt base, which takes DyT's lr-dependent default (:func:`~petl_lightning.layers.
-            dyt_block.default_adapter_scale`).
-        exits / loss / sparsity / skipping / calibration: the option groups of
-            :mod:`~petl_lightning.methods.dyn_adapter.config` (dataclasses or dicts); ``skipping``
-            (DyT's token skipping) applies to ``base="dyt"`` only.
+            and the dyt base, which takes DyT's lr-dependent default (:func:`default_adapter_scale`).
+        exits / loss / sparsity / calibration: the option groups of
+            :mod:`~petl_lightning.methods.dyn_adapter.groups` (dataclasses or dicts).
+        skipping: DyT's token skipping (:class:`TokenSkipping`), for ``base="dyt"`` only.
         eval_all_exits: in test, also run every exit on every image (a second, full pass) to log
             ``test/acc_exit{b}`` per exit (validation always does: calibration needs it).
         **kwargs: :class:`PETLModule` arguments.
     """
 
-    STRUCTURAL_HPARAMS = (
-        *EarlyExitModule.STRUCTURAL_HPARAMS,
-        "base",
-        "adapter_dim",
-        "adapter_groups",
-        "exits",
-        "skipping",
-    )
+    STRUCTURAL_HPARAMS = (*PETLModule.STRUCTURAL_HPARAMS, "base", "adapter_dim", "adapter_groups", "exits", "skipping")
+    #: The early-exit model class; a subclass with another ``confidence`` changes the exit rule.
+    exit_model: ClassVar[type[EarlyExitViT]] = EarlyExitViT
+
+    model: EarlyExitViT
+    config: DynAdapterConfig
 
     def __init__(
         self,
-        base: Base = "repadapter",
+        base: str = "repadapter",
         adapter_dim: int | None = None,
         adapter_groups: int = 2,
         adapter_scale: float | None = None,
         exits: ExitConfig = ExitConfig(),  # noqa: B008 - a frozen-by-convention default LightningCLI shows
         loss: LossSchedule = LossSchedule(),  # noqa: B008
         sparsity: SparsityConfig = SparsityConfig(),  # noqa: B008
-        skipping: TokenSkipping = TokenSkipping(),  # noqa: B008
+        skipping: TokenSkipping = DYT_BASE_SKIPPING,
         calibration: CalibrationConfig = CalibrationConfig(),  # noqa: B008
         eval_all_exits: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.vit.check_blocks(type(self).__name__)
-        self.exit_config, self.loss_schedule = as_config(ExitConfig, exits), as_config(LossSchedule, loss)
-        self.sparsity = as_config(SparsityConfig, sparsity)
-        self.skipping = as_config(TokenSkipping, skipping)
-        self.calibration_config = as_config(CalibrationConfig, calibration)
-        self.hparams.update(  # plain dicts: what weights-only checkpoint loading accepts
-            exits=asdict(self.exit_config),
-            loss=asdict(self.loss_schedule),
-            sparsity=asdict(self.sparsity),
-            skipping=asdict(self.skipping),
-            calibration=asdict(self.calibration_config),
-        )
-        for group in (self.loss_schedule, self.sparsity, self.calibration_config, self.skipping):
-            group.check()
-        if base != "dyt" and self.skipping != TokenSkipping():
-            raise ConfigError(
-                f"skipping options apply to base='dyt' only (token skipping inside the blocks); this model's base "
-                f"is {base!r}. Set --model.init_args.base dyt, or drop the skipping options."
-            )
-        depth, dim = self.vit.depth, self.vit.dim
-        if getattr(self.vit.vit, "attn_pool", None) is not None or self.vit.vit.global_pool != "token":
-            raise ConfigError(
-                f"DynAdapter reads the CLS token at every exit; {self.vit.model_name!r} pools with "
-                f"{self.vit.vit.global_pool!r}. Use a ViT with a class token (global_pool='token')."
-            )
-        self.exit_config.check(depth)
-        self.exit_depths = [*self.exit_config.resolved_blocks(depth), depth]
-        hidden = self.exit_config.resolved_hidden(self.num_exits - 1)
-        n_pool = 2 if self.exit_config.pool == "cls_avg" else 1
-        cfg = self.exit_config
-        self.exit_heads = nn.ModuleList(
-            ExitHead(dim, self.num_classes, h, cfg.dropout, n_pool, cfg.grad_scale) for h in hidden
-        )
-        if adapter_scale is None and base == "dyt":
-            adapter_scale = self.hparams["adapter_scale"] = default_adapter_scale(self.hparams.lr)
-        scale = 1.0 if adapter_scale is None else float(adapter_scale)
-        width = DEFAULT_ADAPTER_DIM.get(base, 8) if adapter_dim is None else adapter_dim
-        dropout, prefix = self.sparsity.dropout_per_block(depth), self.vit.num_prefix_tokens
-        self.blocks = build_blocks(
-            base, self.vit.blocks, self, width, adapter_groups, scale, dropout, self.skipping, prefix
-        )
-        #: Patch tokens each block offers its skippable sub-blocks (0 unless the base is ``dyt``).
-        self.skippable_tokens = (
-            self.vit.num_patches * len(PLACEMENT_SITES[self.skipping.placement]) if base == "dyt" else 0
-        )
-        fixed = self.calibration_config.thresholds
-        self.register_buffer(
-            "thresholds",
-            self.calibration_config.threshold_vector(math.inf if fixed is None else fixed, self.num_exits - 1),
-        )
+        fixed = self.config.calibration.thresholds
         #: The last calibration (budget, policy, held-out accuracy and FLOPs); saved in checkpoints.
         self.calibration_result: dict[str, Any] | None = (
             None if fixed is None else {"budget": None, "thresholds": list(fixed)}
         )
-        self.inference_meter = InferenceStats(depth, num_exits=self.num_exits)
         self.exit_accuracy = nn.ModuleList(
             MulticlassAccuracy(self.num_classes, average="micro") for _ in self.exit_depths
         )
         self._held_out: list[th.ExitOutputs] = []
         self._total_steps: int | None = None
+
+    def build_model(self, frozen: FrozenViT) -> EarlyExitViT:
+        hp = self.hparams
+        groups = {
+            "exits": as_group(ExitConfig, hp.exits, "exits"),
+            "loss": as_group(LossSchedule, hp.loss, "loss"),
+            "sparsity": as_group(SparsityConfig, hp.sparsity, "sparsity"),
+            "calibration": as_group(CalibrationConfig, hp.calibration, "calibration"),
+        }
+        skipping = as_group(TokenSkipping, hp.skipping, "skipping")
+        if hp.base != "dyt" and skipping != DYT_BASE_SKIPPING:
+            raise ConfigError(
+                f"skipping options apply to base='dyt' only (token skipping inside the blocks); this model's base "
+                f"is {hp.base!r}. Set --model.init_args.base dyt, or drop the skipping options."
+            )
+        if hp.adapter_scale is None and hp.base == "dyt":
+            hp["adapter_scale"] = default_adapter_scale(hp.lr)
+        scale = 1.0 if hp.adapter_scale is None else float(hp.adapter_scale)
+        base = base_config(hp.base, hp.adapter_dim, hp.adapter_groups, scale, skipping)
+        self.config = DynAdapterConfig(self.num_classes, base, **groups)
+        # plain dicts: what weights-only checkpoint loading accepts
+        hp.update({name: asdict(group) for name, group in (*groups.items(), ("skipping", skipping))})
+        return self.config.build(frozen.vit, self.exit_model)
 
     @classmethod
     def task_overrides(cls, task: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,166 +159,42 @@ class DynAdapter(EarlyExitModule):
 
     @property
     def num_exits(self) -> int:
-        return len(self.exit_depths)
+        return self.model.num_exits
+
+    @property
+    def exit_depths(self) -> list[int]:
+        return self.model.exit_depths
+
+    @property
+    def thresholds(self) -> Tensor:
+        return self.model.thresholds
+
+    @property
+    def loss_schedule(self) -> LossSchedule:
+        return self.config.loss
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration_result is not None
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward_tokens(self, tokens: Tensor) -> Tensor:
-        return self.forward_blocks(tokens, 0, len(self.blocks))
-
-    def confidence(self, logits: Tensor) -> Tensor:
-        """Per-image confidence (B,) of one exit's logits (B, K): the one exit rule (override it)."""
-        return th.confidence(logits, self.calibration_config.confidence)
-
-    def exit_logits(self, k: int, tokens: Tensor) -> Tensor:
-        """Exit ``k``'s logits from the tokens after block ``exit_depths[k]``."""
-        if k == self.num_exits - 1:
-            return self.head(self.vit.pool(tokens))
-        return self.exit_heads[k](pool_exit_tokens(tokens, self.exit_config.pool, self.vit.num_prefix_tokens))
-
     def forward_exits(self, x: Tensor) -> Tensor:
         """Every exit on every image: logits (E, B, K)."""
-        return self.run_exits(x)[0]
+        return self.model.forward_exits(x)
 
-    def run_exits(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Every exit on every image: logits (E, B, K) and, for the ``dyt`` base, each image's block
-        FLOPs up to each exit (B, E) and patch tokens kept per block (B, depth); else ``None``s."""
-        tokens, out, kept, start = self.vit.embed(x), [], [], 0
-        for k, end in enumerate(self.exit_depths):
-            tokens, c = self.forward_blocks_counted(tokens, start, end)
-            kept.append(c)
-            start = end
-            out.append(self.exit_logits(k, tokens))
-        if not self.skippable_tokens:
-            return torch.stack(out), None, None
-        counts = torch.cat(kept, dim=1)  # (B, depth, sites)
-        s = self.vit.shape()
-        per_block = torch.stack(
-            [cast(DyTBlock, blk).executed_flops(counts[:, i], s) for i, blk in enumerate(self.blocks)], dim=1
-        )
-        block_cost = per_block.cumsum(dim=1)[:, [d - 1 for d in self.exit_depths]]
-        return torch.stack(out), block_cost, counts.sum(-1)
+    def infer(self, x: Tensor, vit: AdaptedViT | None = None) -> InferenceOutput:
+        """Early exit with batch shrinking (:meth:`EarlyExitViT.infer`); ``vit``: another base to run,
+        e.g. ``AdaptedViT(merged, merged.blocks)`` of ``merged = self.merge()`` (adapters then free)."""
+        return self.model.infer(x, vit)
 
-    def keep_count(self) -> int | None:
-        """Patch tokens every image keeps per site under ``skipping.fixed_keep_rate`` (None: thresholded)."""
-        rate = self.skipping.fixed_keep_rate
-        return None if rate is None else int(round(rate * self.vit.num_patches))
+    # -- FLOPs and statistics --------------------------------------------------------------------
+    def exit_costs(self, vit: AdaptedViT | None = None, norm: bool = True) -> th.ExitCosts:
+        return self.model.exit_costs(vit, norm)
 
-    def forward_blocks_counted(
-        self, tokens: Tensor, start: int, end: int, blocks: nn.ModuleList | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Blocks ``start:end`` on ``tokens``: the tokens, and the patch tokens each image kept per
-        block and site (B, end - start, sites), long (sites = 0 unless the base is ``dyt``, whose
-        blocks run their gathered inference path)."""
-        counts = []
-        for blk in (self.blocks if blocks is None else blocks)[start:end]:
-            if isinstance(blk, DyTBlock):
-                tokens, c = blk.forward_gathered(tokens, self.keep_count())
-                counts.append(c)
-            else:
-                tokens = blk(tokens)
-                counts.append(torch.zeros(tokens.shape[0], 0, dtype=torch.long, device=tokens.device))
-        if not counts:
-            return tokens, torch.zeros(tokens.shape[0], 0, 0, dtype=torch.long, device=tokens.device)
-        return tokens, torch.stack(counts, dim=1)
-
-    def forward_blocks(self, tokens: Tensor, start: int, end: int, blocks: nn.ModuleList | None = None) -> Tensor:
-        return self.forward_blocks_counted(tokens, start, end, blocks)[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The early-exit prediction (B, K)."""
-        return self.infer(x).logits
-
-    def infer(self, x: Tensor, blocks: nn.ModuleList | None = None) -> InferenceOutput:
-        """Early exit with batch shrinking: after each exit the images whose confidence clears its
-        threshold are written out and leave the batch; exits that take no image (``+inf``) are not
-        evaluated. ``blocks``: the folded blocks of ``self.merge().blocks`` instead (the adapters then
-        cost nothing: the executed FLOPs count them so). With the ``dyt`` base each block also runs
-        only the kept tokens of the images still in the batch, and each image pays for those. Host
-        syncs on a GPU: one read of the thresholds, and one per evaluated early exit (the size of the
-        smaller batch); the ``dyt`` base's thresholded keep rule adds its own per block (use
-        ``skipping.fixed_keep_rate`` for none)."""
-        b, last, depth = x.shape[0], self.num_exits - 1, len(self.blocks)
-        thresholds = self.thresholds.tolist()
-        tokens, remaining = self.vit.embed(x), torch.arange(b, device=x.device)
-        exit_index = torch.full((b,), last, dtype=torch.long, device=x.device)
-        block_flops = torch.zeros(b, dtype=torch.float64, device=x.device)
-        kept = torch.zeros(b, depth, dtype=torch.long, device=x.device)
-        s = self.vit.shape()
-        out: Tensor | None = None
-        start = 0
-        for k, end in enumerate(self.exit_depths):
-            tokens, counts = self.forward_blocks_counted(tokens, start, end, blocks)
-            if self.skippable_tokens:
-                for j in range(end - start):
-                    blk = cast(DyTBlock, self.blocks[start + j])
-                    block_flops.index_add_(0, remaining, blk.executed_flops(counts[:, j], s))
-                kept[remaining, start:end] = counts.sum(-1)
-            start = end
-            if k < last and not thresholds[k] < math.inf:
-                continue
-            logits = self.exit_logits(k, tokens)
-            out = logits.new_empty(b, logits.shape[1]) if out is None else out
-            if k == last:
-                out.index_copy_(0, remaining, logits)
-                break
-            done = self.confidence(logits) >= thresholds[k]
-            n_stay = done.numel() - int(done.sum())
-            if n_stay == done.numel():
-                continue
-            order = torch.sort(done.to(torch.uint8), stable=True).indices  # staying first, each part in order
-            stay, leave = order[:n_stay], order[n_stay:]
-            out.index_copy_(0, remaining[leave], logits[leave])
-            exit_index.index_fill_(0, remaining[leave], k)
-            if n_stay == 0:
-                break
-            tokens, remaining = tokens.index_select(0, stay), remaining.index_select(0, stay)
-        assert out is not None
-        costs = self.exit_costs(merged=blocks is not None).of(torch.tensor(thresholds, dtype=torch.float64))[0]
-        flops = costs.to(x.device, non_blocking=True)[exit_index] + block_flops
-        if not self.skippable_tokens:
-            return InferenceOutput(out, flops, exit_index)
-        return InferenceOutput(out, flops, exit_index, kept, self.offered(exit_index))
-
-    def infer_reference(self, x: Tensor) -> InferenceOutput:
-        """The same decisions without batch shrinking (every exit on every image; for tests)."""
-        logits, block_cost, kept = self.run_exits(x)
-        ex = th.assign_exits(torch.stack([self.confidence(lg) for lg in logits], dim=1), self.thresholds)
-        out = logits.permute(1, 0, 2)[torch.arange(x.shape[0], device=x.device), ex]
-        flops = self.exit_costs().of(self.thresholds.cpu())[0].to(x.device)[ex]
-        if block_cost is None or kept is None:
-            return InferenceOutput(out, flops, ex)
-        flops = flops + block_cost.gather(1, ex[:, None])[:, 0]
-        ran = self.offered(ex)
-        return InferenceOutput(out, flops, ex, kept * (ran > 0), ran)
-
-    # -- FLOPs -----------------------------------------------------------------------------------
-    def exit_costs(self, merged: bool = False, norm: bool = True) -> th.ExitCosts:
-        """FLOPs of leaving at each exit (:class:`~.thresholds.ExitCosts`, on the CPU); ``merged``: the
-        adapters are folded into the blocks (free). The ``dyt`` base's blocks are not in it: each
-        image pays its own (:meth:`run_exits`)."""
-        s = self.vit.shape()
-        n = s.num_tokens
-        per_block = [
-            0
-            if self.skippable_tokens
-            else block_flops(n, n, s, norm) + (0 if merged else sum(a.flops(n) for a in adapter_layers(blk)))
-            for blk in self.blocks
-        ]
-        depth = [embed_flops(s, norm) + sum(per_block[:d]) for d in self.exit_depths]
-        depth[-1] += head_flops(s, self.num_classes, norm=norm)
-        heads = [cast(ExitHead, h).flops(norm) for h in self.exit_heads]
-        return th.ExitCosts(torch.tensor(depth, dtype=torch.float64), torch.tensor(heads, dtype=torch.float64))
-
-    def full_flops(self, merged: bool = False, norm: bool = True) -> int:
-        """FLOPs per image of the base model without early exits (``dyt``: nor token skipping): the
-        reference of the budget."""
-        full = int(self.exit_costs(merged, norm).depth[-1])
-        if self.skippable_tokens:
-            s, p = self.vit.shape(), self.vit.num_patches
-            for blk in self.blocks:
-                every = torch.full((1, len(cast(DyTBlock, blk).sites)), p, dtype=torch.long)
-                full += int(cast(DyTBlock, blk).executed_flops(every, s, norm=norm)[0])
-        return full
+    def full_flops(self, norm: bool = True, merged: bool = False) -> int:
+        """FLOPs per image of the base model without early exits (nor token skipping): the reference
+        of the budget."""
+        return self.model.full_flops(norm, merged)
 
     def inference_flops(self) -> int:
         """The held-out FLOPs of the last calibration (the full model before any)."""
@@ -355,50 +227,23 @@ class DynAdapter(EarlyExitModule):
         """Weights (E,) of the exits' cross-entropies at training progress ``progress`` in [0, 1]."""
         return self.loss_schedule.weights(progress, self.num_exits)
 
-    def training_exits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The training pass: every exit's logits (E, B, K) and, for the ``dyt`` base, the sampled
-        patch-token masks (B, depth, sites, P) of DyT's masked path (straight-through gradients)."""
-        tokens, out, masks, start = self.vit.embed(x), [], [], 0
-        for k, end in enumerate(self.exit_depths):
-            for blk in self.blocks[start:end]:
-                if isinstance(blk, DyTBlock):
-                    tokens, m = blk.forward_masked(tokens, sample=True)
-                    masks.append(m)
-                else:
-                    tokens = blk(tokens)
-            start = end
-            out.append(self.exit_logits(k, tokens))
-        return torch.stack(out), torch.stack(masks, dim=1) if masks else None
-
-    def complete_logits(self, x: Tensor) -> Tensor:
-        """The ``dyt`` base's complete model (every token through every sub-block), at the final exit."""
-        tokens = self.vit.embed(x)
-        for blk in self.blocks:
-            tokens = cast(DyTBlock, blk).forward_complete(tokens)
-        return self.head(self.vit.pool(tokens))
-
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Weighted sum of every exit's cross-entropy (plus, for the ``dyt`` base, DyT's rate loss
-        and the complete-model terms whose weights are above 0); the final exit's logits for train
-        accuracy."""
-        logits, masks = self.training_exits(x)
-        terms: dict[str, Tensor] = {}
-        loss = logits.new_zeros(())
-        for d, lg, w in zip(self.exit_depths, logits, self.loss_weights(self.training_progress())):
+        """Weighted sum of every exit's cross-entropy plus the base's training terms (the dyt base:
+        DyT's rate loss and its complete-model terms whose weights are above 0); the final exit's
+        logits for train accuracy."""
+        run = self.model.run_exits(x)  # training mode: the base's training path
+        logged: dict[str, Tensor] = {}
+        loss = run.logits.new_zeros(())
+        for d, lg, w in zip(self.exit_depths, run.logits, self.loss_weights(self.training_progress())):
             ce = self.criterion(lg, y)
             loss = loss + w * ce
-            terms[f"ce_exit{d}"], terms[f"w_exit{d}"] = ce.detach(), torch.tensor(w)
-        if masks is not None:
-            sk = self.skipping
-            extra = dyt_loss_terms(
-                masks, sk.target_rate, sk.w_rate, logits[-1], y, lambda: self.complete_logits(x),
-                sk.w_complete_cls, sk.w_distill,
-            )  # fmt: skip
-            for name, (w, value) in extra.items():
-                loss = loss + w * value if w > 0 else loss
-                terms[name] = value.detach()
-            terms["keep_rate"] = masks.mean().detach()
-        return loss, logits[-1], terms
+            logged[f"ce_exit{d}"], logged[f"w_exit{d}"] = ce.detach(), torch.tensor(w)
+        complete = lambda: self.head(self.vit.forward_complete(x))  # noqa: E731 - run only if a term needs it
+        for name, (w, value) in self.vit.training_terms(run.kept, run.logits[-1], y, complete, self.criterion).items():
+            loss = loss + w * value
+            logged[name] = value.detach()
+        logged["keep_rate"] = self.vit.keep_rate(run.kept).detach()
+        return loss, run.logits[-1], logged
 
     def on_train_start(self) -> None:
         self._total_steps = None
@@ -412,39 +257,250 @@ class DynAdapter(EarlyExitModule):
         if scale is None:
             rank_zero_warn(f"DynAdapter: no official RepAdapter scale for task {task!r}; using adapter_scale 1.0.")
             return
-        for blk in self.blocks:
-            for a in adapter_layers(blk):
-                cast(Tensor, a.scale).fill_(float(scale))
+        set_adapter_scale(self.vit, scale)
         self.hparams["adapter_scale"] = float(scale)
 
     def is_head_parameter(self, name: str) -> bool:
-        return name.startswith(("head.", "exit_heads."))
+        return name.startswith(("model.head.", "model.exit_heads."))
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the PETL base (not the heads): the ones the gradient mask touches."""
         return [p for n, p in self.named_parameters() if p.requires_grad and not self.is_head_parameter(n)]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.sparsity.mask_gradients(self.adapter_parameters())
+        self.config.sparsity.mask_gradients(self.adapter_parameters())
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         def step() -> None:
             super(DynAdapter, self).optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
-        self.sparsity.masked_update(self.adapter_parameters(), step)
+        self.config.sparsity.masked_update(self.adapter_parameters(), step)
 
-    # -- merging and export ----------------------------------------------------------------------
-    def fold_block(self, index: int, block: nn.Module) -> None:
-        fold_block(self.hparams.base, self.blocks[index], block)
+    # -- calibration on held-out data ------------------------------------------------------------
+    @torch.no_grad()
+    def collect_exits(self, data: Any) -> th.ExitOutputs:
+        """Every exit on every image of ``data`` (a DataModule's val split, a loader of ``(images,
+        labels)``, one such pair, or ready :class:`~.thresholds.ExitOutputs`)."""
+        if isinstance(data, th.ExitOutputs):
+            return data
+        if isinstance(data, L.LightningDataModule):
+            if getattr(data, "val_split", "val200") is None:
+                raise ConfigError(
+                    "Threshold calibration needs held-out data, but the DataModule has no validation "
+                    "split (protocol trainval_test trains on train800val200). Use protocol='train_val' "
+                    "(calibrates on val200), or pass a DataLoader."
+                )
+            data = data.val_dataloader()
+        pair = isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)
+        batches, was_training, parts = [tuple(data)] if pair else data, self.training, []
+        self.eval()
+        try:
+            for x, y in (bt[:2] for bt in batches):
+                parts.append(self.model.exit_table(self.model.run_exits(x.to(self.device)), torch.as_tensor(y)))
+        finally:
+            self.train(was_training)
+        if not parts:
+            raise ConfigError("Calibration got no batches; pass a loader of (images, labels).")
+        return th.ExitOutputs.cat(parts)
 
+    def calibrate(self, data: Any, budget: float | None = None, policy: str | None = None) -> dict[str, Any]:
+        """Set the early exits' thresholds so the mean executed FLOPs on held-out ``data`` is at most
+        ``budget`` x the full model's (default ``calibration.budget``), with the best accuracy there.
+        Returns the thresholds and the held-out accuracy, GFLOPs, FLOPs ratio and exit shares."""
+        budget = self.config.calibration.budget if budget is None else budget
+        if budget is None or not 0.0 < budget <= 1.0:
+            raise ConfigError(f"The calibration budget must be a share of the full FLOPs in (0, 1], got {budget}.")
+        out, costs, full = self.collect_exits(data), self.exit_costs(), self.full_flops()
+        policy = policy or self.config.calibration.policy
+        thr, acc, cost, share = th.search_thresholds(out, costs, budget * full, policy)  # type: ignore[arg-type]
+        self.thresholds.copy_(thr.to(self.thresholds))
+        res = dict(budget=budget, policy=policy, thresholds=thr.tolist(), acc=acc, gflops=cost / 1e9)
+        res.update(flops_ratio=cost / full, exit_share=share.tolist(), images=int(out.labels.numel()))
+        self.calibration_result = {**res, "step": int(self.global_step) if self._trainer else 0}
+        return dict(self.calibration_result)
+
+    def curve(
+        self, calib: Any, evaluate: Any = None, budgets: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    ) -> list[dict[str, Any]]:
+        """Accuracy vs executed GFLOPs: thresholds searched on ``calib`` for each budget, measured on
+        ``evaluate`` (default ``calib``); this module's thresholds are left alone."""
+        c = self.collect_exits(calib)
+        ev = None if evaluate is None else self.collect_exits(evaluate)
+        policy = self.config.calibration.policy
+        return th.accuracy_cost_curve(c, self.exit_costs(), self.full_flops(), list(budgets), ev, policy)
+
+    def calibrates(self) -> bool:
+        """Whether the module keeps its thresholds calibrated (a budget and no fixed thresholds)."""
+        cal = self.config.calibration
+        return cal.budget is not None and cal.thresholds is None
+
+    def held_out_exits(self, gather: bool = True) -> th.ExitOutputs | None:
+        """This validation epoch's exit table (all processes' with ``gather``), or None before any."""
+        if not self._held_out:
+            return None
+        out = th.ExitOutputs.cat(self._held_out)
+        if gather and self._trainer is not None and self.trainer.world_size > 1:
+
+            def gathered(t: Tensor) -> Tensor:
+                return cast(Tensor, self.all_gather(t.to(self.device))).flatten(0, 1).cpu()
+
+            out = th.ExitOutputs(*(gathered(getattr(out, k)) for k in ("conf", "pred", "labels", "block_cost", "kept")))
+        return out
+
+    def record_exits(self, out: th.ExitOutputs, reset: bool = True) -> None:
+        """Add an exit table to the statistics at the current thresholds (``reset``: replace them,
+        as after a calibration); the same counts the dynamic path would record on those images."""
+        if reset:
+            self.reset_inference_stats()
+        thr = self.thresholds.cpu()
+        ex = th.assign_exits(out.conf, thr)
+        pred = out.pred[torch.arange(ex.numel()), ex]
+        flops = out.cost_of(self.exit_costs(), thr[None], ex[None])[0]
+        offered = self.model.offered(ex)
+        as_logits = F.one_hot(pred, self.num_classes).double()  # the statistics need only each prediction
+        result = InferenceOutput(as_logits, flops, ex, out.kept * (offered > 0), offered)
+        self.inference_meter.update(result.to(self.device), out.labels.to(self.device))
+
+    def calibrate_on_held_out(self) -> None:
+        """Calibrate on this validation epoch's exit table (every process's) and record the statistics
+        of this process's part at the new thresholds."""
+        out = self.held_out_exits(gather=True)
+        if out is None:
+            return
+        res = self.calibrate(out)
+        local = self.held_out_exits(gather=False)
+        assert local is not None  # this process's part of ``out``
+        self.record_exits(local)
+        keys = ("acc", "gflops", "flops_ratio")
+        self.log_dict({f"calibration/{k}": float(res[k]) for k in keys}, on_step=False, on_epoch=True)
+
+    def held_out_table(self) -> th.ExitOutputs | None:
+        """The trainer's DataModule's held-out exit table, or None (with a warning) when it has none."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or getattr(dm, "val_split", None) is None:
+            rank_zero_warn(
+                "DynAdapter: no held-out split to calibrate the exit thresholds on (use the DataModule's "
+                "protocol='train_val', or call model.calibrate(loader)); thresholds stay at "
+                f"{self.thresholds.tolist()}."
+            )
+            return None
+        return self.collect_exits(dm)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._held_out = []
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Every exit on every image (calibration reads them); the statistics at today's thresholds."""
+        x, y = batch
+        self.check_labels(y)
+        run = self.model.run_exits(x)
+        table = self.model.exit_table(run, y)
+        self._held_out.append(table)
+        self.record_exits(table, reset=False)
+        self.log("val/loss", F.cross_entropy(run.logits[-1], y), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self._log_exit_accuracy(run.logits, y, "val")
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """At the epoch's last batch, calibrate on its exit table (before the callbacks read the
+        statistics at ``on_validation_epoch_end``)."""
+        if self.trainer.sanity_checking or not self.calibrates():
+            return
+        if batch_idx + 1 == self.trainer.num_val_batches[dataloader_idx]:
+            self.calibrate_on_held_out()
+
+    def on_validation_epoch_end(self) -> None:
+        out = self.held_out_exits()
+        if out is None:
+            return
+        thr = self.thresholds.cpu()
+        ex = th.assign_exits(out.conf, thr)
+        acc = out.correct[torch.arange(ex.numel()), ex].double().mean()
+        self.log("val/acc", float(acc), prog_bar=True)
+
+    def on_train_end(self) -> None:
+        """When the last epoch did not validate, calibrate on the held-out split now and write
+        ``last.ckpt`` again (before the fit-end callbacks)."""
+        if not self.calibrates():
+            return
+        res = self.calibration_result or {}
+        if res.get("step") != self.trainer.global_step or self.held_out_exits() is None:
+            table = self.held_out_table()
+            if table is None:
+                return
+            res = self.calibrate(table)
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+            if ckpt:
+                self.trainer.save_checkpoint(ckpt)
+        rank_zero_info(
+            f"DynAdapter: calibrated for budget {res['budget']:g} on {res['images']} held-out images: "
+            f"thresholds {[round(t, 4) for t in res['thresholds']]}, acc {res['acc']:.4f}, "
+            f"{res['gflops']:.4f} GFLOPs ({res['flops_ratio']:.3f} of the full model), exit shares "
+            f"{[round(s, 3) for s in res['exit_share']]}"
+        )
+
+    def on_test_start(self) -> None:
+        """Calibrate on the held-out split first when the checkpoint holds no calibration for the
+        budget given now (so a test-time ``calibration.budget`` wins)."""
+        if not self.calibrates():
+            return
+        budget = self.config.calibration.budget
+        if self.calibration_result is not None and self.calibration_result.get("budget") == budget:
+            return
+        table = self.held_out_table()
+        if table is None:
+            return
+        res = self.calibrate(table)
+        rank_zero_info(
+            f"DynAdapter: calibrated for budget {budget:g} on held-out data before testing: "
+            f"{res['flops_ratio']:.3f} of the full FLOPs, held-out acc {res['acc']:.4f}"
+        )
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.eval_step(batch, "test")
+        if self.hparams.eval_all_exits:
+            self._log_exit_accuracy(self.forward_exits(batch[0]), batch[1], "test")
+
+    def _log_exit_accuracy(self, logits: Tensor, y: Tensor, stage: str) -> None:
+        for d, lg, module in zip(self.exit_depths, logits, self.exit_accuracy):
+            metric = cast(MulticlassAccuracy, module)
+            metric(lg, y)
+            self.log(f"{stage}/acc_exit{d}", metric, batch_size=y.shape[0])
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["petl"]["calibration"] = self.calibration_result
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        fixed = self.config.calibration.thresholds
+        if fixed is not None:  # thresholds given now win over the stored ones
+            checkpoint["state_dict"]["model.thresholds"] = threshold_vector(fixed, self.num_exits - 1)
+        else:
+            self.calibration_result = checkpoint.get("petl", {}).get("calibration")
+
+    # -- export ----------------------------------------------------------------------------------
     def export_exits(
         self, folder: str | Path, format: str = "onnx", opset: int | None = None, keep_rate: float | None = None
     ) -> Path:
         """Write one program per exit (``onnx`` or ``torch_export``), ``deploy.json`` (the current
         thresholds) and a standalone early-exit ``driver.py`` into ``folder`` (``docs/deploy.md``);
-        :meth:`export` writes the merged base without exits. The ``dyt`` base's blocks keep the top-k
+        :meth:`export` writes the merged base without exits. A dyt base's blocks keep the top-k
         tokens at ``keep_rate`` (default ``skipping.fixed_keep_rate``). This module is not modified."""
-        return export_exit_stages(self, folder, format, opset, keep_rate)
+        stages = exit_stages(self.model, keep_rate)
+        return export_exit_stages(
+            stages,
+            self.exit_depths,
+            self.thresholds.tolist(),
+            self.config.calibration.confidence,
+            self.export_metadata(),
+            self.example_input().cpu(),
+            folder,
+            format,
+            opset,
+        )
 
 
-__all__ = ["DynAdapter"]
+__all__ = ["BASES", "DynAdapter", "base_config"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,18 +42,15 @@ def confidence(logits: Tensor, kind: Literal["max_softmax", "entropy"] = "max_so
 
 @dataclass
 class ExitOutputs:
-    """Every exit's confidence and prediction on a set of images (all exits run on every image).
-
-    ``block_cost`` and ``kept`` (token-skipping bases): each image's FLOPs in the blocks up to each
-    exit, which depend on the tokens it kept, and the patch tokens it kept in each block; ``None``
-    when the blocks cost the same for every image (then :class:`ExitCosts` ``depth`` holds them).
-    """
+    """Every exit's confidence and prediction on a set of images (all exits run on every image), with
+    what each image executed: its FLOPs in the blocks up to each exit (they depend on the tokens it
+    kept where tokens skip work) and the patch tokens it kept in each block."""
 
     conf: Tensor  # (N, E)
     pred: Tensor  # (N, E)
     labels: Tensor  # (N,)
-    block_cost: Tensor | None = None  # (N, E) float64
-    kept: Tensor | None = None  # (N, depth) long
+    block_cost: Tensor  # (N, E) float64
+    kept: Tensor  # (N, depth)
 
     @property
     def correct(self) -> Tensor:
@@ -61,47 +58,35 @@ class ExitOutputs:
 
     def cost_of(self, costs: ExitCosts, thresholds: Tensor, exits: Tensor) -> Tensor:
         """FLOPs (M, N) of each image leaving at ``exits`` (M, N) under ``thresholds`` (M, E-1)."""
-        c = costs.of(thresholds).gather(1, exits.to(costs.depth.device))
-        if self.block_cost is not None:
-            c = c + self.block_cost.T.to(c).gather(0, exits.to(c.device))
-        return c
+        c = costs.of(thresholds).gather(1, exits.to(costs.fixed.device))
+        return c + self.block_cost.T.to(c).gather(0, exits.to(c.device))
 
     @staticmethod
     def cat(parts: list[ExitOutputs]) -> ExitOutputs:
-        conf, pred, labels = (torch.cat([getattr(p, k) for p in parts]) for k in ("conf", "pred", "labels"))
-        has = [p.block_cost is not None and p.kept is not None for p in parts]
-        if any(has) and not all(has):
-            raise ValueError("cannot join exit tables with and without per-image block costs")
-        if not all(has):
-            return ExitOutputs(conf, pred, labels)
-        block = torch.cat([cast(Tensor, p.block_cost) for p in parts])
-        return ExitOutputs(conf, pred, labels, block, torch.cat([cast(Tensor, p.kept) for p in parts]))
+        keys = ("conf", "pred", "labels", "block_cost", "kept")
+        return ExitOutputs(*(torch.cat([getattr(p, k) for p in parts]) for k in keys))
 
 
 @dataclass
 class ExitCosts:
-    """FLOPs per image of leaving at each exit, given which early heads are evaluated.
+    """FLOPs per image of leaving at each exit outside the blocks, given which early heads are evaluated
+    (each image pays its own blocks: :attr:`ExitOutputs.block_cost`).
 
-    ``depth[k]``: embedding, the blocks up to exit ``k`` (with their adapters; not for a
-    token-skipping base, whose images each pay their own, :attr:`ExitOutputs.block_cost`) and, for
-    the last exit, the final norm and head; ``heads[k]``: early exit ``k``'s head (E-1 values).
+    ``fixed[k]``: the patch embedding and, for the last exit, the final norm and head; ``heads[k]``:
+    early exit ``k``'s head (E-1 values).
     """
 
-    depth: Tensor  # (E,) float64
+    fixed: Tensor  # (E,) float64
     heads: Tensor  # (E-1,) float64
 
     def of(self, thresholds: Tensor) -> Tensor:
         """Costs (M, E) of leaving at each exit under each threshold vector (M, E-1): an exit's own
         head plus every earlier head that can take images (a threshold below +inf)."""
-        thr = thresholds.reshape(-1, self.heads.numel()).to(self.depth.device)
+        thr = thresholds.reshape(-1, self.heads.numel()).to(self.fixed.device)
         paid = (thr < math.inf).to(torch.float64) * self.heads  # (M, E-1): heads that can take images
         before = torch.cat([paid.new_zeros(paid.shape[0], 1), paid.cumsum(dim=1)], dim=1)  # (M, E)
-        own = torch.cat([self.heads, self.heads.new_zeros(1)])  # the final head is in depth[-1]
-        return self.depth + own + before
-
-    def single_exit(self) -> Tensor:
-        """Costs (E,) of the model truncated after each exit, with only that exit's head."""
-        return self.depth + torch.cat([self.heads, self.heads.new_zeros(1)])
+        own = torch.cat([self.heads, self.heads.new_zeros(1)])  # the final head is in fixed[-1]
+        return self.fixed + own + before
 
 
 def assign_exits(conf: Tensor, thresholds: Tensor) -> Tensor:
@@ -213,20 +198,21 @@ def candidate_thresholds(conf: Tensor, policy: Policy = "pareto", resolution: in
 
 
 def search_thresholds(
-    out: ExitOutputs, costs: ExitCosts, max_cost: float, policy: Policy = "pareto", resolution: int = 0
+    out: ExitOutputs, costs: ExitCosts, max_flops: float, policy: Policy = "pareto", resolution: int = 0
 ) -> tuple[Tensor, float, float, Tensor]:
-    """The candidate with the best accuracy whose mean cost is at most ``max_cost`` (ties: cheapest).
+    """The candidate with the best accuracy whose mean cost is at most ``max_flops`` per image (ties:
+    cheapest).
 
     Returns ``(thresholds (E-1,), accuracy, mean cost, exit shares (E,))``.
     """
     cands = candidate_thresholds(out.conf, policy, resolution)
     acc, cost, share = evaluate_thresholds(out, costs, cands)
-    ok = cost <= max_cost * (1 + 1e-9)
+    ok = cost <= max_flops * (1 + 1e-9)
     if not bool(ok.any()):
         cheapest = float(cost.min())
         raise ConfigError(
             f"No thresholds meet the budget: the cheapest choice (every image at the first exit) costs "
-            f"{cheapest / 1e9:.4g} GFLOPs per image, above the {max_cost / 1e9:.4g} allowed. Raise the "
+            f"{cheapest / 1e9:.4g} GFLOPs per image, above the {max_flops / 1e9:.4g} allowed. Raise the "
             f"budget or put the first exit earlier (exits.blocks)."
         )
     best = torch.where(ok, acc, torch.full_like(acc, -1.0)).max()

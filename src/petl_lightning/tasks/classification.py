@@ -1,21 +1,18 @@
-"""`PETLModule`: what every method shares.
+"""`PETLModule`: image classification over an adapted ViT, the task every method's LightningModule is.
 
-A frozen :class:`~petl_lightning.backbone.FrozenViT`, a linear head on the pooled features,
-cross-entropy (optional label smoothing), torchmetrics top-1, AdamW with linear warm-up then cosine
-(epoch- or step-wise), adapter-only checkpoints that know which method and backbone wrote them,
-RNG state saved and restored through Lightning's helpers (CUDA included, :mod:`.rng`), and the statistics
-contract: ``forward(x)`` returns ``(B, num_classes)`` logits in every mode and records nothing;
-``infer(x)`` returns an :class:`~petl_lightning.stats.InferenceOutput` (logits and what executed),
-which the step methods add to the statistics the module resets at each evaluation epoch's start.
-
-A method subclasses it, builds its blocks after ``super().__init__(...)`` and overrides
-:meth:`forward_tokens` (and, for dynamic inference or extra losses, :meth:`infer` and
-:meth:`training_loss`). Static methods report the FLOPs of their merged form (:meth:`inference_flops`).
+The module trains ``self.model``, a :class:`~petl_lightning.adapted.ViTClassifier` (an adapted ViT
+and a linear head) that a method builds in :meth:`PETLModule.build_model`; the backbone is a
+:class:`~petl_lightning.backbone.FrozenViT` rebuilt from its source on load. The task adds the rest:
+cross-entropy (optional label smoothing), torchmetrics top-1, AdamW with warm-up and cosine
+(:mod:`.optimization`), adapter-only checkpoints that name their method (:mod:`.checkpoints`), and
+the statistics contract: ``forward(x)`` returns ``(B, num_classes)`` logits in every mode and
+records nothing; ``infer(x)`` returns an :class:`~petl_lightning.stats.InferenceOutput` (logits
+and what executed), which the evaluation steps add to the statistics the module resets at each
+evaluation epoch's start.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
@@ -27,25 +24,16 @@ from lightning.pytorch.utilities import AttributeDict, rank_zero_info, rank_zero
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT, frozen_state_ids
+from petl_lightning.adapted import AdaptedViT, ViTClassifier
+from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT
 from petl_lightning.deploy.programs import export_model
-from petl_lightning.errors import CheckpointError, ConfigError, DataError
+from petl_lightning.errors import ConfigError, DataError
 from petl_lightning.flops import vit_flops
-from petl_lightning.merge import merge_into_vit
-from petl_lightning.methods.rng import restore_rng, rng_to_checkpoint
 from petl_lightning.stats import InferenceOutput, InferenceStats
-
-
-def warmup_cosine(t: float, warmup: float, total: float, start: float, floor: float) -> float:
-    """LR factor at (fractional) epoch ``t``: linear ``start``->1 over ``warmup``, cosine 1->``floor``."""
-    if warmup > 0 and t < warmup:
-        return start + (1.0 - start) * t / warmup
-    span = max(total - warmup, 1e-8)
-    progress = min(max((t - warmup) / span, 0.0), 1.0)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+from petl_lightning.tasks import checkpoints
+from petl_lightning.tasks.optimization import parameter_groups, warmup_cosine_adamw
 
 
 def method_name(cls: type) -> str:
@@ -54,7 +42,7 @@ def method_name(cls: type) -> str:
 
 
 class PETLModule(L.LightningModule):
-    """Base of every method.
+    """Image classification over an adapted ViT: the base of every method's LightningModule.
 
     Args:
         num_classes: classifier width (linked from ``data.num_classes`` by the CLI).
@@ -74,6 +62,8 @@ class PETLModule(L.LightningModule):
     #: checkpoint's values win over the command line (the method class, backbone and class count
     #: must match exactly; everything else, e.g. budgets, weights path, data, the command line wins).
     STRUCTURAL_HPARAMS: ClassVar[tuple[str, ...]] = ("img_size", "model_kwargs")
+
+    model: ViTClassifier
 
     def __init__(
         self,
@@ -102,23 +92,38 @@ class PETLModule(L.LightningModule):
             raise ConfigError(f"lr must be positive, got {lr}; the recipes use 1e-3.")
         self.save_hyperparameters()
         self.num_classes = num_classes
-        self.vit = FrozenViT(model_name, checkpoint_path, pretrained, img_size, drop_path_rate, model_kwargs)
-        self.head = nn.Linear(self.vit.dim, num_classes)
-        if head_init == "zeros":
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        frozen = FrozenViT(model_name, checkpoint_path, pretrained, img_size, drop_path_rate, model_kwargs)
+        self.model = self.build_model(frozen)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.inference_meter = InferenceStats(self.vit.depth, num_exits=1)
-        size = self.vit.vit.patch_embed.img_size
-        self.example_input_array = torch.zeros(1, 3, *size)  # the model summary's FLOPs column
+        self.inference_meter = InferenceStats(self.vit.depth, num_exits=self.num_exits)
+        self.example_input_array = torch.zeros_like(self.vit.example_input(1))  # the model summary's FLOPs column
         #: The data's input normalisation ({"mean": [...], "std": [...]}), read from the DataModule
         #: at setup and kept in checkpoints, so an exported model says how to feed it.
         self.input_normalization: dict[str, list[float]] | None = None
         # Adapter-only checkpoints: the frozen backbone is rebuilt from its source on load.
         self.strict_loading = False
+
+    def build_model(self, frozen: FrozenViT) -> ViTClassifier:
+        """The classifier this task trains over ``frozen`` (the method's adapted ViT and a head);
+        methods override it, reading their options from ``self.hparams``. Here: the frozen ViT itself."""
+        return ViTClassifier(frozen, self.num_classes, self.hparams.head_init)
+
+    @property
+    def vit(self) -> AdaptedViT:
+        """The adapted ViT (``self.model.vit``)."""
+        return self.model.vit
+
+    @property
+    def head(self) -> nn.Linear:
+        """The final classifier (``self.model.head``)."""
+        return self.model.head
+
+    @property
+    def num_exits(self) -> int:
+        return 1
 
     @property
     def hparams(self) -> AttributeDict:
@@ -139,24 +144,13 @@ class PETLModule(L.LightningModule):
             self.input_normalization = {"mean": [float(v) for v in dm.mean], "std": [float(v) for v in dm.std]}
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward_tokens(self, tokens: Tensor) -> Tensor:
-        """Run the blocks on embedded tokens (B, N, D). Methods override this with their blocks."""
-        return self.vit.blocks(tokens)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images to pooled features (B, D)."""
-        return self.vit.pool(self.forward_tokens(self.vit.embed(x)))
-
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) to logits (B, num_classes)."""
-        return self.head(self.forward_features(x))
+        return cast(Tensor, self.model(x))
 
     def infer(self, x: Tensor) -> InferenceOutput:
-        """The inference path and what it executed (static: the merged form's FLOPs per image)."""
-        logits = self(x)
-        return InferenceOutput(
-            logits, torch.full((x.shape[0],), float(self.inference_flops()), device=x.device, dtype=torch.float64)
-        )
+        """The inference path and what it executed (a static method: its merged form's FLOPs)."""
+        return self.model.infer(x)
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Loss, logits (for train accuracy) and extra terms to log. Override for extra losses."""
@@ -171,7 +165,7 @@ class PETLModule(L.LightningModule):
     def inference_flops(self) -> int:
         """Expected FLOPs per image of this method's inference form at its configured operating
         point: the merged form for static methods (the backbone's)."""
-        return self.backbone_flops()
+        return self.model.full_flops(merged=True)
 
     def inference_stats(self) -> dict[str, Tensor]:
         """Statistics since the last reset (see :mod:`petl_lightning.stats`), plus ``gflops_backbone``."""
@@ -207,8 +201,9 @@ class PETLModule(L.LightningModule):
         self.reset_inference_stats()
 
     # -- steps -----------------------------------------------------------------------------------
-    def _check_labels(self, y: Tensor) -> None:
-        lo, hi = int(y.min()), int(y.max())  # one sync per batch, for a clear error instead of a CUDA assert
+    def check_labels(self, y: Tensor) -> None:
+        """A one-line :class:`DataError` for labels outside the head (instead of a CUDA assert)."""
+        lo, hi = int(y.min()), int(y.max())  # one sync per batch
         if lo < 0 or hi >= self.num_classes:
             raise DataError(
                 f"Label {hi if hi >= self.num_classes else lo} is outside [0, {self.num_classes}) for this "
@@ -218,7 +213,7 @@ class PETLModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        self._check_labels(y)
+        self.check_labels(y)
         loss, logits, terms = self.training_loss(x, y)
         self.train_acc(logits.detach(), y)
         bs = x.shape[0]
@@ -228,9 +223,10 @@ class PETLModule(L.LightningModule):
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=bs)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> InferenceOutput:
+    def eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> InferenceOutput:
+        """The inference path on a labelled batch: statistics, loss and accuracy of ``stage``."""
         x, y = batch
-        self._check_labels(y)
+        self.check_labels(y)
         out = self.infer(x)
         self.inference_meter.update(out, y)
         metric = self.val_acc if stage == "val" else self.test_acc
@@ -243,22 +239,20 @@ class PETLModule(L.LightningModule):
         return out
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self.eval_step(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self.eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Per image: ``pred`` (class index), ``confidence`` (its softmax probability), ``exit``
-        (index of the exit it left at) and ``keep_rate`` (share of patch tokens kept)."""
+        (index of the exit it left at), ``keep_rate`` (share of patch tokens kept) and ``gflops``."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         out = self.infer(x)
         self.inference_meter.update(out)
         prob = out.logits.float().softmax(dim=-1)
         confidence, pred = prob.max(dim=-1)
-        exits = (
-            out.exit_index if out.exit_index is not None else torch.full_like(pred, self.inference_meter.num_exits - 1)
-        )
+        exits = out.exit_index if out.exit_index is not None else torch.full_like(pred, self.num_exits - 1)
         return {
             "pred": pred,
             "confidence": confidence,
@@ -270,56 +264,38 @@ class PETLModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------
     def is_head_parameter(self, name: str) -> bool:
         """Whether a trainable parameter belongs to a classifier head (no weight decay by default)."""
-        return name.startswith("head.")
+        return name.startswith("model.head.")
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: decayed weights, and non-decayed biases/norms/heads."""
         hp = self.hparams
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            skip = (p.ndim <= 1 and not hp.decay_norm_and_bias) or (self.is_head_parameter(name) and not hp.decay_head)
-            (no_decay if skip else decay).append(p)
-        return [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return parameter_groups(
+            self.named_parameters(), hp.weight_decay, self.is_head_parameter, hp.decay_norm_and_bias, hp.decay_head
+        )
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr)
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        start, floor = hp.warmup_lr / hp.lr, hp.min_lr / hp.lr
-        # the scheduler counts optimizer steps or epochs; either way factor() takes its count in epochs
-        step_wise = hp.scheduler_interval == "step"
-        steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max_epochs) if step_wise else 1
-
-        def factor(count: int) -> float:
-            return warmup_cosine(count / steps_per_epoch, hp.warmup_epochs, max_epochs, start, floor)
-
-        sched = LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp.scheduler_interval}}
+        trainer = self.trainer
+        return warmup_cosine_adamw(
+            self.parameter_groups(), self.hparams, trainer.max_epochs, trainer.estimated_stepping_batches
+        )
 
     # -- merging and export ----------------------------------------------------------------------
-    def fold_block(self, index: int, block: nn.Module) -> None:
-        """Fold block ``index``'s adapters into ``block``, a plain timm block (in place). Nothing here;
-        RepAdapter/ARC fold their affine adapters, a method that cannot fold raises ``MergeError``."""
-
     def merge(self) -> VisionTransformer:
         """A plain fp32 timm ``VisionTransformer`` with this head and every adapter folded in, computing
         this module's eval-mode logits. Its ``state_dict`` loads with ``strict=True`` into
         ``timm.create_model(model_name, num_classes=..., img_size=..., **model_kwargs)``. This
         module is not modified."""
-        hp = self.hparams
-        return merge_into_vit(hp.model_name, self.vit.vit, self.head, self.fold_block, hp.model_kwargs)
+        return self.model.merge()
 
-    def export_metadata(self) -> dict[str, Any]:
-        """What a deployment needs to rebuild and feed the exported model without petl_lightning."""
+    def export_metadata(self, keep_rate: float | None = None) -> dict[str, Any]:
+        """What a deployment needs to rebuild and feed the exported model without petl_lightning
+        (``keep_rate``: a token-skipping method's export option, which it records)."""
         hp = self.hparams
         norm = self.input_normalization or {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}
         kwargs = {k: v for k, v in (hp.model_kwargs or {}).items() if k != "drop_path_rate"}
         return {
             "model_name": hp.model_name.split(".", 1)[0],
-            "img_size": int(self.vit.vit.patch_embed.img_size[0]),
+            "img_size": self.vit.img_size,
             "num_classes": self.num_classes,
             "model_kwargs": kwargs,
             "mean": norm["mean"],
@@ -328,12 +304,14 @@ class PETLModule(L.LightningModule):
             "method": type(self).__name__,
         }
 
+    def example_input(self, batch: int = 2) -> Tensor:
+        """Random images of the size this module takes (what programs are traced with)."""
+        return self.vit.example_input(batch)
+
     def deploy_form(self, keep_rate: float | None = None) -> nn.Module:
-        """The module a deployment runs (what :meth:`export` traces): :meth:`merge`'s plain timm ViT, a
-        copy. ``keep_rate`` is DyT's option (its top-k form); other methods take none."""
-        if keep_rate is not None:
-            raise ConfigError(f"keep_rate is DyT's export option; {type(self).__name__} exports its merged form.")
-        return self.merge()
+        """The module a deployment runs (what :meth:`export` traces), a copy: the merged model for
+        static methods; ``keep_rate`` is DyT's option (its top-k form)."""
+        return self.model.deploy_form(keep_rate)
 
     def export(
         self, path: str | Path, format: str | None = None, opset: int | None = None, keep_rate: float | None = None
@@ -374,8 +352,7 @@ class PETLModule(L.LightningModule):
     # -- checkpoints -----------------------------------------------------------------------------
     def trainable_state_keys(self) -> list[str]:
         """State-dict keys this module saves: everything except the frozen backbone's tensors."""
-        frozen = frozen_state_ids(self.vit)
-        return [k for k, v in self.state_dict(keep_vars=True).items() if id(v) not in frozen]
+        return checkpoints.trainable_state_keys(self, self.vit.vit)
 
     def checkpoint_identity(self) -> dict[str, Any]:
         """What a checkpoint must match to load into this module: method, backbone, classes."""
@@ -390,57 +367,30 @@ class PETLModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["petl"] = {
             **self.checkpoint_identity(),
-            "rng": rng_to_checkpoint(),
+            "rng": checkpoints.rng_to_checkpoint(),
             "input_normalization": self.input_normalization,
         }
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Raise :class:`CheckpointError` unless ``checkpoint`` was written by this method for the
         same backbone and classes and holds exactly this module's trainable tensors."""
-        state = checkpoint.get("state_dict")
-        if not isinstance(state, dict):
-            raise CheckpointError("This file holds no 'state_dict'; it is not a petl_lightning checkpoint.")
-        theirs, ours = checkpoint.get("petl", {}), self.checkpoint_identity()
-        wrong = [
-            f"{k} {theirs[k]!r} (checkpoint) vs {ours[k]!r} (this run)"
-            for k in ours
-            if k in theirs and theirs[k] != ours[k]
-        ]
-        if wrong:
-            raise CheckpointError(
-                f"The checkpoint does not fit this run: {'; '.join(wrong)}. Test with the "
-                f"recipe and data of the run that wrote it (its config.yaml)."
-            )
-        own = self.state_dict()
-        expected = self.trainable_state_keys()
-        missing = [k for k in expected if k not in state]
-        unknown = [k for k in state if k not in own]
-        shapes = [
-            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in expected
-            if k in state and state[k].shape != own[k].shape
-        ]
-        if missing or unknown or shapes:
-            problems = [f"shape mismatch {'; '.join(shapes[:3])}"] if shapes else []
-            problems += [f"missing {missing[:3]}"] if missing else []
-            problems += [f"unknown {unknown[:3]}"] if unknown else []
-            raise CheckpointError(
-                f"Checkpoint does not fit {type(self).__name__} (num_classes={self.num_classes}): "
-                f"{'; '.join(problems)}. Was it written by another method, task or configuration?"
-            )
+        checkpoints.check_checkpoint(
+            checkpoint.get("state_dict"),
+            checkpoint.get("petl", {}),
+            self.checkpoint_identity(),
+            self.state_dict(),
+            self.trainable_state_keys(),
+            f"{type(self).__name__} (num_classes={self.num_classes})",
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
-        # The frozen backbone was rebuilt from its own source: complete the adapter-only state with
-        # its tensors (replacing any a full checkpoint carries), so the load is whole and silent.
-        own = self.state_dict()
-        trainable = set(self.trainable_state_keys())
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if k not in trainable})
+        checkpoints.complete_state(self, checkpoint["state_dict"])
         meta = checkpoint.get("petl", {})
         self.input_normalization = meta.get("input_normalization") or self.input_normalization
         rng = meta.get("rng")
         if rng is not None:
-            restore_rng(rng)
+            checkpoints.restore_rng(rng)
 
 
-__all__ = ["PETLModule", "method_name", "warmup_cosine"]
+__all__ = ["PETLModule", "method_name"]

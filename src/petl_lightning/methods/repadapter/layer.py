@@ -1,13 +1,13 @@
-"""RepAdapter's linear adapter (Luo et al., arXiv 2302.08106).
+"""RepAdapter's linear adapter (Luo et al., arXiv 2302.08106) on the input of a frozen Linear.
 
 Per token ``x`` (size ``dim``)::
 
-    A(x) = x + s * (W_B @ Dropout(W_A @ x + b_A) + b_B)
+    A(x) = x + s * (W_B @ Dropout(W_A @ x + b_A) + b_B)        RepAdapterLinear(x) = base_layer(A(x))
 
-``W_A`` is a dense down-projection to ``adapter_dim`` channels, ``W_B`` a group-wise up-projection (``groups``
-diagonal blocks), ``s`` a fixed scale on the whole branch (both biases included). There is no
-activation, so in eval mode ``A`` is affine and :meth:`RepAdapterLayer.affine` gives its exact
-matrix form, which :func:`petl_lightning.merge.fold_affine_into_linear` folds into the next Linear.
+``W_A`` is a dense down-projection to ``adapter_dim`` channels, ``W_B`` a group-wise up-projection
+(``groups`` diagonal blocks), ``s`` a fixed scale on the whole branch (both biases included). There
+is no activation, so in eval mode ``A`` is affine (:meth:`RepAdapterLinear.affine`) and folds into
+the wrapped Linear exactly (:meth:`~petl_lightning.layers.wrapper.AdaptedLinear.merged`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
+from petl_lightning.layers.wrapper import AdaptedLinear, fold_affine_into_linear
 
 
 class GroupedLinear(nn.Module):
@@ -56,17 +57,15 @@ class GroupedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}"
 
 
-class RepAdapterLayer(nn.Module):
-    """RepAdapter: ``x + scale * up(dropout(down(x)))``, exactly the identity at initialisation.
+class RepAdapterLinear(AdaptedLinear):
+    """``base_layer(x + scale * up(dropout(down(x))))``, exactly ``base_layer`` at initialisation.
 
     Args:
-        dim: token width.
+        base_layer: the frozen ``nn.Linear`` (``attn.qkv`` or ``mlp.fc1``); kept, not copied.
         adapter_dim: bottleneck width (the paper's 8).
-        groups: groups of the up-projection (the paper's 2); ``adapter_dim`` and ``dim`` must divide by it.
-        scale: the fixed scale ``s`` on the whole branch (a per-task hyper-parameter, see
-            :data:`petl_lightning.methods.repadapter.REPADAPTER_SCALES`). It is kept as a buffer so
-            checkpoints carry it and a merge always uses the value that was trained (the official
-            ``test.py`` silently defaults to 1).
+        groups: groups of the up-projection (the paper's 2); ``adapter_dim`` and the width must divide by it.
+        scale: the fixed scale ``s`` on the whole branch (a per-task hyper-parameter). A buffer, so
+            checkpoints carry it and a merge always uses the value that was trained.
         dropout: dropout on the bottleneck (train mode only); ``self.dropout.p`` may be changed.
 
     Initialisation as the official code: ``down.weight`` xavier-uniform, every other tensor zero.
@@ -75,11 +74,12 @@ class RepAdapterLayer(nn.Module):
     scale: Tensor
 
     def __init__(
-        self, dim: int, adapter_dim: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1
+        self, base_layer: nn.Module, adapter_dim: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1
     ) -> None:
-        super().__init__()
-        if adapter_dim < 1 or dim < 1:
-            raise ConfigError(f"RepAdapterLayer needs dim >= 1 and adapter_dim >= 1, got {dim} and {adapter_dim}.")
+        super().__init__(base_layer)
+        dim = self.in_features
+        if adapter_dim < 1:
+            raise ConfigError(f"RepAdapter needs adapter_dim >= 1, got {adapter_dim}.")
         self.dim, self.adapter_dim, self.groups = dim, adapter_dim, groups
         self.down = nn.Linear(dim, adapter_dim)
         self.dropout = nn.Dropout(dropout)
@@ -88,19 +88,24 @@ class RepAdapterLayer(nn.Module):
         nn.init.xavier_uniform_(self.down.weight)
         nn.init.zeros_(self.down.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def adapt_input(self, x: Tensor) -> Tensor:
+        """The adapter's map ``A(x)`` of the Linear's input."""
         return x + self.scale * self.up(self.dropout(self.down(x)))
 
-    def affine(self) -> tuple[Tensor, Tensor]:
-        """``(M, c)`` in fp32 with ``forward(x) == x @ M.T + c`` in eval mode.
+    def forward(self, x: Tensor) -> Tensor:
+        return cast(Tensor, self.base_layer(self.adapt_input(x)))
 
-        ``M = I + s * W_B W_A`` and ``c = s * (W_B b_A + b_B)`` (``W_B`` densified).
-        """
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """``(M, c)`` in fp32 with ``adapt_input(x) == x @ M.T + c`` in eval mode:
+        ``M = I + s * W_B W_A`` and ``c = s * (W_B b_A + b_B)`` (``W_B`` densified)."""
         s = self.scale.float()
         w_a, b_a = self.down.weight.float(), self.down.bias.float()
         w_b, b_b = self.up.dense_weight().float(), cast(Tensor, self.up.bias).float()  # built with a bias
         eye = torch.eye(self.dim, dtype=torch.float32, device=w_a.device)
         return eye + s * (w_b @ w_a), s * (w_b @ b_a + b_b)
+
+    def fold_into(self, linear: nn.Linear) -> None:
+        fold_affine_into_linear(linear, *self.affine())
 
     def flops(self, n_tokens: int) -> int:
         """Multiply-adds on ``n_tokens`` tokens: dense down plus group-wise up (biases, scale, skip not counted)."""
@@ -110,4 +115,11 @@ class RepAdapterLayer(nn.Module):
         return f"dim={self.dim}, adapter_dim={self.adapter_dim}, groups={self.groups}, scale={float(self.scale):g}"
 
 
-__all__ = ["GroupedLinear", "RepAdapterLayer"]
+def set_adapter_scale(module: nn.Module, scale: float) -> None:
+    """Set the scale ``s`` of every :class:`RepAdapterLinear` inside ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, RepAdapterLinear):
+            layer.scale.fill_(float(scale))
+
+
+__all__ = ["GroupedLinear", "RepAdapterLinear", "set_adapter_scale"]
