@@ -12,9 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import method_vs_linear_probe_dtd10
+from petl_lightning.backbone import FrozenViT
 from petl_lightning.errors import PETLError
-from petl_lightning.layers.arc import ARCBasis, ARCLayer
 from petl_lightning.methods.arc import ARC
+from petl_lightning.methods.arc.layer import ARCBasis, ARCLinear
 
 TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 2})
 
@@ -23,54 +24,62 @@ TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, mo
 def test_layer_formula_and_dropout_on_the_bottleneck() -> None:
     torch.manual_seed(0)
     basis = ARCBasis(32, 6)
-    layer = ARCLayer(basis, 32, adapter_dim=6, coeff_init="xavier")
+    layer = ARCLinear(nn.Linear(32, 20), basis, xavier_coeff=True)
     nn.init.normal_(layer.bias)
     x = torch.randn(5, 32)
     u, c = basis.weight, layer.coeff
     layer.eval()
     expected = x @ (torch.eye(32) + u @ torch.diag(c) @ u.T) + layer.bias  # symmetric update
-    assert (layer(x) - expected).abs().max().item() < 1e-5
+    assert (layer.adapt_input(x) - expected).abs().max().item() < 1e-5
+    assert (layer(x) - layer.base_layer(expected)).abs().max().item() < 1e-5  # the frozen Linear on A(x)
     layer.dropout.p = 1.0  # dropout on the r-dim bottleneck: with p=1 only x + b is left
     layer.train()
-    assert (layer(x) - (x + layer.bias)).abs().max().item() < 1e-6
-    with pytest.raises(PETLError, match="basis of shape"):
-        ARCLayer(basis, 32, adapter_dim=7)
+    assert (layer.adapt_input(x) - (x + layer.bias)).abs().max().item() < 1e-6
+    with pytest.raises(PETLError, match="basis of width"):
+        ARCLinear(nn.Linear(31, 20), basis)
 
 
 def test_official_initialisation() -> None:
     torch.manual_seed(0)
     m = ARC(num_classes=5, **TINY)
     dim, r = 192, 50
-    for basis in (m.basis_attn.weight, m.basis_mlp.weight):  # xavier-uniform (dim, r)
+    for basis in (m.vit.shared.basis_attn.weight, m.vit.shared.basis_mlp.weight):  # xavier-uniform (dim, r)
         bound = math.sqrt(6 / (dim + r))
         assert basis.shape == (dim, r) and 0.9 * bound < basis.abs().max() <= bound
     c_bound = math.sqrt(6 / (1 + r))  # xavier on a (1, r) tensor
-    for blk in m.blocks:
-        assert not blk.attn_adapter.coeff.any() and not blk.attn_adapter.bias.any()
-        assert not blk.mlp_adapter.bias.any()
-        c = blk.mlp_adapter.coeff
+    for blk in m.vit.blocks:
+        assert not blk.attn.qkv.coeff.any() and not blk.attn.qkv.bias.any()
+        assert not blk.mlp.fc1.bias.any()
+        c = blk.mlp.fc1.coeff
         assert c.abs().max() <= c_bound and c.abs().max() > 0.5 * c_bound
-        assert blk.attn_adapter.dropout.p == blk.mlp_adapter.dropout.p == 0.1
+        assert blk.attn.qkv.dropout.p == blk.mlp.fc1.dropout.p == 0.1
     assert not m.head.weight.any() and not m.head.bias.any()  # zero head
     x = torch.randn(2, 3, 32, 32)
     m.eval()
+    frozen = FrozenViT(**TINY).eval()
+    frozen.vit.load_state_dict(m.vit.vit.state_dict())
     with torch.no_grad():
         # official init: the MLP adapter is not the identity; all-zero coefficients start as the backbone
-        assert (m.forward_features(x) - m.vit(x)).abs().max() > 1e-3
+        assert (m.vit(x) - frozen(x)).abs().max() > 1e-3
         z = ARC(num_classes=5, coeff_init="zeros", **TINY).eval()
-        assert torch.equal(z.forward_features(x), z.vit(x))
+        frozen.vit.load_state_dict(z.vit.vit.state_dict())
+        assert torch.equal(z.vit(x), frozen(x))
 
 
 def test_bases_are_shared_and_stored_once() -> None:
     m = ARC(num_classes=5, **TINY)
-    for blk in m.blocks:
-        assert blk.attn_adapter.basis is m.basis_attn.weight
-        assert blk.mlp_adapter.basis is m.basis_mlp.weight
+    for blk in m.vit.blocks:
+        assert blk.attn.qkv.basis is m.vit.shared.basis_attn
+        assert blk.mlp.fc1.basis is m.vit.shared.basis_mlp
     keys = m.trainable_state_keys()
-    assert sorted(k for k in keys if "basis" in k) == ["basis_attn.weight", "basis_mlp.weight"]
+    assert sorted(k for k in keys if "basis" in k) == [
+        "model.vit.shared.basis_attn.weight",
+        "model.vit.shared.basis_mlp.weight",
+    ]
     assert len(keys) == 2 + 2 * 2 * 2 + 2  # bases, (coeff, bias) x 2 branches x 2 blocks, head
     att = ARC(num_classes=5, placement="attn", **TINY)
-    assert att.basis_mlp is None and all(isinstance(b.mlp_adapter, nn.Identity) for b in att.blocks)
+    assert list(att.vit.shared) == ["basis_attn"]
+    assert all(type(b.mlp.fc1) is nn.Linear and isinstance(b.attn.qkv, ARCLinear) for b in att.vit.blocks)
     with pytest.raises(PETLError, match="placement"):
         ARC(num_classes=5, placement="arc_mlp", **TINY)
 
@@ -82,7 +91,7 @@ def test_vit_b16_parameter_counts(placement: str, expected: int) -> None:
     s = m.parameter_summary()
     assert s["trainable"] == expected + 768 * 100 + 100
     assert expected == (2 if placement == "attn_mlp" else 1) * (768 * 50 + 12 * (50 + 768))
-    assert not any(p.requires_grad for p in m.vit.parameters())
+    assert not any(p.requires_grad for p in m.vit.vit.parameters())
 
 
 # -- every ARC tensor is trained -------------------------------------------------------------------
@@ -97,9 +106,12 @@ def test_every_arc_parameter_gets_gradient_and_changes() -> None:
     torch.manual_seed(0)
     m = ARC(num_classes=4, lr=1e-2, weight_decay=0.0, warmup_epochs=0, **TINY)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    expected = {"basis_attn.weight", "basis_mlp.weight", "head.weight", "head.bias"} | {
-        f"blocks.{i}.{a}_adapter.{t}" for i in range(2) for a in ("attn", "mlp") for t in ("coeff", "bias")
-    }
+    expected = {
+        "model.vit.shared.basis_attn.weight",
+        "model.vit.shared.basis_mlp.weight",
+        "model.head.weight",
+        "model.head.bias",
+    } | {f"model.vit.blocks.{i}.{a}.{t}" for i in range(2) for a in ("attn.qkv", "mlp.fc1") for t in ("coeff", "bias")}
     assert trainable == expected
     initial = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
 
@@ -124,8 +136,8 @@ def test_every_arc_parameter_gets_gradient_and_changes() -> None:
         callbacks=[Recorder()],
     )
     trainer.fit(m, DataLoader(data, batch_size=8))
-    assert nonzero_grads[0] == {"head.weight", "head.bias"}
-    assert nonzero_grads[1] == expected - {"basis_attn.weight"}
+    assert nonzero_grads[0] == {"model.head.weight", "model.head.bias"}
+    assert nonzero_grads[1] == expected - {"model.vit.shared.basis_attn.weight"}
     assert nonzero_grads[2] == expected
     unchanged = [n for n, p in m.named_parameters() if p.requires_grad and torch.equal(p.detach(), initial[n])]
     assert unchanged == []

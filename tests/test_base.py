@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from petl_lightning.data.vtab import EpochShuffleSampler
 from petl_lightning.errors import CheckpointError, DataError, PETLError
-from petl_lightning.methods.base import PETLModule, warmup_cosine
 from petl_lightning.methods.baselines import FullFinetune, LinearProbe
+from petl_lightning.tasks.classification import PETLModule
+from petl_lightning.tasks.optimization import warmup_cosine
 
 TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32)
 
@@ -27,8 +28,8 @@ class DropoutProbe(PETLModule):
         super().__init__(**kwargs)
         self.adapter = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.vit.dim, self.vit.dim))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(super().forward_features(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.adapter(self.vit(x)))
 
 
 class TinyData(L.LightningDataModule):
@@ -69,7 +70,7 @@ def test_backbone_is_frozen_and_only_the_head_trains() -> None:
     m = LinearProbe(num_classes=5, **TINY)
     s = m.parameter_summary()
     assert s["trainable"] == 192 * 5 + 5
-    assert m.trainable_state_keys() == ["head.weight", "head.bias"]
+    assert m.trainable_state_keys() == ["model.head.weight", "model.head.bias"]
 
 
 def test_no_weight_decay_on_biases_norms_and_heads_unless_asked() -> None:
@@ -138,7 +139,7 @@ def test_checkpoint_holds_only_trainable_tensors_and_reloads(tmp_path: Path) -> 
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="last")
     trainer(tmp_path, 1, [ckpt_cb]).fit(m, TinyData())
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert sorted(ckpt["state_dict"]) == ["adapter.1.bias", "adapter.1.weight", "head.bias", "head.weight"]
+    assert sorted(ckpt["state_dict"]) == ["adapter.1.bias", "adapter.1.weight", "model.head.bias", "model.head.weight"]
     again = DropoutProbe.load_from_checkpoint(tmp_path / "last.ckpt")
     torch.testing.assert_close(again.head.weight, m.head.weight)
     torch.testing.assert_close(again.vit.vit.blocks[0].attn.qkv.weight.shape, m.vit.vit.blocks[0].attn.qkv.weight.shape)
@@ -153,7 +154,9 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"method '.*LinearProbe' \(checkpoint\) vs '.*DropoutProbe'"):
         DropoutProbe(num_classes=4, **TINY).check_checkpoint(ckpt)
     del ckpt["petl"]  # a checkpoint without our identity record: the tensors themselves are checked
-    with pytest.raises(CheckpointError, match=r"shape mismatch head.weight: checkpoint \(4, 192\) vs model \(7, 192\)"):
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch model.head.weight: checkpoint \(4, 192\) vs model \(7, 192\)"
+    ):
         LinearProbe(num_classes=7, **TINY).check_checkpoint(ckpt)
     with pytest.raises(CheckpointError, match="missing"):
         DropoutProbe(num_classes=4, **TINY).check_checkpoint(ckpt)
@@ -162,7 +165,7 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path: Path) -> None:
 def test_full_finetune_trains_the_backbone() -> None:
     m = FullFinetune(num_classes=3, **TINY)
     assert m.parameter_summary()["trainable"] == m.parameter_summary()["total"]
-    assert "vit.vit.blocks.0.attn.qkv.weight" in m.trainable_state_keys()
+    assert "model.vit.vit.blocks.0.attn.qkv.weight" in m.trainable_state_keys()
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from petl_lightning.callbacks import ExitRateLogger, FlopsLogger, ImageThroughputMonitor, images_in_batch
 from petl_lightning.flops import vit_flops
-from petl_lightning.methods.base import PETLModule
 from petl_lightning.methods.baselines import LinearProbe
 from petl_lightning.plotting import inference_stats_figure
 from petl_lightning.stats import InferenceOutput, InferenceStats
+from petl_lightning.tasks.classification import PETLModule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -96,7 +96,7 @@ def test_fake_dynamic_module_logged_exactly(tmp_path: Path) -> None:
     x, y = data()
     model.eval()
     with torch.no_grad():
-        pred = model.head(model.forward_features(x)).argmax(-1)
+        pred = model(x).argmax(-1)
     ex = FakeDynamic.exit_of(x)
     for k in range(3):
         share = float((ex == k).double().mean())
@@ -186,8 +186,9 @@ def test_dyn_adapter_shares_and_flops_match_its_forward(tmp_path: Path) -> None:
     x, y = data()
     model.eval()
     with torch.no_grad():
-        conf = model.confidence(model.forward_exits(x)).T
-        model.thresholds.copy_(conf[:, :-1].median(dim=0).values)
+        conf = model.model.confidence(model.forward_exits(x)).T
+        middle = conf[:, :-1].sort(dim=0).values[N // 2 - 1 : N // 2 + 1]
+        model.thresholds.copy_(middle.mean(dim=0))  # halfway between two confidences: batching cannot flip one
         ref = model.infer(x)
     exits, flops = ExitRateLogger(save_png=True), FlopsLogger()
     logger = TensorBoardLogger(tmp_path, name="tb")
@@ -229,10 +230,10 @@ def test_dyt_keep_rates_match_its_dispatch_record(tmp_path: Path) -> None:
     executed = 0.0
     with torch.no_grad():
         for xb in x.split(6):  # the loader's batches
-            _, k = model.run_gathered(xb)
+            k = model.vit.forward_gathered(xb, model.vit.keep_count()).kept
             kept += k.sum(dim=(0, 2)).double()
             offered += xb.shape[0] * model.vit.num_patches
-            executed += float(model.executed_flops(k).sum())
+            executed += float((model.vit.executed_flops(k) + model.model.head_flops()).sum())
     exits, flops = ExitRateLogger(), FlopsLogger()
     tr = trainer(tmp_path, [exits, flops])
     tr.test(model, loader(), verbose=False)

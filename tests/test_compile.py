@@ -17,7 +17,6 @@ import pytest
 import torch
 from torch import nn
 
-from petl_lightning.deploy.dyt_topk import DyTTopK
 from petl_lightning.methods.arc import ARC
 from petl_lightning.methods.dyn_adapter import DynAdapter
 from petl_lightning.methods.dyt import DyT
@@ -44,14 +43,14 @@ def build(method: str, **kwargs: Any) -> nn.Module:
     elif method == "arc":
         m = ARC(num_classes=5, **TINY, **kwargs)
     elif method == "dyt":
-        m = DyT(num_classes=5, **{"fixed_keep_rate": 0.5, **kwargs}, **DYT)
+        m = DyT(num_classes=5, skipping={"fixed_keep_rate": 0.5, **kwargs}, **DYT)
     else:
         m = DynAdapter(num_classes=5, exits={"blocks": [1, 2, 3]}, **TINY, **kwargs)
     randomize(m)
     m.eval()
     if method == "dyn_adapter":  # images leave at exits 0 and 2 (about 40% and 30%), none at exit 1
         with torch.no_grad():
-            conf = torch.stack([m.confidence(lg) for lg in m.forward_exits(images(64, method))], dim=1)
+            conf = torch.stack([m.model.confidence(lg) for lg in m.forward_exits(images(64, method))], dim=1)
         m.thresholds.copy_(
             torch.stack([conf[:, 0].quantile(0.6), torch.tensor(float("inf")), conf[:, 2].quantile(0.5)])
         )
@@ -79,7 +78,7 @@ def test_static_shape_inference_compiles_as_one_graph(method: str) -> None:
 
 
 def test_dyt_deploy_form_compiles_with_a_dynamic_batch() -> None:
-    form = DyTTopK.of(build("dyt"))
+    form = build("dyt").deploy_form()
     compiled = torch.compile(form, fullgraph=True, dynamic=True, backend="aot_eager")
     with torch.no_grad():
         for batch in (2, 7):
@@ -174,7 +173,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (tor
 def test_fast_inference_paths_never_sync(method: str) -> None:
     """RepAdapter, ARC and DyT's gathered top-k path (the module's eval forward, and its deploy form)."""
     m = build(method.removesuffix("_topk")).cuda()
-    fn = DyTTopK.of(m) if method == "dyt_topk" else m
+    fn = m.deploy_form() if method == "dyt_topk" else m
     x = images(8, method.removesuffix("_topk")).cuda()
     with torch.no_grad():
         fn(x)  # warm-up: lazy CUDA initialisation may synchronise

@@ -81,7 +81,7 @@ def model_and_images() -> tuple[DynAdapter, torch.Tensor]:
     m = make()
     x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        conf = torch.stack([m.confidence(lg) for lg in m.forward_exits(x)], dim=1)[:, :-1]
+        conf = torch.stack([m.model.confidence(lg) for lg in m.forward_exits(x)], dim=1)[:, :-1]
     thr = spaced_thresholds(conf, 0.75)
     thr[1] = float("inf")  # the middle exit takes no image: its threshold is null in deploy.json
     m.thresholds.copy_(torch.tensor(thr))
@@ -119,7 +119,7 @@ def test_driver_equals_dynamic_inference_without_petl_lightning(
     assert logits.argmax(1).tolist() == want.logits.argmax(1).tolist()
     assert np.abs(logits - want.logits.numpy()).max() < TOL
     # a changed adapter after export shows up: the driver no longer matches the module
-    adapter = m.blocks[0].mlp_adapter.up.weight
+    adapter = m.vit.blocks[0].mlp.fc1.up.weight
     with torch.no_grad():
         adapter.add_(0.5)
         changed = m.infer(x).logits
@@ -142,7 +142,7 @@ def test_every_stage_takes_a_batch_of_one(model_and_images, exported) -> None:
         assert np.abs(logits - want[k].numpy()).max() < TOL
         if k < 3:
             tokens = out[0]
-            assert np.abs(out[2] - m.confidence(want[k][None]).numpy()).max() < 1e-5  # the model's own rule
+            assert np.abs(out[2] - m.model.confidence(want[k][None]).numpy()).max() < 1e-5  # the model's own rule
 
 
 def test_stage_export_errors_and_no_mutation(model_and_images, tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ def test_the_unfoldable_adapter_base_exports_its_trained_blocks(tmp_path: Path) 
     m.eval()
     x = torch.randn(20, 3, 32, 32)
     with torch.no_grad():
-        m.thresholds.copy_(torch.tensor(spaced_thresholds(m.confidence(m.forward_exits(x)[0])[:, None], 0.5)))
+        m.thresholds.copy_(torch.tensor(spaced_thresholds(m.model.confidence(m.forward_exits(x)[0])[:, None], 0.5)))
         want = m.infer(x)
     folder = m.export_exits(tmp_path / "exported", format="torch_export")
     spec = importlib.util.spec_from_file_location("exported_driver", folder / "driver.py")
@@ -199,7 +199,7 @@ def test_dyt_base_stages_skip_tokens_and_equal_its_fixed_keep_rate_inference(
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "head" in name or "dispatch" in name else 0.02))
     x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        conf = torch.stack([m.confidence(lg) for lg in m.forward_exits(x)], dim=1)[:, :-1]
+        conf = torch.stack([m.model.confidence(lg) for lg in m.forward_exits(x)], dim=1)[:, :-1]
     m.thresholds.copy_(torch.tensor(spaced_thresholds(conf, 0.6)))
     with pytest.raises(ConfigError, match="keep_rate"):
         m.export_exits(tmp_path_factory.mktemp("bad") / "e", keep_rate=1.5)

@@ -5,6 +5,7 @@ backbone's FLOPs at r = 0.5."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,6 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from petl_lightning.deploy.dyt_topk import DyTTopK
 from petl_lightning.errors import ConfigError
 from petl_lightning.flops import vit_flops
 from petl_lightning.methods.dyt import DyT
@@ -27,11 +27,11 @@ SMALL: dict[str, Any] = dict(
 )
 
 
-def make(placement: str = "mlp", depth: int = 4, **kwargs: Any) -> DyT:
+def make(placement: str = "mlp", depth: int = 4, **skipping: Any) -> DyT:
     """A DyT with random adapters and decisive random dispatchers (so every image keeps other tokens)."""
     torch.manual_seed(0)
     shape = dict(SMALL, model_kwargs={**SMALL["model_kwargs"], "depth": depth})
-    m = DyT(num_classes=5, placement=placement, **shape, **kwargs)  # type: ignore[arg-type]
+    m = DyT(num_classes=5, skipping={"sites": placement, **skipping}, **shape)  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -78,7 +78,7 @@ def test_top_k_program_equals_eager_dyt_and_catches_a_changed_adapter(fmt: str, 
             want = m(x)  # DyT's own eval forward at fixed_keep_rate 0.5 (gathered, top-k)
         assert (run(path, x) - want).abs().max().item() < TOL
     x = torch.randn(4, 3, 48, 48)
-    up = m.blocks[2].adapters["mlp"].up.weight
+    up = m.vit.blocks[2].adapters["mlp"].up.weight
     with torch.no_grad():
         up.add_(0.5)
         changed = m(x)
@@ -94,8 +94,9 @@ def test_exported_program_executes_the_skipping_flops(exported) -> None:
         program(x)
     executed = counter.get_total_flops() / 2  # per batch, multiply-adds
     k = round(0.5 * m.vit.num_patches)
-    kept = torch.full((1, 4, 1), k, dtype=torch.long)
-    assert executed == 2 * float(m.executed_flops(kept, norm=False)[0])  # what the analytic counter says
+    kept = torch.full((1, 4, 1), float(k))
+    analytic = m.vit.executed_flops(kept, norm=False)[0] + m.model.head_flops()
+    assert executed == 2 * float(analytic)  # what the analytic counter says
     backbone = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=48, depth=4, patch_size=8
     )
@@ -106,7 +107,8 @@ def test_exported_program_executes_the_skipping_flops(exported) -> None:
     assert counter.get_total_flops() == 2 * 2 * vit_flops(m.vit.shape(), 5, norm=False)
     ratio = executed / (counter.get_total_flops() / 2)
     assert ratio <= 0.72, ratio
-    assert float(m.executed_flops(kept)[0]) / m.backbone_flops() <= 0.72  # papers' convention (norms counted)
+    with_norms = m.vit.executed_flops(kept)[0] + m.model.head_flops()
+    assert float(with_norms) / m.backbone_flops() <= 0.72  # papers' convention (norms counted)
 
 
 def test_onnx_graph_gathers_with_top_k(exported) -> None:
@@ -122,9 +124,9 @@ def test_attention_skipping_exports_at_a_given_keep_rate(tmp_path: Path) -> None
     exporter runs torch.export first): equals the eager model at that fixed rate."""
     m = make("attn_mlp", depth=2)
     path = m.export(tmp_path / "dyt.onnx", keep_rate=0.25)
-    assert m.hparams.fixed_keep_rate is None  # the module keeps its threshold rule
+    assert m.skipping.fixed_keep_rate is None  # the module keeps its threshold rule
     x = torch.randn(3, 3, 48, 48)
-    m.hparams.fixed_keep_rate = 0.25
+    m.vit.skipping = replace(m.skipping, fixed_keep_rate=0.25)
     with torch.no_grad():
         want = m(x)
     assert (run(path, x) - want).abs().max().item() < TOL
@@ -135,8 +137,9 @@ def test_export_needs_a_keep_rate_and_copies_the_model() -> None:
     with pytest.raises(ConfigError, match=r"pass keep_rate .*target_rate 0\.5"):
         m.export("dyt.onnx")
     with pytest.raises(ConfigError, match=r"keep_rate must lie in \[0, 1\]"):
-        DyTTopK.of(m, 1.5)
+        m.deploy_form(1.5)
     m.train()
-    form = DyTTopK.of(m, 0.5)
-    assert not form.training and m.training and form.blocks[0] is not m.blocks[0]
-    assert form.keep_count == 18
+    form = m.deploy_form(0.5)
+    assert not form.training and m.training and form.vit.blocks[0] is not m.vit.blocks[0]
+    assert form.vit.keep_count() == 18 and m.vit.keep_count() is None
+    assert m.export_metadata(0.5)["keep_count"] == 18

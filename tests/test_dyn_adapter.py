@@ -17,14 +17,13 @@ from timm.models.vision_transformer import Block
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from petl_lightning.callbacks import ExitCalibration
-from petl_lightning.errors import ConfigError
+from petl_lightning.adapted import AdaptedViT
+from petl_lightning.callbacks import ExitCurveLogger
+from petl_lightning.errors import ConfigError, MergeError
 from petl_lightning.layers.adapter import Adapter
 from petl_lightning.layers.exits import ExitHead
-from petl_lightning.layers.lora import LoRALinear, merge_lora
-from petl_lightning.merge import MergeError
+from petl_lightning.layers.wrapper import adapter_layers, merge_adapter_layers
 from petl_lightning.methods.dyn_adapter import DynAdapter
-from petl_lightning.methods.dyn_adapter.bases import adapter_layers
 from petl_lightning.methods.dyn_adapter.thresholds import (
     ExitCosts,
     ExitOutputs,
@@ -33,7 +32,9 @@ from petl_lightning.methods.dyn_adapter.thresholds import (
     evaluate_thresholds,
     search_thresholds,
     single_exit_points,
+    single_exit_thresholds,
 )
+from petl_lightning.methods.lora.layer import LoRALinear
 
 BASES = ["adapter", "lora", "repadapter", "arc"]
 K = 5
@@ -73,16 +74,25 @@ def tiny(base: str = "repadapter", **kw) -> DynAdapter:
     return m.eval()
 
 
+def exit_flops(m: DynAdapter, vit: AdaptedViT | None = None, norm: bool = True) -> torch.Tensor:
+    """FLOPs (E,) of leaving at each exit at ``m``'s thresholds, for a base whose blocks cost the same for
+    every image: the heads and embedding (``exit_costs``) plus the blocks up to the exit (closed form)."""
+    vit = m.vit if vit is None else vit
+    per_block = vit.block_flops(torch.zeros(1, vit.depth, 0), norm=norm)[0]
+    blocks = per_block.cumsum(0)[[d - 1 for d in m.exit_depths]]
+    return m.exit_costs(vit, norm).of(m.thresholds)[0] + blocks
+
+
 def per_image_reference(m: DynAdapter, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One image at a time: run the blocks up to each exit, stop at the first confident exit."""
     logits, exits = [], []
     for img in x:
         tokens, start = m.vit.embed(img[None]), 0
         for k, end in enumerate(m.exit_depths):
-            tokens = m.forward_blocks(tokens, start, end)
+            tokens = m.vit.forward_blocks(tokens, start, end).tokens
             start = end
-            lg = m.exit_logits(k, tokens)
-            if k == m.num_exits - 1 or float(m.confidence(lg)[0]) >= float(m.thresholds[k]):
+            lg = m.model.exit_logits(k, tokens)
+            if k == m.num_exits - 1 or float(m.model.confidence(lg)[0]) >= float(m.thresholds[k]):
                 break
         logits.append(lg[0])
         exits.append(k)
@@ -93,7 +103,7 @@ def mixed_thresholds(m: DynAdapter, x: torch.Tensor, q: float = 0.4) -> torch.Te
     """Per-exit thresholds near the ``q`` quantile of that exit's confidences, halfway between two
     neighbouring confidences at least 1e-4 apart (so float noise cannot move an image across)."""
     with torch.no_grad():
-        conf = m.confidence(m.forward_exits(x)).T
+        conf = m.model.confidence(m.forward_exits(x)).T
     thr = []
     for k in range(conf.shape[1] - 1):
         c = conf[:, k].sort().values
@@ -131,9 +141,9 @@ def test_batched_dynamic_path_equals_per_image_loop(base: str, conf: str) -> Non
     with torch.no_grad():
         for name, thr in settings.items():
             m.thresholds.copy_(thr)
-            costs = m.exit_costs().of(m.thresholds)[0]
+            costs = exit_flops(m)
             ref_logits, ref_exits = per_image_reference(m, x)
-            assert torch.equal(m.infer_reference(x).exit_index, ref_exits)
+            assert torch.equal(m.model.infer_reference(x).exit_index, ref_exits)
             if name == "all_early":
                 assert bool((ref_exits == 0).all())
             elif name == "none_early":
@@ -161,8 +171,22 @@ def test_batched_dynamic_path_equals_per_image_loop(base: str, conf: str) -> Non
     stats = m.inference_stats()
     share = torch.bincount(ref_exits, minlength=4).double() / 64
     torch.testing.assert_close(stats["exit_share"], share)
-    costs = m.exit_costs().of(m.thresholds)[0]
+    costs = exit_flops(m)
     assert float(stats["gflops"]) == pytest.approx(float((share * costs).sum()) / 1e9, rel=1e-12)
+
+
+def spread_thresholds(m: DynAdapter, x: torch.Tensor) -> torch.Tensor:
+    """Per-exit thresholds under which every exit takes some of ``x``: at early exit k, about 1 / (E - k)
+    of the images still running leave, the threshold halfway between two confidences at least 1e-4 apart."""
+    with torch.no_grad():
+        conf = m.model.confidence(m.forward_exits(x)).T  # (N, E)
+    running, thr = torch.ones(conf.shape[0], dtype=torch.bool), []
+    for k in range(conf.shape[1] - 1):
+        c = conf[running, k].sort(descending=True).values
+        j = next(j for j in range(max(len(c) // (conf.shape[1] - k), 1) - 1, len(c) - 1) if c[j] - c[j + 1] > 1e-4)
+        thr.append(0.5 * float(c[j] + c[j + 1]))
+        running &= conf[:, k] < thr[-1]
+    return torch.tensor(thr)
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -172,19 +196,19 @@ def test_executed_flops_equal_flop_counter(base: str) -> None:
     m = tiny(base)
     m.vit.set_fused_attn(False)
     x = torch.randn(16, 3, 32, 32)
-    mixed = mixed_thresholds(m, x)
+    mixed = spread_thresholds(m, x)
     for thr in (mixed, torch.cat([mixed[:1], torch.tensor([math.inf]), mixed[2:]])):
         m.thresholds.copy_(thr)
-        costs = m.exit_costs(norm=False).of(m.thresholds)[0]
+        costs = exit_flops(m, norm=False)
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             res = m.infer(x)
         assert len(set(res.exit_index.tolist())) >= 3
         assert fc.get_total_flops() == 2 * int(costs[res.exit_index].sum())
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        m.head(m.forward_features(x))
+        m.head(m.vit.run(x).features)
     assert fc.get_total_flops() == 2 * 16 * m.full_flops(norm=False)
     n = m.vit.num_tokens
-    assert m.full_flops() == m.backbone_flops() + sum(a.flops(n) for b in m.blocks for a in adapter_layers(b))
+    assert m.full_flops() == m.backbone_flops() + sum(a.flops(n) for a in adapter_layers(m.vit))
 
 
 @pytest.mark.parametrize("base", ["lora", "repadapter", "arc"])
@@ -198,7 +222,8 @@ def test_merged_inference_equals_unmerged_and_costs_only_the_backbone(base: str)
         merged = m.merge()  # a plain timm ViT with the final head; this module is not modified
         assert type(merged) is timm.models.vision_transformer.VisionTransformer
         torch.testing.assert_close(merged(x), m.forward_exits(x)[-1], atol=1e-4, rtol=1e-4)
-        out = m.infer(x, blocks=merged.blocks)
+        merged_vit = AdaptedViT(merged, merged.blocks)
+        out = m.infer(x, vit=merged_vit)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert torch.equal(out.exit_index, ref.exit_index)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
@@ -209,8 +234,8 @@ def test_merged_inference_equals_unmerged_and_costs_only_the_backbone(base: str)
     for b in merged.blocks:
         b.attn.fused_attn = False
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        res = m.infer(x, blocks=merged.blocks)
-    costs = m.exit_costs(merged=True, norm=False).of(m.thresholds)[0]
+        res = m.infer(x, vit=merged_vit)
+    costs = exit_flops(m, merged_vit, norm=False)
     assert fc.get_total_flops() == 2 * int(costs[res.exit_index].sum())
 
 
@@ -237,7 +262,7 @@ def test_lora_wraps_the_frozen_qkv_and_merges_exactly() -> None:
         blk.attn.fused_attn = merged.attn.fused_attn = fused
         torch.testing.assert_close(blk(x), merged(x), atol=1e-5, rtol=1e-5)
     assert (blk(x) - plain(x)).abs().max() > 1e-3  # the update does something
-    folded = merge_lora(copy.deepcopy(blk))
+    folded = merge_adapter_layers(copy.deepcopy(blk))
     assert type(folded.attn.qkv) is torch.nn.Linear
     torch.testing.assert_close(folded(x), blk(x), atol=1e-5, rtol=1e-5)
 
@@ -264,10 +289,10 @@ def test_fresh_petl_is_identity_and_heads_are_balanced() -> None:
             torch.testing.assert_close(m.forward_exits(x)[-1], m.head(plain(x)))
     m = DynAdapter(num_classes=K, model_name="vit_tiny_patch16_224", pretrained=False, img_size=32)
     assert m.exit_depths == [3, 6, 9, 12]
-    assert [h.hidden for h in m.exit_heads] == [256, 128, 0]
-    assert all(isinstance(h, ExitHead) for h in m.exit_heads)
-    assert m.is_head_parameter("exit_heads.0.fc1.weight")
-    assert not m.is_head_parameter("blocks.0.attn_adapter.down.weight")
+    assert [h.hidden for h in m.model.exit_heads] == [256, 128, 0]
+    assert all(isinstance(h, ExitHead) for h in m.model.exit_heads)
+    assert m.is_head_parameter("model.exit_heads.0.fc1.weight")
+    assert not m.is_head_parameter("model.vit.blocks.0.attn.qkv.down.weight")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,9 +337,13 @@ def test_exit_grad_scale_scales_or_stops_the_early_exit_gradient() -> None:
             for n, p in m.named_parameters()
             if p.requires_grad
         }
-    below = [n for n in grads[1.0] if n.startswith(("blocks.0.", "blocks.1."))]
+    below = [n for n in grads[1.0] if n.startswith(("model.vit.blocks.0.", "model.vit.blocks.1."))]
     above = [
-        n for n in grads[1.0] if n.startswith(("blocks.2.", "blocks.3.", "head.", "exit_heads.0.", "exit_heads.2."))
+        n
+        for n in grads[1.0]
+        if n.startswith(
+            ("model.vit.blocks.2.", "model.vit.blocks.3.", "model.head.", "model.exit_heads.0.", "model.exit_heads.2.")
+        )
     ]
     assert sum(grads[1.0][n].abs().sum() for n in below) > 0
     for n in below:
@@ -322,15 +351,16 @@ def test_exit_grad_scale_scales_or_stops_the_early_exit_gradient() -> None:
         assert not grads[0.0][n].any()
     for scale in (1.0, 0.5, 0.0):
         assert not any(grads[scale][n].any() for n in above)
-        torch.testing.assert_close(grads[scale]["exit_heads.1.fc2.weight"], grads[1.0]["exit_heads.1.fc2.weight"])
+        head = "model.exit_heads.1.fc2.weight"
+        torch.testing.assert_close(grads[scale][head], grads[1.0][head])
 
 
 def test_adapter_dropout_falls_with_depth_and_only_acts_in_training() -> None:
     m = tiny("lora", sparsity={"adapter_dropout": [0.4, 0.1]})
-    rates = [b.attn.qkv.dropout.p for b in m.blocks]
+    rates = [b.attn.qkv.dropout.p for b in m.vit.blocks]
     assert rates == pytest.approx([0.4, 0.3, 0.2, 0.1])
     m2 = tiny("repadapter", sparsity={"adapter_dropout": [0.5, 0.2, 0.2, 0.0]})
-    assert [b.attn_adapter.dropout.p for b in m2.blocks] == pytest.approx([0.5, 0.2, 0.2, 0.0])
+    assert [b.mlp.fc1.dropout.p for b in m2.vit.blocks] == pytest.approx([0.5, 0.2, 0.2, 0.0])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         m.eval()
@@ -358,7 +388,7 @@ def test_gradient_mask_gradient_mode() -> None:
     g = torch.cat([p.grad.flatten() for p in petl])
     assert set(g.unique().tolist()) == {0.0, 4.0}
     assert (g > 0).double().mean().item() == pytest.approx(0.25, abs=0.02)
-    assert all(bool((p.grad == 1).all()) for p in m.exit_heads.parameters())
+    assert all(bool((p.grad == 1).all()) for p in m.model.exit_heads.parameters())
 
 
 def test_gradient_mask_update_mode_in_a_real_step() -> None:
@@ -393,9 +423,11 @@ def test_gradient_mask_update_mode_in_a_real_step() -> None:
 # Calibration, sweep, statistics
 # ------------------------------------------------------------------------------------------------
 def _table(conf: torch.Tensor, correct: torch.Tensor) -> ExitOutputs:
-    """An exit table whose predictions are right exactly where ``correct`` says (label 0)."""
-    n = conf.shape[0]
-    return ExitOutputs(conf, torch.where(correct, 0, 1), torch.zeros(n, dtype=torch.long))
+    """An exit table whose predictions are right exactly where ``correct`` says (label 0); no block costs
+    (the exit costs below hold them)."""
+    n, e = conf.shape
+    zeros = torch.zeros(n, dtype=torch.long)
+    return ExitOutputs(conf, torch.where(correct, 0, 1), zeros, torch.zeros(n, e, dtype=torch.float64), zeros[:, None])
 
 
 def test_search_thresholds_matches_brute_force() -> None:
@@ -414,7 +446,7 @@ def test_search_thresholds_matches_brute_force() -> None:
         assert got == pytest.approx(best) and got_cost <= budget + 1e-12
         ex = assign_exits(conf, thr)
         assert correct[torch.arange(n), ex].double().mean().item() == pytest.approx(got)
-        assert costs.depth[ex].mean().item() == pytest.approx(got_cost)
+        assert costs.fixed[ex].mean().item() == pytest.approx(got_cost)
         for policy in ("pareto", "geometric", "shared"):
             _, a, c, _ = search_thresholds(out, costs, budget, policy)
             assert c <= budget + 1e-12 and a <= best + 1e-12
@@ -431,14 +463,14 @@ def test_heads_are_paid_only_where_they_can_take_images() -> None:
     inf = math.inf
     got = costs.of(torch.tensor([[0.5, inf, 0.5], [inf, inf, inf], [inf, -inf, inf]]))
     assert got.tolist() == [[11, 23, 35, 45], [11, 22, 34, 40], [11, 22, 36, 42]]
-    assert costs.single_exit().tolist() == [11, 22, 34, 40]
+    assert costs.of(single_exit_thresholds(4)).diagonal().tolist() == [11, 22, 34, 40]
 
 
 @pytest.mark.parametrize("policy", ["pareto", "geometric", "shared", "grid"])
 def test_calibration_meets_budget_on_held_out_data(policy: str) -> None:
     m = tiny()
     held_out = _loader(48, 16, seed=5)
-    res = m.calibrate(held_out, target=0.5, policy=policy)
+    res = m.calibrate(held_out, budget=0.5, policy=policy)
     assert m.calibrated and m.thresholds.tolist() == pytest.approx(res["thresholds"])
     # Run the real dynamic path over the held-out data and read the executed FLOPs.
     with torch.no_grad():
@@ -448,7 +480,7 @@ def test_calibration_meets_budget_on_held_out_data(policy: str) -> None:
     assert float(stats["flops_ratio"]) <= 0.5 + 1e-12
     assert float(stats["flops_ratio"]) == pytest.approx(res["flops_ratio"])
     assert stats["exit_share"].tolist() == pytest.approx(res["exit_share"])
-    assert "thresholds" in m.trainable_state_keys()
+    assert "model.thresholds" in m.trainable_state_keys()
 
 
 def test_calibration_never_does_worse_than_the_best_single_exit_it_can_afford() -> None:
@@ -512,14 +544,15 @@ class _RandomData(L.LightningDataModule):
 
 
 def test_every_validation_epoch_calibrates_and_fit_draws_the_curve(tmp_path: Path) -> None:
-    """With ExitCalibration, each validation epoch's statistics are those of thresholds calibrated
-    on that epoch's held-out exits (no +inf, no flat charts during fit); fit's end saves and logs the
-    curve; the checkpoint carries the calibration."""
+    """The module calibrates by itself at each validation epoch's last batch, so the statistics the
+    callbacks read at its end (wherever they sit in the list) are those of thresholds calibrated on
+    that epoch's held-out exits (no +inf, no flat charts during fit); ExitCurveLogger saves and logs the
+    curve at fit's end; the checkpoint carries the calibration."""
     m = tiny(calibration={"budget": 0.6}, lr=1e-2, warmup_epochs=0)
     logger = _ImageLogger()
     from petl_lightning.callbacks import ExitRateLogger, FlopsLogger, PETLCheckpoint
 
-    calib, flops = ExitCalibration(), FlopsLogger()
+    curve, flops = ExitCurveLogger(), FlopsLogger()
     trainer = L.Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -528,7 +561,7 @@ def test_every_validation_epoch_calibrates_and_fit_draws_the_curve(tmp_path: Pat
         enable_model_summary=False,
         default_root_dir=tmp_path,
         num_sanity_val_steps=0,
-        callbacks=[calib, ExitRateLogger(charts=False), flops, PETLCheckpoint()],
+        callbacks=[ExitRateLogger(charts=False), flops, curve, PETLCheckpoint()],
     )
     trainer.fit(m, datamodule=_RandomData())
     res = m.calibration_result
@@ -538,29 +571,19 @@ def test_every_validation_epoch_calibrates_and_fit_draws_the_curve(tmp_path: Pat
     assert float(stats["gflops"]) / float(stats["gflops_full"]) <= 0.6 + 1e-9
     assert torch.isfinite(m.thresholds).any()
     metrics = trainer.callback_metrics
-    assert float(metrics["val/acc"]) == pytest.approx(res["acc"], abs=1e-6) == float(metrics["calib/acc"])
-    assert {"val/acc_exit1", "val/acc_exit4", "val/gflops"} <= set(metrics)
-    assert calib.curve_path is not None and calib.curve_path.stat().st_size > 5000
+    assert float(metrics["val/acc"]) == pytest.approx(res["acc"], abs=1e-6) == float(metrics["calibration/acc"])
+    assert {"val/acc_exit1", "val/acc_exit4", "val/gflops_per_image"} <= set(metrics)
+    assert curve.curve_path is not None and curve.curve_path.stat().st_size > 5000
     assert [k for k, _ in logger.images] == ["dyn_adapter/acc_vs_gflops"]
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["petl"]["calibration"]["thresholds"] == pytest.approx(m.thresholds.tolist())
-    with pytest.raises(ConfigError, match="must come before"):
-        L.Trainer(
-            callbacks=[ExitRateLogger(), ExitCalibration()], logger=False, max_steps=1, enable_progress_bar=False
-        ).fit(tiny(calibration={"budget": 0.6}), datamodule=_RandomData())
 
 
-def test_test_calibrates_on_the_held_out_split_first() -> None:
-    """``trainer.test`` of an uncalibrated model calibrates on the DataModule's validation split
-    before testing; with no held-out split it warns and keeps +inf."""
+def test_a_plain_trainer_calibrates_and_tests_on_the_held_out_split_first() -> None:
+    """Without any callback: ``trainer.test`` of an uncalibrated model calibrates on the DataModule's
+    validation split before testing; with no held-out split it warns and keeps +inf."""
     m = tiny(calibration={"budget": 0.5})
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ExitCalibration()],
-    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.test(m, datamodule=_RandomData(), verbose=False)
     assert m.calibrated and m.calibration_result["flops_ratio"] <= 0.5
     assert torch.isfinite(m.thresholds).any() and m.inference_stats()["images"].item() == 32
@@ -580,7 +603,7 @@ def test_thresholds_survive_a_checkpoint(tmp_path: Path) -> None:
     trainer.strategy.connect(m)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     state = torch.load(tmp_path / "m.ckpt", weights_only=True)["state_dict"]
-    assert "thresholds" in state and not any(k.startswith("vit.") for k in state)
+    assert "model.thresholds" in state and not any(k.startswith("model.vit.vit.") for k in state)
     loaded = DynAdapter.load_from_checkpoint(tmp_path / "m.ckpt")
     assert torch.equal(loaded.thresholds, m.thresholds) and loaded.calibrated
     assert loaded.calibration_result == m.calibration_result
@@ -620,11 +643,11 @@ def test_recipe_parses_and_builds() -> None:
     assert (args["base"], args["exits"]["blocks"], args["calibration"]["budget"]) == ("repadapter", [3, 6, 9], 0.5)
     assert (args["lr"], args["weight_decay"], args["warmup_epochs"], args["min_lr"]) == (1e-3, 1e-4, 10, 1e-5)
     assert cfg["trainer"]["max_epochs"] == 100 and cfg["data"]["init_args"]["protocol"] == "train_val"
-    assert cfg["trainer"]["callbacks"][0]["class_path"] == "petl_lightning.callbacks.ExitCalibration"
+    assert cfg["trainer"]["callbacks"][0]["class_path"] == "petl_lightning.callbacks.ExitCurveLogger"
     args.update(pretrained=False, num_classes=10)
     m = DynAdapter(**args)
-    assert m.exit_depths == [3, 6, 9, 12] and [h.hidden for h in m.exit_heads] == [256, 128, 0]
-    assert [b.attn_adapter.dropout.p for b in m.blocks][::11] == pytest.approx([0.3, 0.0])
+    assert m.exit_depths == [3, 6, 9, 12] and [h.hidden for h in m.model.exit_heads] == [256, 128, 0]
+    assert [b.attn.qkv.dropout.p for b in m.vit.blocks][::11] == pytest.approx([0.3, 0.0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -664,7 +687,7 @@ def test_real_dtd10_every_exit_reported_and_half_budget_keeps_accuracy(
         num_sanity_val_steps=0,
         check_val_every_n_epoch=100,
         default_root_dir=tmp_path,
-        callbacks=[ExitCalibration()],
+        callbacks=[ExitCurveLogger()],
     )
     trainer.fit(m, dm)
     calib = m.calibration_result

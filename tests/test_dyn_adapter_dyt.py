@@ -12,10 +12,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from petl_lightning.errors import ConfigError
-from petl_lightning.layers.dyt_block import DyTBlock
-from petl_lightning.merge import MergeError
+from petl_lightning.errors import ConfigError, MergeError
 from petl_lightning.methods.dyn_adapter import DynAdapter
+from petl_lightning.methods.dyt.block import DyTBlock
 
 K = 5
 
@@ -40,7 +39,7 @@ def tiny(**kw: Any) -> DynAdapter:
         for name, p in m.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * (0.1 if "head" in name else 0.05))
-        for blk in m.blocks:
+        for blk in m.vit.blocks:
             for d in blk.dispatchers.values():
                 d.proj.weight.normal_(0.0, 0.5)
     m.vit.set_fused_attn(False)  # FlopCounterMode does not see the CPU SDPA kernel
@@ -49,7 +48,7 @@ def tiny(**kw: Any) -> DynAdapter:
 
 def set_dispatch_bias(m: DynAdapter, value: float) -> None:
     with torch.no_grad():
-        for blk in m.blocks:
+        for blk in m.vit.blocks:
             for d in blk.dispatchers.values():
                 d.proj.bias.fill_(value)
 
@@ -57,16 +56,16 @@ def set_dispatch_bias(m: DynAdapter, value: float) -> None:
 def per_image_masked_reference(m: DynAdapter, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image at a time, every block on the masked path (everything runs, skipped outputs are
     zeroed), stopping at the first confident exit: logits, exits, kept patch tokens per block."""
-    logits, exits, kept = [], [], torch.zeros(x.shape[0], len(m.blocks), dtype=torch.long)
+    logits, exits, kept = [], [], torch.zeros(x.shape[0], m.vit.depth)
     for i, img in enumerate(x):
         tokens, start = m.vit.embed(img[None]), 0
         for k, end in enumerate(m.exit_depths):
             for j in range(start, end):
-                tokens, mask = m.blocks[j].forward_masked(tokens, sample=False)
+                tokens, mask = m.vit.blocks[j].forward_masked(tokens, sample=False)
                 kept[i, j] = int(mask.sum())
             start = end
-            lg = m.exit_logits(k, tokens)
-            if k == m.num_exits - 1 or float(m.confidence(lg)[0]) >= float(m.thresholds[k]):
+            lg = m.model.exit_logits(k, tokens)
+            if k == m.num_exits - 1 or float(m.model.confidence(lg)[0]) >= float(m.thresholds[k]):
                 break
         logits.append(lg[0])
         exits.append(k)
@@ -76,7 +75,7 @@ def per_image_masked_reference(m: DynAdapter, x: torch.Tensor) -> tuple[torch.Te
 def mixed_thresholds(m: DynAdapter, x: torch.Tensor) -> torch.Tensor:
     """Each early exit's threshold halfway between two neighbouring confidences near its median."""
     with torch.no_grad():
-        conf = m.confidence(m.forward_exits(x))
+        conf = m.model.confidence(m.forward_exits(x))
     thr = []
     for c in conf[:-1]:
         c = c.sort().values
@@ -87,7 +86,7 @@ def mixed_thresholds(m: DynAdapter, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("placement", ["mlp", pytest.param("layer", marks=pytest.mark.slow)])
 def test_shrinking_and_gathering_equal_the_masked_per_image_reference(placement: str) -> None:
-    m = tiny(skipping={"placement": placement})
+    m = tiny(skipping={"sites": placement})
     x = torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     p = m.vit.num_patches
     for keep, bias in (("mixed", 0.0), ("keep all", 1e4), ("keep none", -1e4)):
@@ -99,7 +98,7 @@ def test_shrinking_and_gathering_equal_the_masked_per_image_reference(placement:
                 ref_logits, ref_exits, ref_kept = per_image_masked_reference(m, x)
                 if regime == "mixed":
                     assert set(ref_exits.tolist()) == {0, 1, 2, 3}, (keep, ref_exits.bincount())
-                ran = m.offered(ref_exits) > 0
+                ran = m.model.offered(ref_exits) > 0
                 if keep == "keep all":
                     assert torch.equal(ref_kept[ran], torch.full_like(ref_kept[ran], p))
                 elif keep == "keep none":
@@ -128,7 +127,7 @@ def test_executed_flops_equal_flop_counter_mode() -> None:
             res = m.infer(x)
         static = m.exit_costs(norm=False).of(m.thresholds)[0][res.exit_index]
         blocks = torch.zeros(x.shape[0], dtype=torch.float64)
-        for j, blk in enumerate(m.blocks):
+        for j, blk in enumerate(m.vit.blocks):
             ran = res.offered[:, j] > 0
             counts = res.kept[ran, j][:, None]  # mlp placement: one site, no attention padding
             blocks[ran] += blk.executed_flops(counts, s, norm=False)
@@ -186,7 +185,7 @@ def test_training_adds_the_rate_loss_and_reaches_the_dispatchers() -> None:
     extra = 2.0 * float(terms["loss_rate"]) + float(terms["loss_complete_cls"]) + float(terms["loss_distill"])
     assert float(loss) == pytest.approx(exits + extra, rel=1e-5)
     loss.backward()
-    assert all(cast_grad(blk).abs().sum() > 0 for blk in m.blocks), (
+    assert all(cast_grad(blk).abs().sum() > 0 for blk in m.vit.blocks), (
         "the straight-through masks must pass a gradient to every dispatcher"
     )
 
@@ -203,7 +202,8 @@ def cast_grad(blk: Any) -> torch.Tensor:
     [
         ({"skipping": {"target_rate": 1.5}}, "skipping.target_rate"),
         ({"skipping": {"fixed_keep_rate": -0.1}}, "skipping.fixed_keep_rate"),
-        ({"skipping": {"placement": "heads"}}, "skipping.placement"),
+        ({"skipping": {"sites": "heads"}}, "skipping.sites"),
+        ({"skipping": {"placement": "mlp"}}, r"Unknown key\(s\) \['placement'\] for skipping"),
         ({"base": "repadapter", "skipping": {"target_rate": 0.3}}, "base='dyt' only"),
     ],
 )

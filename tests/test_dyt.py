@@ -5,6 +5,7 @@ counts, the recipe, and real training on DTD-10."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,20 +19,27 @@ from petl_lightning.flops import mlp_flops, vit_flops
 from petl_lightning.layers.adapter import Adapter, MoEAdapter
 from petl_lightning.layers.dispatcher import TokenDispatcher, gumbel_sigmoid_st
 from petl_lightning.methods.baselines import LinearProbe
-from petl_lightning.methods.dyt import DyT
+from petl_lightning.methods.dyt import DyT, TokenSkipping
 
 TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=64, model_kwargs={"depth": 3})
-PLACEMENTS = ("mlp", "attn", "attn_mlp", "layer")
+PLACEMENTS = ("mlp", "attn", "attn_mlp", "layer")  # the dispatch sites (skipping.sites)
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "dyt.yaml"
+SKIPPING = set(TokenSkipping.__dataclass_fields__)
+
+
+def dyt(sites: str = "mlp", **kw) -> DyT:
+    """A DyT with ``kw`` split into the skipping group and the module's own arguments."""
+    skipping = {"sites": sites, **{k: v for k, v in kw.items() if k in SKIPPING}}
+    return DyT(skipping=skipping, **{k: v for k, v in kw.items() if k not in SKIPPING})
 
 
 def make(placement: str = "mlp", num_experts: int = 1, fused: bool = False, **kw) -> DyT:
     """A tiny DyT with non-zero adapters and dispatchers that keep about half the tokens."""
     torch.manual_seed(0)
-    m = DyT(placement=placement, num_experts=num_experts, num_classes=5, **{**TINY, **kw}).eval()
+    m = dyt(placement, num_experts=num_experts, num_classes=5, **{**TINY, **kw}).eval()
     m.vit.set_fused_attn(fused)
     with torch.no_grad():
-        for blk in m.blocks:
+        for blk in m.vit.blocks:
             for a in blk.adapters.values():
                 for p in a.parameters():
                     p.normal_(0.0, 0.05)
@@ -42,9 +50,36 @@ def make(placement: str = "mlp", num_experts: int = 1, fused: bool = False, **kw
 
 def set_bias(m: DyT, value: float) -> None:
     with torch.no_grad():
-        for blk in m.blocks:
+        for blk in m.vit.blocks:
             for d in blk.dispatchers.values():
                 d.proj.bias.fill_(value)
+
+
+def masked(m: DyT, x: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and kept patch tokens (B, depth, sites) of the masked reference path."""
+    out = m.vit.forward_masked(x, sample)
+    return m.head(out.features), out.kept
+
+
+def gathered(m: DyT, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and kept patch tokens (B, depth, sites) of the gathered path (skipped tokens skip the work)."""
+    out = m.vit.forward_gathered(x, m.vit.keep_count())
+    return m.head(out.features), out.kept
+
+
+def complete(m: DyT, x: torch.Tensor) -> torch.Tensor:
+    """Logits of the complete model (every token through every sub-block)."""
+    return m.head(m.vit.forward_complete(x))
+
+
+def executed_flops(m: DyT, kept: torch.Tensor, inference: str = "gather", norm: bool = True) -> torch.Tensor:
+    """FLOPs per image of a forward whose blocks kept ``kept``, on the ``inference`` path."""
+    skipping = m.vit.skipping
+    m.vit.skipping = replace(skipping, inference=inference)
+    try:
+        return m.vit.executed_flops(kept, norm) + m.model.head_flops()
+    finally:
+        m.vit.skipping = skipping
 
 
 # -- fast path == masked reference -----------------------------------------------------------------
@@ -58,15 +93,15 @@ def test_gather_equals_masked_reference(placement: str, fused: bool) -> None:
         for case, bias in (("mixed", 0.0), ("all kept", 1e4), ("none kept", -1e4)):
             set_bias(m, bias)
             with torch.no_grad():
-                ref, masks = m.run_masked(x, sample=False)
-                fast, kept = m.run_gathered(x)
+                ref, ref_kept = masked(m, x)
+                fast, kept = gathered(m, x)
             err = (fast - ref).abs().max().item()
             assert err <= 1e-5, f"{placement} B={batch} {case}: max |logit diff| {err:.2e}"
-            assert torch.equal(kept, masks.sum(-1).long())  # the same decisions, per image and site
+            assert torch.equal(kept, ref_kept)  # the same decisions, per image and site
             if case == "all kept":
                 assert bool((kept == p).all())
                 with torch.no_grad():
-                    assert (fast - m.run_complete(x)).abs().max().item() <= 1e-5
+                    assert (fast - complete(m, x)).abs().max().item() <= 1e-5
             elif case == "none kept":
                 assert bool((kept == 0).all())
             else:
@@ -78,7 +113,7 @@ def test_moe_gather_equals_masked_reference() -> None:
         m = make(placement, num_experts=3)
         x = torch.randn(7, 3, 64, 64)
         with torch.no_grad():
-            ref, fast = m.run_masked(x, sample=False)[0], m.run_gathered(x)[0]
+            ref, fast = masked(m, x)[0], gathered(m, x)[0]
         assert (fast - ref).abs().max().item() <= 1e-5
 
 
@@ -88,9 +123,9 @@ def test_complete_model_with_fresh_adapters_is_the_frozen_vit() -> None:
     x = torch.randn(3, 3, 64, 64)
     for placement in PLACEMENTS:
         for experts in (1, 2):
-            m = DyT(placement=placement, num_experts=experts, num_classes=5, **TINY).eval()
+            m = dyt(placement, num_experts=experts, num_classes=5, **TINY).eval()
             with torch.no_grad():
-                assert (m.run_complete(x) - m.head(m.vit(x))).abs().max().item() < 1e-5, (placement, experts)
+                assert (complete(m, x) - m.head(m.vit.vit(x))).abs().max().item() < 1e-5, (placement, experts)
 
 
 def test_forward_is_pure_and_returns_logits_in_every_mode() -> None:
@@ -101,7 +136,7 @@ def test_forward_is_pure_and_returns_logits_in_every_mode() -> None:
         assert m(x).shape == (2, 5)
     assert m.inference_meter.update_count == 0  # forward records nothing: the step methods do
     with torch.no_grad():
-        torch.testing.assert_close(m(x), m.run_gathered(x)[0])
+        torch.testing.assert_close(m(x), gathered(m, x)[0])
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------
@@ -112,17 +147,14 @@ def test_executed_flops_equal_flop_counter_and_show_the_saving(placement: str) -
     counted, kept = {}, {}
     for mode in ("gather", "mask"):
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            if mode == "gather":
-                kept[mode] = m.run_gathered(x)[1]
-            else:
-                kept[mode] = m.run_masked(x, sample=False)[1].sum(-1).long()
+            kept[mode] = gathered(m, x)[1] if mode == "gather" else masked(m, x)[1]
         counted[mode] = fc.get_total_flops()
         # FlopCounterMode: 2 per multiply-add, no LayerNorm
-        assert counted[mode] == 2 * int(m.executed_flops(kept[mode], mode == "gather", norm=False).sum()), mode
+        assert counted[mode] == 2 * int(executed_flops(m, kept[mode], mode, norm=False).sum()), mode
     s = m.vit.shape()
     extra = sum(
         7 * (d.flops(s.num_tokens) + a.flops(s.num_tokens))
-        for blk in m.blocks
+        for blk in m.vit.blocks
         for d, a in zip(blk.dispatchers.values(), blk.adapters.values())
     )
     # masking alone executes the whole backbone (plus dispatchers and adapters)
@@ -142,20 +174,20 @@ def test_inference_stats_keep_rates_and_gflops() -> None:
     with torch.no_grad():
         for x in batches:
             m.inference_meter.update(m.infer(x))
-            masks = m.run_masked(x, sample=False)[1][:, :, 0]  # (B, depth, P): the same decisions
-            masks_all.append(masks)
+            counts = masked(m, x)[1][:, :, 0]  # (B, depth) patch tokens kept: the same decisions
+            masks_all.append(counts)
             for i in range(x.shape[0]):  # per image, from the closed form
-                kept = [int(mk.sum()) + s.num_prefix_tokens for mk in masks[i]]
+                kept = [int(c) + s.num_prefix_tokens for c in counts[i]]
                 extra = sum(
                     blk.dispatchers["mlp"].flops(s.num_tokens) + blk.adapters["mlp"].flops(s.num_tokens)
-                    for blk in m.blocks
+                    for blk in m.vit.blocks
                 )
                 per_image_flops.append(vit_flops(s, 5, mlp_tokens=kept, extra=extra))
     stats = m.inference_stats()
-    masks = torch.cat(masks_all).double()
+    shares = torch.cat(masks_all).double() / s.num_patches
     assert stats["images"].item() == 8
-    assert torch.allclose(stats["keep_rate_per_layer"], masks.mean(dim=(0, 2)))
-    assert stats["keep_rate"].item() == pytest.approx(masks.mean().item(), abs=1e-9)
+    assert torch.allclose(stats["keep_rate_per_layer"], shares.mean(dim=0))
+    assert stats["keep_rate"].item() == pytest.approx(shares.mean().item(), abs=1e-9)
     assert stats["gflops"].item() == pytest.approx(sum(per_image_flops) / 8 / 1e9, rel=1e-12)
     assert stats["gflops"].item() < stats["gflops_backbone"].item()
 
@@ -167,9 +199,7 @@ def test_fixed_keep_rate_keeps_that_share_in_every_layer() -> None:
         m = make("attn_mlp", fixed_keep_rate=rate)
         p = m.vit.num_patches
         with torch.no_grad():
-            ref = m.infer(x)
-            m.inference_meter.update(ref)
-            _, masks = m.run_masked(x, sample=False)
+            m.inference_meter.update(m.infer(x))
         stats = m.inference_stats()
         assert torch.allclose(stats["keep_rate_per_layer"], torch.full((3,), round(rate * p) / p, dtype=torch.float64))
         gflops.append(stats["gflops"].item())
@@ -182,14 +212,14 @@ def test_fixed_keep_rate_keeps_that_share_in_every_layer() -> None:
 def test_calibrated_threshold_hits_the_rate_on_the_data() -> None:
     m = make("mlp")
     data = [(torch.randn(8, 3, 64, 64), torch.zeros(8)) for _ in range(3)]
-    res = m.calibrate(data, target=0.25, max_batches=None, iters=14)
-    assert all(d.threshold == pytest.approx(res["threshold"]) for blk in m.blocks for d in blk.dispatchers.values())
+    res = m.calibrate_keep_rate(data, keep_rate=0.25, max_batches=None, iters=14)
+    assert all(d.threshold == pytest.approx(res["threshold"]) for blk in m.vit.blocks for d in blk.dispatchers.values())
     with torch.no_grad():
         for x, _ in data:
             m.inference_meter.update(m.infer(x))
     assert m.inference_stats()["keep_rate"].item() == pytest.approx(0.25, abs=0.03) == res["keep_rate"]
     state = m.state_dict()  # the calibrated threshold travels with the checkpoint
-    assert state["blocks.0.dispatchers.mlp.logit_threshold"].item() == pytest.approx(
+    assert state["model.vit.blocks.0.dispatchers.mlp.logit_threshold"].item() == pytest.approx(
         torch.logit(torch.tensor(res["threshold"])).item(), abs=1e-4
     )
 
@@ -197,7 +227,7 @@ def test_calibrated_threshold_hits_the_rate_on_the_data() -> None:
 def agreement_with_complete(m: DyT, data: list) -> float:
     """Share of images on which the dynamic model (at its current threshold) predicts the complete model's class."""
     with torch.no_grad():
-        same = sum(int((m.infer(x).logits.argmax(-1) == m.run_complete(x).argmax(-1)).sum()) for x, _ in data)
+        same = sum(int((m.infer(x).logits.argmax(-1) == complete(m, x).argmax(-1)).sum()) for x, _ in data)
     return same / sum(len(x) for x, _ in data)
 
 
@@ -212,11 +242,11 @@ def test_agreement_calibration_lowers_the_threshold_until_dynamic_predictions_ar
     res = m.calibrate_agreement(data, agreement=0.95, max_batches=None)
     assert res["agreement"] == agreement_with_complete(m, data) >= 0.95
     assert 0.0 < res["threshold"] < 0.5 and all(
-        d.threshold == pytest.approx(res["threshold"]) for blk in m.blocks for d in blk.dispatchers.values()
+        d.threshold == pytest.approx(res["threshold"]) for blk in m.vit.blocks for d in blk.dispatchers.values()
     )
     assert 0.5 < res["keep_rate"] < 1.0  # more tokens than at 0.5, still not all of them
     # the highest such threshold: one bisection step (0.5 / 2**6) above it misses the target
-    m.set_logit_threshold(float(torch.logit(torch.tensor(res["threshold"] + 0.5 / 64))))
+    m.dyt.set_logit_threshold(float(torch.logit(torch.tensor(res["threshold"] + 0.5 / 64))))
     assert agreement_with_complete(m, data) < 0.95
     # agreement 1.0 here needs every token (threshold 0: the complete model)
     res = m.calibrate_agreement(data, agreement=1.0, max_batches=None)
@@ -260,10 +290,10 @@ def test_fit_calibrates_the_threshold_at_every_epoch_end_and_checkpoints_it(tmp_
     assert trainer.callback_metrics["calibration/agreement"].item() == 1.0
     threshold = trainer.callback_metrics["calibration/threshold"].item()
     assert threshold < 0.5  # the paper's 0.5 did not meet the target on these images
-    assert threshold == pytest.approx(m.blocks[0].dispatchers["mlp"].threshold, abs=1e-6)
+    assert threshold == pytest.approx(m.vit.blocks[0].dispatchers["mlp"].threshold, abs=1e-6)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
-    assert saved["blocks.0.dispatchers.mlp.logit_threshold"].item() == pytest.approx(
-        m.blocks[0].dispatchers["mlp"].logit_threshold.item()
+    assert saved["model.vit.blocks.0.dispatchers.mlp.logit_threshold"].item() == pytest.approx(
+        m.vit.blocks[0].dispatchers["mlp"].logit_threshold.item()
     )
     assert len(m.agreement_images) == 0  # the collected images are dropped after each calibration
 
@@ -306,10 +336,10 @@ def test_training_loss_terms_weights_and_switches() -> None:
         F.cross_entropy(logits, y).item(), rel=1e-6
     )
     loss.backward()
-    for blk in m.blocks:  # gradients reach every dispatcher (through the straight-through mask)
+    for blk in m.vit.blocks:  # gradients reach every dispatcher (through the straight-through mask)
         assert blk.dispatchers["mlp"].proj.weight.grad.abs().sum() > 0
         assert blk.adapters["mlp"].up.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in m.vit.parameters())
+    assert all(p.grad is None for p in m.vit.vit.parameters())  # the frozen timm model
     # the complete-model terms off: one forward only, and their terms are absent
     m2 = make("mlp", w_complete_cls=0.0, w_distill=0.0, w_rate=0.0).train()
     calls.clear()
@@ -319,14 +349,34 @@ def test_training_loss_terms_weights_and_switches() -> None:
     assert len(calls) == 1 and set(terms2) == {"loss_cls", "keep_rate"}
     assert loss2.item() == pytest.approx(terms2["loss_cls"].item())
     with pytest.raises(PETLError, match="non-negative"):
-        DyT(w_distill=-1.0, num_classes=5, **TINY)
+        dyt(w_distill=-1.0, num_classes=5, **TINY)
+
+
+def test_training_loss_is_the_shared_loss_terms_with_label_smoothing() -> None:
+    """DyT's loss is CE(dynamic) plus the token-skipping terms Dyn-Adapter's dyt base shares, all with
+    the task's criterion: label smoothing reaches the complete model's cross-entropy too."""
+    m = make("mlp", target_rate=0.3, label_smoothing=0.2).train()
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(3)
+    loss, _, terms = m.training_loss(x, y)
+    torch.manual_seed(3)  # the same masks and dropout, by hand, in the same order
+    run = m.vit.run(x)
+    dyn = m.head(run.features)
+    full = m.head(m.vit.forward_complete(x))
+    smoothed = F.cross_entropy(full, y, label_smoothing=0.2)
+    kl = F.kl_div(dyn.log_softmax(-1), full.detach().log_softmax(-1), log_target=True, reduction="batchmean")
+    keep = run.kept.sum() / (run.kept.numel() * m.vit.num_patches)
+    expected = F.cross_entropy(dyn, y, label_smoothing=0.2) + smoothed + kl + 2.0 * (keep - 0.3) ** 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms["loss_complete_cls"].item() == pytest.approx(smoothed.item(), rel=1e-6)
+    assert abs(smoothed.item() - F.cross_entropy(full, y).item()) > 1e-3  # the smoothing is not a no-op here
 
 
 def test_training_lowers_the_loss_and_pulls_the_keep_rate_to_the_target() -> None:
     """A few AdamW steps on a fixed batch: the total loss falls and the keep rate moves from ~0.95
     toward r=0.2 (the rate term only; the CE terms would keep more tokens)."""
     torch.manual_seed(0)
-    m = DyT(num_classes=4, target_rate=0.2, w_rate=20.0, lr=1e-2, **TINY)
+    m = dyt(num_classes=4, target_rate=0.2, w_rate=20.0, lr=1e-2, **TINY)
     set_bias(m, 3.0)
     m.train()
     x, y = torch.randn(8, 3, 64, 64), torch.arange(8) % 4
@@ -369,16 +419,16 @@ def test_moe_adapter_with_identical_experts_is_one_adapter() -> None:
 
 def test_vit_b16_parameter_counts_and_adapter_only_checkpoint() -> None:
     m = DyT(num_classes=100, model_name="vit_base_patch16_224", pretrained=False, adapter_dim=8)
-    adapters = sum(p.numel() for blk in m.blocks for p in blk.adapters.parameters())
-    dispatchers = sum(p.numel() for blk in m.blocks for p in blk.dispatchers.parameters())
+    adapters = sum(p.numel() for blk in m.vit.blocks for p in blk.adapters.parameters())
+    dispatchers = sum(p.numel() for blk in m.vit.blocks for p in blk.dispatchers.parameters())
     assert adapters == 12 * (768 * 8 + 8 + 8 * 768 + 768) == 156_768  # the paper's "0.16M"
     assert dispatchers == 12 * 769 == 9_228
     assert m.parameter_summary()["trainable"] == adapters + dispatchers + 768 * 100 + 100
     keys = m.trainable_state_keys()
-    assert all(".adapters." in k or ".dispatchers." in k or k.startswith("head.") for k in keys)
+    assert all(".adapters." in k or ".dispatchers." in k or k.startswith("model.head.") for k in keys)
     assert len(keys) == 12 * 7 + 2  # per block: dispatcher weight, bias, threshold; adapter 4 tensors
     moe = DyT(num_classes=100, model_name="vit_base_patch16_224", pretrained=False, adapter_dim=64, num_experts=4)
-    moe_params = sum(p.numel() for blk in moe.blocks for p in blk.adapters.parameters())
+    moe_params = sum(p.numel() for blk in moe.vit.blocks for p in blk.adapters.parameters())
     assert round(moe_params / 1e6, 2) == 4.80  # paper Tab.2, N=4, d=64 (router included)
     s = m.vit.shape()  # the analytic FLOPs at the paper's operating point are close to its 12.54 G
     assert vit_flops(s, 100) / 1e9 == pytest.approx(17.58, abs=0.01)
@@ -386,11 +436,11 @@ def test_vit_b16_parameter_counts_and_adapter_only_checkpoint() -> None:
 
 
 def test_dispatcher_init_std() -> None:
-    m = DyT(num_classes=5, dispatcher_init_std=0.5, **TINY)
-    w = torch.cat([d.proj.weight.flatten() for blk in m.blocks for d in blk.dispatchers.values()])
+    m = dyt(num_classes=5, dispatcher_init_std=0.5, **TINY)
+    w = torch.cat([d.proj.weight.flatten() for blk in m.vit.blocks for d in blk.dispatchers.values()])
     assert 0.4 < w.std().item() < 0.6
     w = torch.cat(
-        [d.proj.weight.flatten() for blk in DyT(num_classes=5, **TINY).blocks for d in blk.dispatchers.values()]
+        [d.proj.weight.flatten() for blk in DyT(num_classes=5, **TINY).vit.blocks for d in blk.dispatchers.values()]
     )
     assert 0.015 < w.std().item() < 0.025
 
@@ -400,7 +450,7 @@ def test_default_adapter_scale_follows_the_learning_rate_and_is_saved(tmp_path) 
     hparams (so a checkpoint rebuilds it) and an explicit scale wins."""
     for lr, want in ((1e-4, 1.0), (1e-3, 1.0), (1e-2, 10**-1.3), (4e-2, 40**-1.3)):
         m = DyT(num_classes=5, lr=lr, **TINY)
-        assert [a.scale for blk in m.blocks for a in blk.adapters.values()] == pytest.approx([want] * 3)
+        assert [a.scale for blk in m.vit.blocks for a in blk.adapters.values()] == pytest.approx([want] * 3)
         assert m.hparams.adapter_scale == pytest.approx(want)
     assert DyT(num_classes=5, lr=1e-2, adapter_scale=1.0, **TINY).hparams.adapter_scale == 1.0
     m = DyT(num_classes=5, lr=1e-2, **TINY)
@@ -410,13 +460,13 @@ def test_default_adapter_scale_follows_the_learning_rate_and_is_saved(tmp_path) 
     ckpt = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}
     torch.save({**ckpt, "pytorch-lightning_version": lightning.__version__}, path)
     again = DyT.load_from_checkpoint(path, strict=False, lr=1e-3)  # another lr, the trained model
-    assert [a.scale for blk in again.blocks for a in blk.adapters.values()] == pytest.approx([10**-1.3] * 3)
+    assert [a.scale for blk in again.vit.blocks for a in blk.adapters.values()] == pytest.approx([10**-1.3] * 3)
 
 
 def test_dispatcher_learning_rate_scale_splits_the_groups() -> None:
-    m = DyT(num_classes=5, lr=1e-2, dispatcher_lr_scale=0.1, **TINY)
+    m = dyt(num_classes=5, lr=1e-2, dispatcher_lr_scale=0.1, **TINY)
     groups = m.parameter_groups()
-    dispatch = {id(p) for blk in m.blocks for p in blk.dispatchers.parameters()}
+    dispatch = {id(p) for blk in m.vit.blocks for p in blk.dispatchers.parameters()}
     for g in groups:
         ids = {id(p) for p in g["params"]}
         assert ids <= dispatch or not ids & dispatch  # no group mixes dispatchers and the rest
@@ -426,18 +476,20 @@ def test_dispatcher_learning_rate_scale_splits_the_groups() -> None:
 
 
 def test_bad_arguments_raise_clear_errors() -> None:
-    with pytest.raises(PETLError, match="Unknown DyT placement"):
-        DyT(placement="token", num_classes=5, **TINY)
-    with pytest.raises(PETLError, match="target_rate"):
-        DyT(target_rate=1.5, num_classes=5, **TINY)
-    with pytest.raises(PETLError, match="inference_mode"):
-        DyT(inference_mode="fast", num_classes=5, **TINY)
+    with pytest.raises(PETLError, match="Unknown skipping.sites 'token'"):
+        dyt("token", num_classes=5, **TINY)
+    with pytest.raises(PETLError, match="skipping.target_rate"):
+        dyt(target_rate=1.5, num_classes=5, **TINY)
+    with pytest.raises(PETLError, match="skipping.inference"):
+        dyt(inference="fast", num_classes=5, **TINY)
     with pytest.raises(PETLError, match="num_experts"):
         DyT(num_experts=0, num_classes=5, **TINY)
-    with pytest.raises(PETLError, match="threshold"):
-        DyT(threshold=1.0, num_classes=5, **TINY)
-    with pytest.raises(PETLError, match="dispatcher_lr_scale"):
-        DyT(dispatcher_lr_scale=0.0, num_classes=5, **TINY)
+    with pytest.raises(PETLError, match="skipping.threshold"):
+        dyt(threshold=1.0, num_classes=5, **TINY)
+    with pytest.raises(PETLError, match="skipping.dispatcher_lr_scale"):
+        dyt(dispatcher_lr_scale=0.0, num_classes=5, **TINY)
+    with pytest.raises(PETLError, match=r"Unknown key\(s\) \['placement'\] for skipping"):
+        DyT(skipping={"placement": "mlp"}, num_classes=5, **TINY)
 
 
 def test_recipe_parses_and_is_the_papers_vtab_recipe() -> None:
@@ -446,15 +498,16 @@ def test_recipe_parses_and_is_the_papers_vtab_recipe() -> None:
     assert cfg["model"]["class_path"] == "petl_lightning.methods.dyt.DyT"
     assert cfg["data"]["class_path"] == "petl_lightning.data.vtab.VTAB1kDataModule"
     args = cfg["model"]["init_args"]
-    assert (args["placement"], args["adapter_dim"], args["target_rate"], args["tau"]) == ("mlp", 8, 0.5, 5.0)
-    assert (args["w_cls"], args["w_complete_cls"], args["w_distill"], args["w_rate"]) == (1.0, 1.0, 1.0, 2.0)
+    sk = args["skipping"]
+    assert (sk["sites"], args["adapter_dim"], sk["target_rate"], sk["tau"]) == ("mlp", 8, 0.5, 5.0)
+    assert (args["w_cls"], sk["w_complete_cls"], sk["w_distill"], sk["w_rate"]) == (1.0, 1.0, 1.0, 2.0)
     assert (args["lr"], args["weight_decay"], args["warmup_epochs"]) == (1e-3, 1e-4, 10)
-    assert (args["threshold"], args["agreement"]) == (0.5, None)  # the paper's fixed inference rule
+    assert (sk["threshold"], args["agreement"]) == (0.5, None)  # the paper's fixed inference rule
     assert cfg["trainer"]["max_epochs"] == 100 and cfg["data"]["init_args"]["batch_size"] == 64
     # the official VTAB script's d=16 is one argument away: the adapters really get 16 hidden units
     official = DyT(**{**args, "adapter_dim": 16, "pretrained": False, "num_classes": 10})
-    assert {a.down.out_features for blk in official.blocks for a in blk.adapters.values()} == {16}
-    assert sum(p.numel() for p in official.blocks[0].adapters.parameters()) == 768 * 16 * 2 + 16 + 768
+    assert {a.down.out_features for blk in official.vit.blocks for a in blk.adapters.values()} == {16}
+    assert sum(p.numel() for p in official.vit.blocks[0].adapters.parameters()) == 768 * 16 * 2 + 16 + 768
 
 
 # -- real data -------------------------------------------------------------------------------------
@@ -482,7 +535,7 @@ def test_dtd10_defaults_beat_linear_probe_and_stay_within_2_points_of_the_comple
     correct = total = 0
     with torch.inference_mode():
         for x, y in dm.test_dataloader():
-            correct += int((model.run_complete(x).argmax(-1) == y).sum())
+            correct += int((complete(model, x).argmax(-1) == y).sum())
             total += len(y)
     complete_acc = correct / total
     ratio = stats["gflops"].item() / stats["gflops_backbone"].item()

@@ -67,7 +67,7 @@ def test_export_subcommand_writes_an_onnx_program(
         (["--out", "m.onnx", "--opset", "12"], "ONNX opset 12 is not supported; choose 18-23"),
         (["--out", "m.pt2", "--format", "onnx"], "The onnx format writes .onnx files"),
         (["--out", "m.bin"], "Cannot tell the export format of"),
-        (["--out", "m.onnx", "--keep_rate", "0.5"], "keep_rate is DyT's export option; RepAdapter"),
+        (["--out", "m.onnx", "--keep_rate", "0.5"], "keep_rate is DyT's export option"),
         (["--out", "folder", "--exits"], "--exits exports early-exit stages; RepAdapter has no exits"),
     ],
 )

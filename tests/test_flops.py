@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from petl_lightning.backbone import FrozenViT, ViTShape
-from petl_lightning.flops import block_flops, non_block_flops, vit_flops
+from petl_lightning.backbone import FrozenViT
+from petl_lightning.flops import ViTShape, block_flops, non_block_flops, vit_flops
 
 VIT_B = ViTShape(dim=768, depth=12, num_heads=12, mlp_hidden=3072, num_patches=196, num_prefix_tokens=1, patch_size=16)
 

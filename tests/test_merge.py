@@ -11,14 +11,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from petl_lightning.errors import ConfigError
+from petl_lightning.errors import ConfigError, MergeError
 from petl_lightning.flops import vit_flops
-from petl_lightning.layers.arc import ARCBasis, ARCLayer
-from petl_lightning.layers.repadapter import RepAdapterLayer
-from petl_lightning.merge import MergeError, fold_affine_into_linear
+from petl_lightning.layers.wrapper import adapter_layers, fold_affine_into_linear, wrap_linears
 from petl_lightning.methods.arc import ARC
-from petl_lightning.methods.foldable import FoldableBlock
+from petl_lightning.methods.arc.layer import ARCBasis, ARCLinear
 from petl_lightning.methods.repadapter import RepAdapter
+from petl_lightning.methods.repadapter.layer import RepAdapterLinear
 
 TOL = 1e-4
 TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 2})
@@ -95,21 +94,31 @@ def test_fold_errors() -> None:
 def test_layer_affine_form_equals_forward(kind: str) -> None:
     torch.manual_seed(0)
     layer = (
-        RepAdapterLayer(48, adapter_dim=8, groups=4, scale=0.3)
+        RepAdapterLinear(nn.Linear(48, 20), adapter_dim=8, groups=4, scale=0.3)
         if kind == "repadapter"
-        else ARCLayer(ARCBasis(48, 12), 48, adapter_dim=12, coeff_init="xavier")
+        else ARCLinear(nn.Linear(48, 20), ARCBasis(48, 12), xavier_coeff=True)
     )
     randomize(layer, std=0.2)
     layer.eval()
     x = torch.randn(3, 10, 48)
     M, c = layer.affine()
     assert M.dtype == c.dtype == torch.float32
-    assert (layer(x) - (x @ M.T + c)).abs().max().item() < 1e-5
+    assert (layer.adapt_input(x) - (x @ M.T + c)).abs().max().item() < 1e-5
+    merged = layer.merged()  # the wrapped Linear with the adapter folded in: one plain Linear
+    assert type(merged) is nn.Linear and not merged.weight.requires_grad
+    assert (merged(x) - layer(x)).abs().max().item() < 1e-5
 
 
-def test_block_wrapper_rejects_non_vit_blocks() -> None:
-    with pytest.raises(MergeError, match="norm1"):
-        FoldableBlock(nn.Linear(4, 4), None, None)
+def test_wrapping_names_a_missing_linear_and_leaves_the_block_alone() -> None:
+    block = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match=r"Sequential has no 'attn' module holding 'attn\.qkv' to wrap"):
+        wrap_linears(block, {"attn.qkv": RepAdapterLinear})
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1)
+    original = vit.blocks[0]
+    qkv = original.attn.qkv
+    wrapped = wrap_linears(original, {"attn.qkv": RepAdapterLinear})
+    assert original.attn.qkv is qkv and type(original.attn.qkv) is nn.Linear  # no surgery on the frozen block
+    assert wrapped.attn.qkv.base_layer is qkv and wrapped.mlp is original.mlp  # tensors shared
 
 
 # -- whole models ----------------------------------------------------------------------------------
@@ -121,7 +130,7 @@ def test_merge_equals_unmerged_and_loads_strictly(method: str, base: dict) -> No
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         logits = m(x)
-        backbone_only = m.head(m.vit(x))
+        backbone_only = m.head(m.vit.vit(x))  # the frozen timm model alone
         merged = m.merge()
         merged_logits = merged(x)
     assert type(merged) is timm.models.vision_transformer.VisionTransformer
@@ -162,7 +171,7 @@ def test_merge_from_bf16_training_is_done_in_fp32(method: str) -> None:
     reference = copy.deepcopy(m_bf16).float()  # the same (bf16-rounded) weights, computed in fp32
     merged = m_bf16.merge()
     assert all(p.dtype == torch.float32 for p in merged.parameters())
-    assert next(m_bf16.blocks[0].attn_adapter.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in adapter_layers(m_bf16.vit)[0].parameters())
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert (merged(x) - reference(x)).abs().max().item() < TOL
@@ -199,7 +208,7 @@ def test_flops_unmerged_adds_adapters_merged_is_backbone(method: str) -> None:
     m.vit.set_fused_attn(False)
     x = torch.randn(1, 3, 32, 32)
     shape, n = m.vit.shape(), m.vit.num_tokens
-    extra = sum(blk.adapter_flops(n) for blk in m.blocks)
+    extra = sum(a.flops(n) for a in adapter_layers(m.vit))
     per_token = {
         "repblock": 2 * (192 * 8 + 192 * 4),
         "repattn": 192 * 8 + 192 * 4,
@@ -207,7 +216,7 @@ def test_flops_unmerged_adds_adapters_merged_is_backbone(method: str) -> None:
         "arc_att": 2 * 192 * 50,
     }[method]
     assert extra == 2 * n * per_token  # depth 2
-    assert m.unmerged_flops() == vit_flops(shape, 5, extra=extra)
+    assert m.model.full_flops() == vit_flops(shape, 5, extra=extra)  # the unmerged form runs the adapters
     assert m.inference_flops() == m.backbone_flops() == vit_flops(shape, 5)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         m(x)

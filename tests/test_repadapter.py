@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import method_vs_linear_probe_dtd10
 from petl_lightning.data.vtab import VTAB_TASKS
 from petl_lightning.errors import PETLError
-from petl_lightning.layers.repadapter import GroupedLinear, RepAdapterLayer
 from petl_lightning.methods.repadapter import REPADAPTER_SCALES, RepAdapter
+from petl_lightning.methods.repadapter.layer import GroupedLinear, RepAdapterLinear
 
 TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, model_kwargs={"depth": 2})
 
@@ -26,9 +26,11 @@ TINY = dict(model_name="vit_tiny_patch16_224", pretrained=False, img_size=32, mo
 # -- the layer -------------------------------------------------------------------------------------
 def test_layer_starts_as_identity_with_official_init() -> None:
     torch.manual_seed(0)
-    layer = RepAdapterLayer(768, adapter_dim=8, groups=2, scale=10.0).train()
+    base = nn.Linear(768, 3 * 768)
+    layer = RepAdapterLinear(base, adapter_dim=8, groups=2, scale=10.0).train()
     x = torch.randn(2, 5, 768)
-    assert torch.equal(layer(x), x)
+    assert torch.equal(layer.adapt_input(x), x) and torch.equal(layer(x), base(x))
+    assert layer.base_layer is base  # wrapped, not copied
     bound = math.sqrt(6 / (768 + 8))  # xavier-uniform, gain 1
     w = layer.down.weight
     assert w.shape == (8, 768) and w.abs().max() <= bound and w.abs().max() > 0.9 * bound
@@ -58,16 +60,17 @@ def test_grouped_up_projection_equals_grouped_conv1d() -> None:
 
 def test_scale_multiplies_the_whole_branch_biases_included() -> None:
     torch.manual_seed(0)
-    layer = RepAdapterLayer(32, adapter_dim=4, groups=2, scale=0.5).eval()
+    layer = RepAdapterLinear(nn.Linear(32, 16), adapter_dim=4, groups=2, scale=0.5).eval()
     for p in layer.parameters():
         nn.init.normal_(p)
     x = torch.randn(6, 32)
     h = x @ layer.down.weight.T + layer.down.bias
     expected = x + 0.5 * (h @ layer.up.dense_weight().T + layer.up.bias)
-    assert (layer(x) - expected).abs().max().item() < 1e-5
+    assert (layer.adapt_input(x) - expected).abs().max().item() < 1e-5
+    assert (layer(x) - layer.base_layer(expected)).abs().max().item() < 1e-5  # the frozen Linear on A(x)
     layer.dropout.p = 1.0  # dropout sits on the hidden: with p=1 only the up bias is left
     layer.train()
-    assert (layer(x) - (x + 0.5 * layer.up.bias)).abs().max().item() < 1e-6
+    assert (layer.adapt_input(x) - (x + 0.5 * layer.up.bias)).abs().max().item() < 1e-6
 
 
 # -- scale table -----------------------------------------------------------------------------------
@@ -83,7 +86,7 @@ def test_official_scale_table() -> None:
     assert list(attn.values()) == [0.1, 0.1, 5]
     assert RepAdapter.task_overrides("cifar100", {}) == {}  # outside the table: nothing to override
     m = RepAdapter(num_classes=4, adapter_scale=10.0, **TINY)
-    assert m.scale == 10 and all(float(a.scale) == 10 for blk in m.blocks for a in blk.adapters())
+    assert m.scale == 10 and len(m.adapters()) == 4 and all(float(a.scale) == 10 for a in m.adapters())
     with pytest.raises(PETLError, match="placement"):
         RepAdapter(num_classes=4, placement="repmlp", **TINY)
 
@@ -121,11 +124,11 @@ def test_cli_fills_the_task_scale_before_building(tmp_path) -> None:
 )
 def test_vit_b16_parameter_counts(placement: str, with_bias: int, weights_only: int) -> None:
     m = RepAdapter(num_classes=100, model_name="vit_base_patch16_224", pretrained=False, placement=placement)
-    adapter = [(n, p) for n, p in m.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    adapter = [(n, p) for n, p in m.named_parameters() if p.requires_grad and not n.startswith("model.head.")]
     assert sum(p.numel() for _, p in adapter) == with_bias
     assert sum(p.numel() for _, p in adapter if p.ndim == 2) == weights_only
     assert m.parameter_summary()["trainable"] == with_bias + 768 * 100 + 100
-    assert not any(p.requires_grad for p in m.vit.parameters())
+    assert not any(p.requires_grad for p in m.vit.vit.parameters())  # the frozen timm model
 
 
 # -- the trained scale travels with the checkpoint -------------------------------------------------
@@ -164,8 +167,8 @@ def test_scale_from_datamodule_is_saved_and_used_by_merge(tmp_path) -> None:
     ckpt = tmp_path / "ra.ckpt"
     trainer.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=False)["state_dict"]
-    assert not any(k.startswith("vit.") for k in saved)  # adapter-only checkpoint
-    assert float(saved["blocks.0.attn_adapter.scale"]) == 10.0
+    assert not any(k.startswith("model.vit.vit.") or "base_layer" in k for k in saved)  # adapter-only checkpoint
+    assert float(saved["model.vit.blocks.0.attn.qkv.scale"]) == 10.0
     restored = RepAdapter.load_from_checkpoint(ckpt).eval()
     assert restored.hparams.adapter_scale == 10.0 == restored.scale  # the official test.py would use 1
     model.eval()

@@ -36,6 +36,8 @@ from petl_lightning.flops import ViTShape, block_flops, embed_flops, head_flops,
 from petl_lightning.layers.wrapper import adapter_layers, merge_adapter_layers
 from petl_lightning.stats import InferenceOutput
 
+NO_KEEP_RATE = "keep_rate is DyT's export option (a fixed top-k of the tokens); this model skips no tokens."
+
 
 class BlockRun(NamedTuple):
     """What a run of blocks returns."""
@@ -255,14 +257,14 @@ class AdaptedViT(nn.Module):
         """Images to what :meth:`forward` returns, as a deployment runs it (here: :meth:`merge`'s
         model). ``keep_rate`` is for token-skipping methods (a fixed top-k); others take none."""
         if keep_rate is not None:
-            raise ConfigError(f"keep_rate is a token-skipping option; {type(self).__name__} exports its merged form.")
+            raise ConfigError(NO_KEEP_RATE)
         return self.merge()
 
     def deploy_blocks(self, keep_rate: float | None = None) -> list[nn.Module]:
         """Copies of the blocks as a deployment runs them, each tokens -> tokens: folded where every
         adapter folds, else as trained (fp32, eval mode)."""
         if keep_rate is not None:
-            raise ConfigError(f"keep_rate is a token-skipping option; {type(self).__name__} skips no tokens.")
+            raise ConfigError(NO_KEEP_RATE)
         try:
             return list(self.merge().blocks)
         except MergeError:

@@ -125,7 +125,10 @@ def wrap_linears(block: ModuleT, wraps: Mapping[str, Callable[[nn.Linear], nn.Mo
         for i, name in enumerate(parts[:-1]):
             key = ".".join(parts[: i + 1])
             if key not in copied:
-                copied[key] = shallow_copy(getattr(owner, name))
+                child = getattr(owner, name, None)
+                if not isinstance(child, nn.Module):
+                    raise ConfigError(f"{type(block).__name__} has no {key!r} module holding {path!r} to wrap.")
+                copied[key] = shallow_copy(child)
                 setattr(owner, name, copied[key])
             owner = copied[key]
         linear = getattr(owner, parts[-1], None)
