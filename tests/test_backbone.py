@@ -84,7 +84,9 @@ def test_pieces_compose_to_timm_forward(reference, images) -> None:
     for blk in vit.blocks:
         tokens = blk(tokens)
     with torch.no_grad():
-        torch.testing.assert_close(vit.pool(tokens), reference(images))
+        torch.testing.assert_close(vit.forward_head(vit.vit.norm(tokens), pre_logits=True), reference(images))
+        torch.testing.assert_close(vit.forward_features(images), reference.forward_features(images))  # timm's meaning
+        torch.testing.assert_close(vit(images), reference(images))
     assert vit.depth == 12 and vit.shape().num_patches == 16
 
 

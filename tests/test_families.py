@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from petl_lightning import ARC, DynAdapter, DyT, LinearProbe, RepAdapter
 from petl_lightning.errors import ConfigError, ModelNameError
 from petl_lightning.flops import vit_flops
-from petl_lightning.methods.base import PETLModule
+from petl_lightning.tasks.classification import PETLModule
 
 SMALL = {"depth": 3, "embed_dim": 64, "num_heads": 2}
 #: family -> (timm name, image size, extra model_kwargs). Image sizes give 16 patches.
@@ -112,26 +112,26 @@ def test_foldable_methods_merge_exactly(family: str, cls: type[PETLModule]) -> N
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("placement", ["mlp", "attn", "layer"])
 def test_dyt_gather_equals_masked_and_keeps_every_prefix_token(family: str, placement: str) -> None:
-    m = build(DyT, family, placement=placement)
+    m = build(DyT, family, skipping={"sites": placement})
     x = images(family)
     with torch.no_grad():
-        ref, masks = m.run_masked(x, sample=False)
-        fast, kept = m.run_gathered(x)
-        gather_flops = counted_flops(lambda: m.run_gathered(x))
+        ref, ref_kept = m.vit.forward_masked(x)
+        fast, kept = m.vit.forward_gathered(x)
+        gather_flops = counted_flops(lambda: m.head(m.vit.forward_gathered(x).features))
     assert (fast - ref).abs().max().item() <= 1e-5
-    assert torch.equal(kept, masks.sum(-1).long())
+    assert torch.equal(kept, ref_kept)
     rate = kept.double().mean().item() / m.vit.num_patches
     assert 0.05 < rate < 0.95, f"decisions are not mixed (keep rate {rate:.2f})"
-    assert gather_flops == 2 * int(m.executed_flops(kept, True, norm=False).sum())
+    assert gather_flops == 2 * int((m.vit.executed_flops(kept, norm=False) + m.model.head_flops()).sum())
     # Prefix tokens are never dispatched: with no patch token kept, the first block's prefix rows
     # are exactly the complete block's (they still ran every sub-block).
     p = m.vit.num_prefix_tokens
-    blk = m.blocks[0]
+    blk = m.vit.blocks[0]
     with torch.no_grad():
         for d in blk.dispatchers.values():
             d.proj.bias.fill_(-1e4)
         tokens = m.vit.embed(x)
-        out, none_kept = blk.forward_gathered(tokens)
+        out, none_kept = blk(tokens)
         complete = blk.forward_complete(tokens)
     assert bool((none_kept == 0).all())
     torch.testing.assert_close(out[:, :p], complete[:, :p], atol=1e-5, rtol=1e-5)
@@ -144,9 +144,9 @@ def per_image_exits(m: DynAdapter, x: torch.Tensor) -> tuple[torch.Tensor, torch
     for img in x:
         tokens, start = m.vit.embed(img[None]), 0
         for k, end in enumerate(m.exit_depths):
-            tokens, start = m.forward_blocks(tokens, start, end), end
-            lg = m.exit_logits(k, tokens)
-            if k == m.num_exits - 1 or float(m.confidence(lg)[0]) >= float(m.thresholds[k]):
+            tokens, start = m.vit.forward_blocks(tokens, start, end).tokens, end
+            lg = m.model.exit_logits(k, tokens)
+            if k == m.num_exits - 1 or float(m.model.confidence(lg)[0]) >= float(m.thresholds[k]):
                 break
         logits.append(lg[0])
         exits.append(k)
@@ -159,7 +159,7 @@ def test_dyn_adapter_batch_shrinking_equals_per_image_loop(family: str, base: st
     m = build(DynAdapter, family, base=base, exits={"blocks": [1, 2]}, calibration={"budget": None})
     x = images(family, n=12)
     with torch.no_grad():
-        conf = m.confidence(m.forward_exits(x))  # (exits, B)
+        conf = m.model.confidence(m.forward_exits(x))  # (exits, B)
         m.thresholds.copy_(conf[:-1].median(dim=1).values + 1e-6)  # about half the images leave at each exit
         ref_logits, ref_exits = per_image_exits(m, x)
         assert len(set(ref_exits.tolist())) >= 2, ref_exits
@@ -167,13 +167,14 @@ def test_dyn_adapter_batch_shrinking_equals_per_image_loop(family: str, base: st
             outs = [m.infer(xb) for xb in x.split(bs)]
             assert torch.equal(torch.cat([o.exit_index for o in outs]), ref_exits), bs
             torch.testing.assert_close(torch.cat([o.logits for o in outs]), ref_logits, atol=1e-5, rtol=1e-5)
-        costs = m.exit_costs(norm=False).of(m.thresholds)[0]
+        blocks = m.vit.block_flops(torch.zeros(1, m.vit.depth, 0), norm=False)[0].cumsum(0)
+        costs = m.exit_costs(norm=False).of(m.thresholds)[0] + blocks[[d - 1 for d in m.exit_depths]]
         res = m.infer(x)
     assert counted_flops(lambda: m.infer(x)) == 2 * int(costs[res.exit_index].sum())
     if base != "adapter":  # the non-linear bottleneck base does not fold
         merged = m.merge()
         with torch.no_grad():
-            final = m.exit_logits(m.num_exits - 1, m.forward_blocks(m.vit.embed(x), 0, m.vit.depth))
+            final = m.model.exit_logits(m.num_exits - 1, m.vit.forward_blocks(m.vit.embed(x)).tokens)
         assert_loads_strictly_and_equals(merged, family, x, final)
 
 

@@ -49,12 +49,12 @@ class DynAdapterConfig(MethodConfig):
 
     def build(self, vit: VisionTransformer, exit_model: type[EarlyExitViT] = EarlyExitViT) -> EarlyExitViT:
         """The early-exit model (``exit_model``, a subclass for another exit rule) over the base."""
+        base = cast(AdaptedViT, self.base.build(vit))
         if getattr(vit, "attn_pool", None) is not None or vit.global_pool != "token":
             raise ConfigError(
                 f"Dyn-Adapter reads the CLS token at every exit; this model pools with {vit.global_pool!r}. Use a "
                 f"ViT with a class token (global_pool='token')."
             )
-        base = cast(AdaptedViT, self.base.build(vit))
         for block, rate in zip(base.blocks, self.sparsity.dropout_per_block(len(base.blocks))):
             for layer in adapter_layers(block):
                 layer.dropout.p = rate

@@ -53,6 +53,9 @@ from petl_lightning.tasks.classification import PETLModule
 
 BASES = ("repadapter", "arc", "lora", "adapter", "dyt")
 DEFAULT_ADAPTER_DIM = {"repadapter": 8, "arc": 50, "lora": 8, "adapter": 8, "dyt": 8}
+#: The bases whose default adapter scale follows the learning rate (DyT's), else 1.0 (RepAdapter's
+#: comes from the task: :meth:`DynAdapter.task_overrides`).
+LR_SCALE_DEFAULTS = {"dyt": default_adapter_scale}
 #: Dyn-Adapter's dyt base without DyT's complete-model terms (each costs a second forward, and the
 #: exits' losses already train every block on real labels).
 DYT_BASE_SKIPPING = TokenSkipping(w_complete_cls=0.0, w_distill=0.0)
@@ -138,15 +141,15 @@ class DynAdapter(PETLModule):
             "calibration": as_group(CalibrationConfig, hp.calibration, "calibration"),
         }
         skipping = as_group(TokenSkipping, hp.skipping, "skipping")
-        if hp.base != "dyt" and skipping != DYT_BASE_SKIPPING:
+        if hp.adapter_scale is None and hp.base in LR_SCALE_DEFAULTS:
+            hp["adapter_scale"] = LR_SCALE_DEFAULTS[hp.base](hp.lr)
+        scale = 1.0 if hp.adapter_scale is None else float(hp.adapter_scale)
+        base = base_config(hp.base, hp.adapter_dim, hp.adapter_groups, scale, skipping)
+        if skipping != DYT_BASE_SKIPPING and not hasattr(base, "skipping"):
             raise ConfigError(
                 f"skipping options apply to base='dyt' only (token skipping inside the blocks); this model's base "
                 f"is {hp.base!r}. Set --model.init_args.base dyt, or drop the skipping options."
             )
-        if hp.adapter_scale is None and hp.base == "dyt":
-            hp["adapter_scale"] = default_adapter_scale(hp.lr)
-        scale = 1.0 if hp.adapter_scale is None else float(hp.adapter_scale)
-        base = base_config(hp.base, hp.adapter_dim, hp.adapter_groups, scale, skipping)
         self.config = DynAdapterConfig(self.num_classes, base, **groups)
         # plain dicts: what weights-only checkpoint loading accepts
         hp.update({name: asdict(group) for name, group in (*groups.items(), ("skipping", skipping))})
