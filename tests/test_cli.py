@@ -344,6 +344,7 @@ def test_model_summary_flops_are_the_real_forward() -> None:
     from lightning.pytorch.utilities.model_summary import ModelSummary
 
     from petl_lightning.flops import vit_flops
+    from petl_lightning.layers.wrapper import adapter_layers
     from petl_lightning.methods.repadapter import RepAdapter
 
     model = RepAdapter(
@@ -351,5 +352,5 @@ def test_model_summary_flops_are_the_real_forward() -> None:
     )
     model.vit.set_fused_attn(False)
     n = model.vit.num_tokens
-    extra = sum(blk.adapter_flops(n) for blk in model.blocks)
+    extra = sum(a.flops(n) for a in adapter_layers(model.vit))
     assert ModelSummary(model).total_flops == 2 * vit_flops(model.vit.shape(), 3, extra=extra, norm=False)

@@ -66,7 +66,7 @@ def test_summarize_closed_form_and_partial_groups() -> None:
 def test_names_aliases_and_errors() -> None:
     assert resolve_name("LinearProbe") == "Linear"
     assert resolve_name("repadapter") == "RepAdapter"
-    assert reference_for_module("DyT", {"target_rate": 0.7}) == "DyT r=0.7"
+    assert reference_for_module("DyT", {"skipping": {"target_rate": 0.7}}) == "DyT r=0.7"
     assert reference_for_module("RepAdapter", {"placement": "repattn"}) is None
     assert reference_for_module("DynAdapter", {}) is None  # no per-task numbers exist
     with pytest.raises(PETLError, match="Did you mean 'RepAdapter'"):

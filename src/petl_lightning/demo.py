@@ -99,6 +99,7 @@ def measure(runs: dict[str, Path], data_root: Path, img_size: int, rounds: int) 
     """Per method: trainable parameters and images/s, timed in turns with the frozen backbone on the
     same test batch; the backbone is the LinearProbe's (a plain timm ViT with a head)."""
 
+    from petl_lightning.adapted import AdaptedViT
     from petl_lightning.data.vtab import VTAB1kDataModule
     from petl_lightning.export import load_trained
 
@@ -112,10 +113,11 @@ def measure(runs: dict[str, Path], data_root: Path, img_size: int, rounds: int) 
     )[0]
     models["LinearProbe"].cache_features = False  # time the forward, not the training-time feature cache
     dyn = models["Dyn-Adapter"]
-    merged_blocks = dyn.merge().blocks  # the RepAdapter base folded: only the exit heads cost extra
+    merged = dyn.merge()  # the RepAdapter base folded: only the exit heads cost extra
+    merged_vit = AdaptedViT(merged, merged.blocks)
     calls = {
         "frozen backbone": models["LinearProbe"].merge(),
-        "Dyn-Adapter": lambda b: dyn.infer(b, blocks=merged_blocks).logits,
+        "Dyn-Adapter": lambda b: dyn.infer(b, vit=merged_vit).logits,
         "DyT": lambda b: models["DyT"].infer(b).logits,
         "LinearProbe": models["LinearProbe"],
     }

@@ -114,12 +114,12 @@ def reference(name: str) -> Reference:
 def reference_for_module(class_name: str, hparams: Mapping[str, Any] | None = None) -> str | None:
     """The reference row matching a trained module, or ``None`` when the papers report none.
 
-    DyT picks the row of its ``target_rate`` (0.5/0.7/0.9); RepAdapter's attention-only placement
+    DyT picks the row of its ``skipping.target_rate`` (0.5/0.7/0.9); RepAdapter's attention-only placement
     and ARC's attention-only variant have no verified per-task numbers, so they get none.
     """
     hp = dict(hparams or {})
     if class_name == "DyT":
-        rate = hp.get("target_rate", 0.5)
+        rate = (hp.get("skipping") or {}).get("target_rate", 0.5)
         name = f"DyT r={float(rate):g}"
         return name if name in _load()["methods"] else None
     if class_name == "RepAdapter" and hp.get("placement", "attn_mlp") != "attn_mlp":
