@@ -24,7 +24,6 @@ from benchmarks.dyt_entries import build_dyt
 from torch import Tensor, nn
 
 from petl_lightning.deploy.driver import EarlyExitModel
-from petl_lightning.deploy.dyt_topk import DyTTopK
 from petl_lightning.deploy.programs import export_program
 from petl_lightning.flops import vit_flops
 from petl_lightning.methods.repadapter import RepAdapter
@@ -91,10 +90,10 @@ def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
                 p.normal_(0.0, 0.02)
     merged = rep.eval().merge().requires_grad_(False)
     gflops = vit_flops(rep.vit.shape(), num_classes) / 1e9
-    dyt = build_dyt(model_name, img_size, num_classes, placement="mlp", adapter_dim=8, fixed_keep_rate=0.5)
-    topk = DyTTopK.of(dyt).requires_grad_(False)
+    dyt = build_dyt(model_name, img_size, num_classes, adapter_dim=8, skipping={"sites": "mlp", "fixed_keep_rate": 0.5})
+    topk = dyt.deploy_form().requires_grad_(False)
     dyt_gflops = dyt.inference_flops() / 1e9
-    dyn, merged_blocks, calib = build_dyn_adapter(model_name, img_size, num_classes)
+    dyn, merged_vit, calib = build_dyn_adapter(model_name, img_size, num_classes)
     c = calib[0.5]
     dyn.thresholds.copy_(torch.tensor(c["thresholds"]))
     trained = {k: m.parameter_summary()["trainable"] for k, m in (("rep", rep), ("dyt", dyt), ("dyn", dyn))}
@@ -109,11 +108,11 @@ def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
             torch.compile(topk, fullgraph=True),
             trained["dyt"],
             dyt_gflops,
-            "DyTTopK, fullgraph",
+            "deploy_form() (top-k), fullgraph",
         ),
         Entry(
             "Dyn-Adapter (budget 0.5, compiled)",
-            torch.compile(DynamicLogits(dyn, merged_blocks, c["thresholds"]).eval(), dynamic=True),
+            torch.compile(DynamicLogits(dyn, merged_vit, c["thresholds"]).eval(), dynamic=True),
             trained["dyn"],
             c["gflops"],
             "torch.compile(dynamic=True) of infer on the merged blocks",

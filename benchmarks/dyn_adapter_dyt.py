@@ -25,11 +25,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from petl_lightning import DynAdapter, DyT, LinearProbe
+from petl_lightning.adapted import AdaptedViT
 from petl_lightning.data.vtab import VTAB1kDataModule
-from petl_lightning.methods.base import PETLModule
+from petl_lightning.tasks.classification import PETLModule
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 WEIGHTS = ASSETS / "weights" / "vit_small_patch14_dinov2.imgfocus_saliency.safetensors"
@@ -37,7 +38,7 @@ MODELS: dict[str, tuple[type[PETLModule], dict[str, Any], float | None]] = {
     # row -> (class, arguments, FLOPs budget of the exit thresholds)
     "Dyn-Adapter + DyT (composed)": (DynAdapter, {"base": "dyt", "adapter_scale": 0.1}, 0.35),
     "Dyn-Adapter (exits only, repadapter)": (DynAdapter, {"base": "repadapter", "adapter_scale": 1.0}, 0.5),
-    "DyT (r = 0.5)": (DyT, {"target_rate": 0.5, "adapter_scale": 0.1}, None),
+    "DyT (r = 0.5)": (DyT, {"skipping": {"target_rate": 0.5}, "adapter_scale": 0.1}, None),
     "LinearProbe": (LinearProbe, {}, None),
 }
 
@@ -146,10 +147,11 @@ def speed_table(trained: dict[str, PETLModule], args: argparse.Namespace) -> Non
             res = big.calibrate(dm, budget)  # type: ignore[operator]
             notes[row] = f"{res['flops_ratio']:.2f} of the full model on val200"
         if isinstance(big, DynAdapter) and big.hparams.base == "repadapter":
-            merged = big.merge().blocks  # the foldable base folded: only the exit heads cost extra
+            merged = big.merge()  # the foldable base folded: only the exit heads cost extra
+            merged_vit = AdaptedViT(merged, merged.blocks)
 
-            def run(b: Tensor, m: DynAdapter = big, blocks: nn.Module = merged) -> Tensor:
-                return m.infer(b, blocks=blocks).logits
+            def run(b: Tensor, m: DynAdapter = big, vit: AdaptedViT = merged_vit) -> Tensor:
+                return m.infer(b, vit=vit).logits
 
             calls[row] = run
         elif isinstance(big, LinearProbe):

@@ -4,20 +4,23 @@ Dyn-Adapter over a DyT base (both savings composed) at budget 0.35.
 Each entry runs :meth:`DynAdapter.infer` (early exit with batch shrinking: finished images leave
 the batch after each exit; exits that take no image are not evaluated) on the merged base: the
 blocks of ``DynAdapter.merge()`` (the plain timm ViT with the RepAdapters folded in), built once and
-passed as ``infer(x, blocks=...)``, so only the exit heads add cost. The training step is timed on
-the unmerged model with its multi-exit loss. The weights are random, so the thresholds are set on
-random images of the benchmark's size to give a geometric exit mix that spends the budget (see
-:func:`build`). The entry's GFLOPs and the exit mix in its notes are those of that calibration set
-(costs of the merged form, :meth:`DynAdapter.exit_costs` with ``merged=True``); the timed batch is
+passed as ``infer(x, vit=AdaptedViT(merged, merged.blocks))``, so only the exit heads add cost. The
+training step is timed on the unmerged model with its multi-exit loss. The weights are random, so
+the thresholds are set on random images of the benchmark's size to give a geometric exit mix that
+spends the budget (see :func:`build`). The entry's GFLOPs and the exit mix in its notes are those of
+that calibration set (costs of the merged form: its blocks cost the backbone's); the timed batch is
 another random batch of the same distribution, so its mix is close to, not exactly, it.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from benchmarks.common import Entry
 from torch import Tensor, nn
 
+from petl_lightning.adapted import AdaptedViT
 from petl_lightning.methods.dyn_adapter import DynAdapter
 from petl_lightning.methods.dyn_adapter.thresholds import (
     candidate_thresholds,
@@ -30,18 +33,18 @@ COMPOSED_BUDGET = 0.35
 
 
 class DynamicLogits(nn.Module):
-    """Images -> logits through the batch-shrinking dynamic path on the merged blocks, with this
-    entry's own thresholds (several entries share one model and one set of merged blocks)."""
+    """Images -> logits through the batch-shrinking dynamic path on the merged base, with this
+    entry's own thresholds (several entries share one model and one merged base)."""
 
-    def __init__(self, method: DynAdapter, merged_blocks: nn.Module | None, thresholds: list[float]) -> None:
+    def __init__(self, method: DynAdapter, merged_vit: AdaptedViT | None, thresholds: list[float]) -> None:
         super().__init__()
         self.method = method
-        self.merged_blocks = merged_blocks  # a submodule, so .to(device) and fused-attention switches reach it
+        self.merged_vit = merged_vit  # a submodule, so .to(device) and fused-attention switches reach it
         self.register_buffer("thr", torch.tensor(thresholds, dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
         self.method.thresholds.copy_(self.thr)
-        return self.method.infer(x, blocks=self.merged_blocks).logits
+        return self.method.infer(x, vit=self.merged_vit).logits
 
 
 def geometric_candidates(conf: Tensor, resolution: int = 2001) -> Tensor:
@@ -65,9 +68,9 @@ def build(
     seed: int = 0,
     base: str = "repadapter",
     budgets: tuple[float, ...] = BUDGETS,
-) -> tuple[DynAdapter, nn.Module | None, dict[float, dict]]:
-    """A random-weight DynAdapter, the blocks of its merged form (adapters folded, as RepAdapter
-    does at inference; None for the ``dyt`` base, which does not fold) and thresholds per budget.
+) -> tuple[DynAdapter, AdaptedViT | None, dict[float, dict]]:
+    """A random-weight DynAdapter, its merged base (adapters folded, as RepAdapter does at inference;
+    None for the ``dyt`` base, which does not fold) and thresholds per budget.
 
     Random heads have no accuracy to trade, so the thresholds are not searched for accuracy: among
     MSDNet's geometric exit mixes (share at exit k proportional to q**k, realised exit by exit as
@@ -95,11 +98,15 @@ def build(
             if p.requires_grad:
                 p.normal_(0.0, 0.05 if "head" in name else 0.02)
     m.eval()
-    merged_blocks = None if composed else m.merge().blocks.requires_grad_(False)
+    merged = None if composed else m.merge().requires_grad_(False)
+    merged_vit = None if merged is None else AdaptedViT(merged, merged.blocks)
     g = torch.Generator().manual_seed(seed + 1)
     xs = [torch.randn(batch, 3, img_size, img_size, generator=g) for _ in range(max(1, calib_images // batch))]
     out = m.collect_exits([(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in xs])
-    costs = m.exit_costs(merged=not composed)
+    if merged_vit is not None:  # the folded blocks cost the backbone's, whatever the image
+        per_block = merged_vit.block_flops(torch.zeros(1, merged_vit.depth, 0))[0].cumsum(0)
+        out = replace(out, block_cost=per_block[[d - 1 for d in m.exit_depths]].expand_as(out.block_cost).clone())
+    costs = m.exit_costs()
     cands = geometric_candidates(out.conf)
     _, cost, share = evaluate_thresholds(out, costs, cands)
     full = m.full_flops(merged=not composed)
@@ -112,12 +119,12 @@ def build(
             "flops_ratio": float(cost[i]) / full,
             "exit_share": share[i].tolist(),
         }
-    return m, merged_blocks, calib
+    return m, merged_vit, calib
 
 
 def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
     """Dyn-Adapter (RepAdapter base, exits after 1/4, 1/2, 3/4 of the depth) at three budgets."""
-    m, merged_blocks, calib = build(model_name, img_size, num_classes)
+    m, merged_vit, calib = build(model_name, img_size, num_classes)
     trainable = m.parameter_summary()["trainable"]
     rows = []
     for b, c in calib.items():
@@ -125,7 +132,7 @@ def entries(model_name: str, img_size: int, num_classes: int) -> list[Entry]:
         rows.append(
             Entry(
                 f"Dyn-Adapter (budget {b:g})",
-                DynamicLogits(m, merged_blocks, c["thresholds"]).eval(),
+                DynamicLogits(m, merged_vit, c["thresholds"]).eval(),
                 trainable,
                 c["gflops"],
                 f"RepAdapter base (merged); exit mix {mix} after blocks {m.exit_depths}; "

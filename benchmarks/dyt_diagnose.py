@@ -43,7 +43,7 @@ class Probe(L.Callback):
         self.t0 = time.perf_counter()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        for i, blk in enumerate(pl_module.blocks):
+        for i, blk in enumerate(pl_module.vit.blocks):
             d, a = blk.dispatchers["mlp"], blk.adapters["mlp"]
             self.handles.append(d.proj.register_forward_hook(self._keep_logits(i)))
             sample = d.sample
@@ -78,19 +78,23 @@ class Probe(L.Callback):
         was = m.training
         m.eval()
         p = m.vit.num_patches
-        k_target = int(round(m.hparams.target_rate * p))
+        k_target = int(round(m.skipping.target_rate * p))
         k_layer = [int(round(float(r) * p)) for r in train_keep]
         hits = dict.fromkeys(("dynamic", "sampled", "topk_r", "topk_train_rate", "complete"), 0)
         n, kept = 0, []
         for x, y in self.test_batches:
-            logits, k = m.run_gathered(x)
-            kept.append(k[:, :, 0].double() / p)
-            outs = {"dynamic": logits, "sampled": m.run_masked(x, sample=True)[0], "complete": m.run_complete(x)}
-            for name, ks in (("topk_r", [k_target] * len(m.blocks)), ("topk_train_rate", k_layer)):
+            gathered = m.vit.forward_gathered(x, m.vit.keep_count())
+            kept.append(gathered.kept[:, :, 0].double() / p)
+            outs = {
+                "dynamic": m.head(gathered.features),
+                "sampled": m.head(m.vit.forward_masked(x, sample=True).features),
+                "complete": m.head(m.vit.forward_complete(x)),
+            }
+            for name, ks in (("topk_r", [k_target] * m.vit.depth), ("topk_train_rate", k_layer)):
                 t = m.vit.embed(x)
-                for blk, kk in zip(m.blocks, ks):
-                    t = blk.forward_gathered(t, kk)[0]
-                outs[name] = m.head(m.vit.pool(t))
+                for blk, kk in zip(m.vit.blocks, ks):
+                    t = blk(t, kk)[0]
+                outs[name] = m.head(m.vit.forward_head(m.vit.vit.norm(t), pre_logits=True))
             for name, lg in outs.items():
                 hits[name] += int((lg.argmax(-1) == y).sum())
             n += len(y)
@@ -106,8 +110,8 @@ class Probe(L.Callback):
         m = pl_module
         p = m.vit.num_prefix_tokens
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("_step")}
-        depth = len(m.blocks)
-        thr = torch.stack([m.blocks[i].dispatchers["mlp"].logit_threshold for i in range(depth)])
+        depth = m.vit.depth
+        thr = torch.stack([m.vit.blocks[i].dispatchers["mlp"].logit_threshold for i in range(depth)])
         logits = [self.logits[i][:, p:] for i in range(depth)]
         train_keep = torch.stack([self.train_masks[i].mean() for i in range(depth)])
         infer_keep = torch.stack([(lg > thr[i]).float().mean() for i, lg in enumerate(logits)])
@@ -156,7 +160,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=8, help="print every N optimizer steps")
     p.add_argument("--test-images", type=int, default=200, help="test images evaluated at each print")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DyT arguments, e.g. w_rate=50")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DyT arguments, e.g. skipping.w_rate=50")
     p.add_argument("--out", default=None, help="write the rows as YAML here")
     args = p.parse_args()
     dm = VTAB1kDataModule(
@@ -177,7 +181,9 @@ def main() -> None:
         warmup_epochs=args.warmup_epochs,
         scheduler_interval="step",
     )
-    kwargs.update({k: parse_value(v) for k, v in overrides.items()})
+    for key, value in overrides.items():  # skipping.w_rate=50 goes into the skipping group
+        group, _, name = key.rpartition(".")
+        (kwargs.setdefault(group, {}) if group else kwargs)[name] = parse_value(value)
     L.seed_everything(args.seed, verbose=False)
     model = DyT(**kwargs)
     probe = Probe(args.every, batches)

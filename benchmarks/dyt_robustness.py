@@ -76,12 +76,12 @@ def run_cell(task: str, method: str, lr: float, seed: int, epochs: int, img_size
         row["keep"] = round(float(stats["keep_rate"]), 3)
         row["gflops"] = round(float(stats["gflops"]), 3)
         row["gflops_ratio"] = round(float(stats["gflops"] / stats["gflops_backbone"]), 3)
-        row["threshold"] = round(module.inference_threshold(), 3)
+        row["threshold"] = round(module.dyt.threshold, 3)
         module.eval()
         correct = total = 0
         with torch.inference_mode():
             for x, y in dm.test_dataloader():
-                correct += int((module.run_complete(x).argmax(-1) == y).sum())
+                correct += int((module.head(module.vit.forward_complete(x)).argmax(-1) == y).sum())
                 total += len(y)
         row["complete"] = round(correct / total, 4)
     return row

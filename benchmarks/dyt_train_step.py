@@ -62,7 +62,7 @@ def train_step_times(
     modules = {
         "linear_probe": LinearProbe(cache_features=False, **common),
         "dyt_full": DyT(**common),
-        "dyt_single_forward": DyT(w_complete_cls=0.0, w_distill=0.0, **common),
+        "dyt_single_forward": DyT(skipping={"w_complete_cls": 0.0, "w_distill": 0.0}, **common),
     }
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     y = torch.randint(0, num_classes, (batch_size,), device=dev)

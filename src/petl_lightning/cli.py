@@ -72,7 +72,9 @@ class PETLCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, output_guard: OutputGuard | None = None, **kwargs: Any) -> None:
-        import petl_lightning  # noqa: F401 - registers every class for short class_path names
+        import petl_lightning
+
+        petl_lightning.import_all()  # registers every class for short class_path names
         from petl_lightning.data.vtab import VTAB1kDataModule
         from petl_lightning.tasks.classification import PETLModule
 

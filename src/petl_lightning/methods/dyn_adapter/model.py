@@ -124,7 +124,7 @@ class DynAdapter(PETLModule):
         fixed = self.config.calibration.thresholds
         #: The last calibration (budget, policy, held-out accuracy and FLOPs); saved in checkpoints.
         self.calibration_result: dict[str, Any] | None = (
-            None if fixed is None else {"budget": None, "thresholds": list(fixed)}
+            None if fixed is None else {"budget": None, "thresholds": self.thresholds.tolist()}
         )
         self.exit_accuracy = nn.ModuleList(
             MulticlassAccuracy(self.num_classes, average="micro") for _ in self.exit_depths
