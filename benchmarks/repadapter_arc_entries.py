@@ -23,7 +23,7 @@ def _pair(name: str, method: RepAdapter | ARC, notes: str) -> list[Entry]:
     trainable = method.parameter_summary()["trainable"]
     merged = method.merge().eval().requires_grad_(False)
     return [
-        Entry(f"{name} (unmerged)", method, trainable, method.unmerged_flops() / 1e9, notes),
+        Entry(f"{name} (unmerged)", method, trainable, method.model.full_flops() / 1e9, notes),
         Entry(
             f"{name} (merged)",
             merged,

@@ -302,6 +302,19 @@ def test_old_recipe_keys_name_the_new_key(tmp_path: Path) -> None:
     assert_user_error(proc, r"model\.init_args\.exit_blocks is now model\.init_args\.exits\.blocks")
     proc = run("fit", "-c", "recipes/repadapter.yaml", "--model.init_args.placement", "repblock", "--print_config")
     assert_user_error(proc, r"placement: 'repblock' is now 'attn_mlp'")
+    # DyT's token-skipping options are one group, shared with Dyn-Adapter's dyt base
+    proc = run("fit", "-c", "recipes/dyt.yaml", "--model.init_args.target_rate", "0.7", "--print_config")
+    assert_user_error(proc, r"model\.init_args\.target_rate is now model\.init_args\.skipping\.target_rate")
+    proc = run("fit", "-c", "recipes/dyt.yaml", "--model.init_args.placement", "mlp", "--print_config")
+    assert_user_error(proc, r"model\.init_args\.placement is now model\.init_args\.skipping\.sites")
+    proc = run(
+        "fit", "-c", "recipes/dyn_adapter_dyt.yaml", "--model.init_args.skipping.placement", "mlp", "--print_config"
+    )
+    assert_user_error(proc, r"skipping\.placement is now model\.init_args\.skipping\.sites")
+    old_callback = tmp_path / "old_callbacks.yaml"
+    old_callback.write_text("trainer:\n  callbacks:\n    - class_path: petl_lightning.callbacks.ExitCalibration\n")
+    proc = run("fit", "-c", "recipes/dyn_adapter.yaml", "-c", str(old_callback), "--print_config")
+    assert_user_error(proc, r"ExitCalibration was removed: DynAdapter calibrates its exit thresholds itself")
 
 
 def test_output_folder_that_cannot_be_created(tmp_path: Path) -> None:

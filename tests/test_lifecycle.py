@@ -323,7 +323,7 @@ def test_predict_writes_a_csv(method: str, predictions: Any, digits_root: Path) 
     assert acc > 0.3
     assert all(0.0 <= float(r["confidence"]) <= 1.0 for r in rows)
     if method.startswith("dyn_adapter"):
-        assert len({r["exit_block"] for r in rows}) > 1  # calibrated: not every image runs the full depth
+        assert min(int(r["exit_block"]) for r in rows) < 4  # calibrated: not every image runs the full depth
     if method in ("dyt", "dyn_adapter_dyt"):
         assert 0.0 < sum(float(r["keep_rate"]) for r in rows) / len(rows) < 1.0
 

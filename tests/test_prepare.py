@@ -35,7 +35,7 @@ from petl_lightning.data.vtab_splits import (
     slice_ranges,
     slice_size,
 )
-from petl_lightning.errors import DataError
+from petl_lightning.errors import DataError, MissingExtraError
 
 pytestmark = pytest.mark.slow  # builds tasks through (mocked) TensorFlow Datasets: make test, not make test-fast
 
@@ -192,7 +192,7 @@ def test_without_tfds_prepare_data_names_the_extra(tmp_path: Path, monkeypatch: 
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     dm = VTAB1kDataModule(str(tmp_path / "vtab"), "dtd", prepare=True, num_workers=0)  # no folder yet: fine
     assert dm.num_classes == 47
-    with pytest.raises(DataError) as err:
+    with pytest.raises(MissingExtraError) as err:  # the one missing-extra error of the package
         dm.prepare_data()
     assert str(err.value) == (
         "Cannot build VTAB-1K tasks: tensorflow-datasets is not installed: pip install 'petl-lightning[prepare]'."

@@ -371,7 +371,7 @@ def test_interrupted_fit_resumes_from_checkpoint_exactly(
     """A pair killed at the start of epoch 2 of 2 resumes from its epoch-1 ``last.ckpt`` (every
     method writes one, whatever the protocol); the result equals an uninterrupted run (optimiser,
     scheduler, RNG and data order all restored)."""
-    from petl_lightning.methods.base import PETLModule
+    from petl_lightning.tasks.classification import PETLModule
 
     path = {
         "LinearProbe": "petl_lightning.methods.baselines.LinearProbe",

@@ -56,7 +56,7 @@ class Features(NamedTuple):
 def require_timm_blocks(vit: VisionTransformer, method: str, model_name: str = "") -> None:
     """Refuse in one line a model whose blocks ``method`` cannot adapt: it needs timm's pre-norm
     ``Block`` (norm1 -> Attention -> ls1, norm2 -> MLP(fc1, fc2) -> ls2)."""
-    name = model_name or type(vit).__name__
+    name = model_name or getattr(vit, "pretrained_cfg", {}).get("architecture") or type(vit).__name__
     for blk in vit.blocks:
         mlp = getattr(blk, "mlp", None)
         problem = None

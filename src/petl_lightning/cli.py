@@ -151,20 +151,21 @@ class PETLCLI(LightningCLI):
         self.ckpt_hparams, self.given_model = stored, cfg["model"].clone()
 
     def model_config_with_checkpoint(self) -> Namespace:
-        """The model config given, with the checkpoint's structural hyper-parameters (and its values
-        for the arguments left unset)."""
+        """The model config given, with the checkpoint's structural hyper-parameters (``group.field``:
+        one field of an option group) and its values for the arguments left unset (``null``)."""
         assert self.given_model is not None and self.ckpt_hparams is not None
         model = self.given_model.clone()
-        cls = import_class(model["class_path"])
-        structural = set(getattr(cls, "STRUCTURAL_HPARAMS", ()))
+        structural = set(getattr(import_class(model["class_path"]), "STRUCTURAL_HPARAMS", ()))
         args = model["init_args"]
         for key, value in self.ckpt_hparams.items():
             if key not in args or key.startswith("_") or key == "num_classes":
                 continue
-            if key in structural or args[key] is None:
-                args[key] = (
-                    Namespace(**value) if isinstance(value, dict) and isinstance(args[key], Namespace) else value
-                )
+            if isinstance(value, dict) and isinstance(args[key], Namespace):  # an option group, field by field
+                for field, stored in value.items():
+                    if key in structural or f"{key}.{field}" in structural:
+                        args[key][field] = stored
+            elif key in structural or args[key] is None:
+                args[key] = value
         return model
 
     def checkpoint_dir(self, cfg: Namespace) -> Path:

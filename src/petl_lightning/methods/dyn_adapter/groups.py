@@ -195,8 +195,8 @@ class CalibrationConfig:
 
     Attributes:
         budget: share of the full model's FLOPs the held-out images may spend (in (0, 1]); the
-            ``ExitCalibration`` callback calibrates for it at each validation epoch and before
-            testing. None: no automatic calibration.
+            LightningModule calibrates for it at each validation epoch, at the end of fit and
+            before testing when needed. None: no automatic calibration.
         policy: candidate thresholds (:func:`~petl_lightning.methods.dyn_adapter.thresholds.
             candidate_thresholds`): ``"pareto"`` (default), ``"geometric"``, ``"shared"``, ``"grid"``.
         confidence: ``"max_softmax"`` or ``"entropy"`` (1 - normalised entropy).

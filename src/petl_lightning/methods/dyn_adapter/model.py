@@ -99,7 +99,14 @@ class DynAdapter(PETLModule):
         **kwargs: :class:`PETLModule` arguments.
     """
 
-    STRUCTURAL_HPARAMS = (*PETLModule.STRUCTURAL_HPARAMS, "base", "adapter_dim", "adapter_groups", "exits", "skipping")
+    STRUCTURAL_HPARAMS = (
+        *PETLModule.STRUCTURAL_HPARAMS,
+        "base",
+        "adapter_dim",
+        "adapter_groups",
+        "exits",
+        "skipping.sites",
+    )
     #: The early-exit model class; a subclass with another ``confidence`` changes the exit rule.
     exit_model: ClassVar[type[EarlyExitViT]] = EarlyExitViT
 

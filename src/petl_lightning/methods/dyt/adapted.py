@@ -47,7 +47,16 @@ class DyTViT(AdaptedViT):
         require_timm_blocks(vit, "DyT")
         p = int(vit.num_prefix_tokens)
         blocks = [
-            DyTBlock(b, skipping, p, adapter_dim, adapter_scale, adapter_dropout, num_experts) for b in vit.blocks
+            DyTBlock(
+                b,
+                skipping,
+                num_prefix_tokens=p,
+                adapter_dim=adapter_dim,
+                adapter_scale=adapter_scale,
+                adapter_dropout=adapter_dropout,
+                num_experts=num_experts,
+            )
+            for b in vit.blocks
         ]
         super().__init__(vit, blocks)
         self.skipping = skipping

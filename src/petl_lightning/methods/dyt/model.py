@@ -66,7 +66,7 @@ class DyT(PETLModule):
         **kwargs: :class:`PETLModule` arguments.
     """
 
-    STRUCTURAL_HPARAMS = (*PETLModule.STRUCTURAL_HPARAMS, "adapter_dim", "num_experts", "skipping")
+    STRUCTURAL_HPARAMS = (*PETLModule.STRUCTURAL_HPARAMS, "adapter_dim", "num_experts", "skipping.sites")
 
     def __init__(
         self,
