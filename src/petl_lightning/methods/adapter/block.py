@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import cast
-
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from petl_lightning.layers.adapter import Adapter
+from petl_lightning.layers.block_parts import BlockParts
 
 
-class ParallelAdapterBlock(nn.Module):
+class ParallelAdapterBlock(BlockParts):
     """A frozen timm ``Block`` with an :class:`~petl_lightning.layers.adapter.Adapter` parallel to its
     MLP, reading the MLP's normalised input, added outside LayerScale (a small LayerScale must not
     shrink the adapter's update)::
@@ -23,20 +21,8 @@ class ParallelAdapterBlock(nn.Module):
     attention behave as in timm.
     """
 
-    norm1: nn.Module
-    attn: nn.Module
-    ls1: nn.Module
-    drop_path1: nn.Module
-    norm2: nn.Module
-    mlp: nn.Module
-    ls2: nn.Module
-    drop_path2: nn.Module
-
     def __init__(self, block: nn.Module, adapter: Adapter) -> None:
-        super().__init__()
-        blk = cast(Block, block)
-        self.norm1, self.attn, self.ls1, self.drop_path1 = blk.norm1, blk.attn, blk.ls1, blk.drop_path1
-        self.norm2, self.mlp, self.ls2, self.drop_path2 = blk.norm2, blk.mlp, blk.ls2, blk.drop_path2
+        super().__init__(block)
         self.adapter = adapter
 
     def forward(self, x: Tensor) -> Tensor:

@@ -22,12 +22,12 @@ from typing import NamedTuple, cast
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
 from petl_lightning.flops import ViTShape, attn_flops, attn_kept_query_flops, mlp_flops
 from petl_lightning.layers.adapter import Adapter, MoEAdapter, build_adapter
+from petl_lightning.layers.block_parts import BlockParts
 from petl_lightning.layers.dispatcher import TokenDispatcher
 from petl_lightning.methods.dyt.skipping import SITES, TokenSkipping
 
@@ -68,7 +68,7 @@ def kept_rows(
     return KeptRows(index, kept, torch.arange(p + keep_count, device=device).repeat(b), p + keep_count)
 
 
-class DyTBlock(nn.Module):
+class DyTBlock(BlockParts):
     """DyT's wrapper of one frozen timm block (see the module docstring).
 
     Args:
@@ -80,15 +80,6 @@ class DyTBlock(nn.Module):
             (``num_experts > 1``: DyT-dagger's MoE adapter).
     """
 
-    norm1: nn.Module
-    attn: nn.Module
-    ls1: nn.Module
-    drop_path1: nn.Module
-    norm2: nn.Module
-    mlp: nn.Module
-    ls2: nn.Module
-    drop_path2: nn.Module
-
     def __init__(
         self,
         block: nn.Module,
@@ -99,10 +90,7 @@ class DyTBlock(nn.Module):
         adapter_dropout: float = 0.1,
         num_experts: int = 1,
     ) -> None:
-        super().__init__()
-        blk = cast(Block, block)  # any module with a timm Block's sub-modules
-        self.norm1, self.attn, self.ls1, self.drop_path1 = blk.norm1, blk.attn, blk.ls1, blk.drop_path1
-        self.norm2, self.mlp, self.ls2, self.drop_path2 = blk.norm2, blk.mlp, blk.ls2, blk.drop_path2
+        super().__init__(block)
         if skipping.sites != "mlp" and (
             type(self.attn) is not Attention or getattr(self.attn, "gate", None) is not None
         ):
