@@ -2,39 +2,26 @@
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cli_helpers import (
+    ENV,
+    ROOT,
+    assert_one_line_and_nothing_written,
+    assert_user_error,
+    metric,
+    run,
+    tiny_fit,
+    tiny_task,
+)
+
 pytestmark = pytest.mark.slow  # console-script processes: in make test, not in make test-fast
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
 
-
-def run(
-    *args: str, script: str = "petl-lightning", timeout: int = 600, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    exe = [str(BIN / script)] if script != "python" else [sys.executable, "-m", "petl_lightning"]
-    return subprocess.run([*exe, *args], cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def metric(output: str, name: str) -> float:
-    found = re.search(rf"{re.escape(name)}\W+([0-9.]+)", output)
-    assert found, f"{name} not in output:\n{output[-3000:]}"
-    return float(found.group(1))
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert re.search(pattern, proc.stderr), proc.stderr[-3000:]
+# -- bad input: one line, exit status 2, no traceback, nothing written -------------------------------
 
 
 def test_print_config_shows_the_recipe() -> None:
@@ -219,59 +206,6 @@ def test_conflicting_image_sizes_fail_cleanly(dtd10_root: Path) -> None:
     assert_user_error(proc, r"--model.init_args.img_size=32 but --data.init_args.img_size=48")
 
 
-# -- bad input: one line, exit status 2, no traceback, nothing written -------------------------------
-def tiny_task(root: Path, n: int = 12) -> Path:
-    """A 2-class task of ``n`` 32x32 images per list, with images that can be corrupted later."""
-    from PIL import Image
-
-    task = root / "tiny"
-    (task / "images").mkdir(parents=True)
-    for split in ("train800", "val200", "train800val200", "test"):
-        lines = []
-        for i in range(n):
-            Image.new("RGB", (32, 32), (i * 20 % 255, 0, 0)).save(task / "images" / f"{split}{i}.png")
-            lines.append(f"images/{split}{i}.png {i % 2}")
-        (task / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return task
-
-
-def tiny_fit(root: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run(
-        "fit",
-        "-c",
-        "recipes/linear_probe.yaml",
-        "--data.init_args.root",
-        str(root),
-        "--data.init_args.task",
-        "tiny",
-        "--data.init_args.img_size",
-        "32",
-        "--data.init_args.num_workers",
-        "0",
-        "--data.init_args.batch_size",
-        "4",
-        "--model.init_args.model_name",
-        "vit_tiny_patch16_224",
-        "--model.init_args.pretrained",
-        "false",
-        "--model.init_args.cache_features",
-        "false",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.default_root_dir",
-        str(out),
-        *extra,
-        env=env,
-    )
-
-
-def assert_one_line_and_nothing_written(proc: subprocess.CompletedProcess, pattern: str, out: Path) -> None:
-    assert_user_error(proc, pattern)
-    assert len([ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]) == 1
-    written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
-    assert not written, written
-
-
 @pytest.mark.parametrize(
     "extra, pattern",
     [
@@ -323,7 +257,7 @@ def test_output_folder_that_cannot_be_created(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     proc = tiny_fit(root, blocker / "run")
-    assert_user_error(proc, r"Cannot create the output folder .*not a folder")
+    assert_user_error(proc, r"Cannot create the folder .*not a folder")
     assert blocker.read_text() == "not a folder"
 
 

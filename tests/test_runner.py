@@ -118,7 +118,7 @@ def test_task_selection(fake_root: Path) -> None:
 
 
 def test_plan_per_task_overrides_gpu_slots_and_dry_run(
-    fake_root: Path, recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake_root: Path, recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each pair's arguments: recipe, then the task's own settings, then the user's (who wins); the
     method's per-task hyper-parameters come from its task_overrides hook through the CLI's own
@@ -137,6 +137,7 @@ def test_plan_per_task_overrides_gpu_slots_and_dry_run(
     assert runs[0].run_dir == out / "runs" / "eurosat" / "seed3"
     scale = {r.task: plan.parse_fit_config(r.cli_args)["model"]["init_args"]["adapter_scale"] for r in runs}
     assert scale == {"eurosat": 1.0, "mytask": None}  # the official table; a custom task has no entry
+    monkeypatch.setattr(launch, "cuda_device_count", lambda: 2)  # as on a two-GPU machine
     slots = launch.make_slots("0,1", 1)
     assert [s.env for s in slots] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
     assert (

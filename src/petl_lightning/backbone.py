@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
@@ -150,10 +151,14 @@ class FrozenViT(AdaptedViT):
         model_name: timm name, e.g. ``vit_base_patch16_224.orig_in21k`` (Google's ``ViT-B_16.npz``).
         checkpoint_path: local ``.npz``/``.pth``/``.pt``/``.bin``/``.safetensors`` weights. When
             ``None`` and ``pretrained`` is true, the hub cache is used (and downloaded when online).
-        pretrained: ``False`` gives random weights (tests, speed benchmarks).
+        pretrained: ``False`` gives random weights (tests, speed benchmarks), drawn from
+            ``init_seed``; it cannot be combined with ``checkpoint_path``.
         img_size: input resolution override (position embeddings are resampled on load).
         drop_path_rate: stochastic depth of the frozen blocks, active in training mode only.
         model_kwargs: further ``timm.create_model`` arguments (e.g. ``{"init_values": 1.0}``).
+        init_seed: the seed of the random weights (``pretrained=False``), drawn apart from the global
+            random state so that the same arguments always rebuild the same backbone (a checkpoint
+            keeps the adapters only and rebuilds its backbone on load).
     """
 
     def __init__(
@@ -164,8 +169,14 @@ class FrozenViT(AdaptedViT):
         img_size: int | None = None,
         drop_path_rate: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
+        init_seed: int = 0,
     ) -> None:
         check_model_name(model_name)
+        if not pretrained and checkpoint_path is not None:
+            raise ConfigError(
+                f"pretrained=false (random weights) contradicts checkpoint_path={str(checkpoint_path)!r}: "
+                f"drop --model.init_args.checkpoint_path, or set pretrained=true to load it."
+            )
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         kwargs.update(num_classes=0, drop_path_rate=drop_path_rate)
         if img_size is not None:
@@ -180,7 +191,9 @@ class FrozenViT(AdaptedViT):
                 f"--model.checkpoint_path /path/ViT-B_16.npz (or FrozenViT(checkpoint_path=...)), "
                 f"or pretrained=False for random weights."
             )
-        vit = check_family(timm.create_model(model_name, pretrained=use_hub, **kwargs), model_name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            vit = check_family(timm.create_model(model_name, pretrained=use_hub, **kwargs), model_name)
         size, patch = vit.patch_embed.img_size, vit.patch_embed.patch_size
         if size[0] % patch[0] or size[1] % patch[1]:
             lo, hi = size[0] // patch[0] * patch[0], -(-size[0] // patch[0]) * patch[0]

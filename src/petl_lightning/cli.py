@@ -16,7 +16,7 @@ It uses LightningCLI's documented hooks only (``parse_arguments``, ``before_inst
 
 from __future__ import annotations
 
-import os
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from petl_lightning.cli_keys import explain_parse_error, import_class
 from petl_lightning.errors import CheckpointError, ConfigError
+from petl_lightning.paths import check_writable
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+EVALUATIONS = ("validate", "test", "predict")
+#: ``--ckpt_path untrained``: evaluate the model as built (no checkpoint), on purpose.
+UNTRAINED = "untrained"
 
 
 class LoggerSaveConfig(SaveConfigCallback):
@@ -78,6 +82,9 @@ class PETLCLI(LightningCLI):
         from petl_lightning.data.vtab import VTAB1kDataModule
         from petl_lightning.tasks.classification import PETLModule
 
+        # Lightning logs "Seed set to N" before the classes are built; a run refused while building
+        # them must print its one error line only, so the seed is printed when the run starts instead.
+        logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
         self.output_guard = output_guard or OutputGuard()
         self.ckpt_hparams: dict[str, Any] | None = None  # the --ckpt_path checkpoint's hyper-parameters
         self.given_model: Namespace | None = None  # the model config given, before Lightning reads the checkpoint
@@ -121,13 +128,26 @@ class PETLCLI(LightningCLI):
         hyper-parameters and the model config given, for :meth:`before_instantiate_classes`."""
         sub, cfg = self.config.get("subcommand"), self.subcommand_config()
         path = cfg.get("ckpt_path")
+        if sub in EVALUATIONS and path is None:
+            raise CheckpointError(
+                f"{sub} without --ckpt_path would evaluate an untrained model: pass --ckpt_path last (the "
+                f"last fit under --trainer.default_root_dir) or a .ckpt file; --ckpt_path {UNTRAINED} "
+                f"evaluates the model as built, on purpose."
+            )
+        if path == UNTRAINED and sub in EVALUATIONS:
+            cfg["ckpt_path"] = None
+            return
         if not sub or path in (None, "best", "hpc", "registry"):
             return
         if path == "last":
             path = self.last_checkpoint(cfg)
             if path is None:
-                if sub == "fit":
-                    return  # nothing to resume yet: Lightning starts from scratch
+                if sub == "fit":  # nothing to resume yet: say so (Lightning's own hint does not apply)
+                    rank_zero_print(
+                        f"--ckpt_path last: no checkpoint in {self.checkpoint_dir(cfg)} yet; training starts fresh.",
+                    )
+                    cfg["ckpt_path"] = None
+                    return
                 raise CheckpointError(
                     f"--ckpt_path last: no last.ckpt in {self.checkpoint_dir(cfg)}. Fit first (same "
                     f"--trainer.default_root_dir), or pass the .ckpt file."
@@ -206,6 +226,11 @@ class PETLCLI(LightningCLI):
             raise ConfigError(
                 f"--trainer.max_epochs must be a positive number of epochs (or -1 for no limit), got {epochs}."
             )
+        if self.config.get("subcommand") == "fit" and epochs == -1 and cfg.get("trainer.max_steps", -1) in (None, -1):
+            raise ConfigError(
+                "--trainer.max_epochs -1 with no --trainer.max_steps: the learning-rate schedule needs the "
+                "run's length; set --trainer.max_steps N or a finite --trainer.max_epochs."
+            )
         check_writable(Path(cfg.get("trainer.default_root_dir") or "."))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
@@ -233,6 +258,9 @@ class PETLCLI(LightningCLI):
     def before_run(self) -> None:
         self.output_guard.snapshot(Path(self.trainer.default_root_dir))
         self.check_ckpt_path()
+        seed = self.subcommand_config().get("seed_everything")
+        if seed is not None and seed is not False:
+            rank_zero_print(f"Seed set to {seed}")  # said once the run starts (see __init__)
 
     def before_fit(self) -> None:
         self.before_run()
@@ -247,18 +275,12 @@ class PETLCLI(LightningCLI):
         self.before_run()
 
 
-def check_writable(folder: Path) -> None:
-    """Raise a one-line :class:`ConfigError` unless ``folder`` exists as a writable folder or can be
-    created (nothing is created here)."""
-    probe = folder.expanduser().absolute()
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"Cannot create the output folder {str(folder)!r}: {str(probe)!r} is "
-            f"{'not a folder' if not probe.is_dir() else 'not writable'}; pass a writable "
-            f"--trainer.default_root_dir."
-        )
+def rank_zero_print(message: str, file: Any = None) -> None:
+    """Print ``message`` (to stderr by default) in the first process only."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(message, file=file or sys.stderr)
 
 
 def discard_new_outputs(root: Path, before: set[Path]) -> None:
@@ -276,24 +298,35 @@ def discard_new_outputs(root: Path, before: set[Path]) -> None:
         root.rmdir()
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning ``.ckpt`` loaded on the CPU (weights only), or a one-line :class:`CheckpointError`."""
+#: What ``--ckpt_path`` takes, said when a file is not a Lightning checkpoint (``fit`` and friends).
+FIT_CHECKPOINT_HINT = (
+    "--ckpt_path takes a .ckpt written by a fit run; backbone weights go to --model.init_args.checkpoint_path"
+)
+
+
+def read_checkpoint(path: str | Path, hint: str = FIT_CHECKPOINT_HINT) -> dict[str, Any]:
+    """A Lightning ``.ckpt`` loaded on the CPU (weights only), or a one-line :class:`CheckpointError`
+    that tells a damaged checkpoint (empty, truncated, corrupt) from a file that is not one (``hint``:
+    what the command takes instead)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"Checkpoint not found: {str(p)!r}. Pass the .ckpt written by a fit run.")
+    with p.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"Checkpoint {str(p)!r} is empty (0 bytes): the run that wrote it was cut off; {hint}.")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader failure means: not a checkpoint
-        raise CheckpointError(
-            f"{str(p)!r} is not a Lightning checkpoint ({type(err).__name__}). --ckpt_path takes a "
-            f".ckpt written by a fit run; backbone weights go to --model.init_args.checkpoint_path."
-        ) from None
+    except Exception as err:  # noqa: BLE001 - any reader failure: damaged, or not a checkpoint
+        if head == b"PK\x03\x04":  # torch's zip container that does not read: truncated or corrupt
+            raise CheckpointError(
+                f"Checkpoint {str(p)!r} is damaged (truncated or corrupt: {type(err).__name__}); use another "
+                f"copy, or an earlier checkpoint of the run."
+            ) from None
+        raise CheckpointError(f"{str(p)!r} is not a Lightning checkpoint ({type(err).__name__}); {hint}.") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(
-            f"{str(p)!r} holds no 'state_dict', so it is not a Lightning checkpoint. Backbone weights "
-            f"go to --model.init_args.checkpoint_path."
-        )
+        raise CheckpointError(f"{str(p)!r} holds no 'state_dict', so it is not a Lightning checkpoint; {hint}.")
     return ckpt
 
 
-__all__ = ["PETLCLI", "SUBCOMMANDS", "OutputGuard", "check_writable", "read_checkpoint"]
+__all__ = ["PETLCLI", "SUBCOMMANDS", "OutputGuard", "read_checkpoint"]

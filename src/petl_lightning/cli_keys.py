@@ -222,13 +222,36 @@ def _check_trainer(keys: dict[str, Any]) -> str | None:
     return None
 
 
+def config_files(argv: list[str]) -> list[str]:
+    """The ``-c`` / ``--config`` files of a command line, in order."""
+    found = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+    found += [a.split("=", 1)[1] for a in argv if a.startswith(("-c=", "--config="))]
+    return found
+
+
+def yaml_problem(path: Path) -> str | None:
+    """One line naming ``path`` and the line of its YAML syntax error, or None when it parses."""
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        return f"Config file {str(path)!r} is not valid YAML:{where}: {problem}; fix the file."
+    return None
+
+
 def explain_parse_error(message: str, argv: list[str]) -> str:
     """One line for a jsonargparse error: the renamed or unknown key when the user's keys show one,
     else the innermost "key: problem" of the message."""
-    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+    configs = config_files(argv)
     missing = [c for c in configs if not Path(c).is_file()]
     if missing:
         return f"Config file {missing[0]!r} not found: check the path (recipes live in the repository's recipes/)."
+    for config in configs:
+        bad_yaml = yaml_problem(Path(config))
+        if bad_yaml:
+            return bad_yaml
     keys = user_keys(argv)
     for value in _strings(list(keys.values())):
         name = value.rpartition(".")[2]

@@ -24,6 +24,9 @@ from petl_lightning.cli import read_checkpoint
 from petl_lightning.cli_keys import import_class
 from petl_lightning.deploy.programs import FORMATS, check_exporter, resolve_format
 from petl_lightning.errors import CheckpointError, ConfigError, run_user_command
+from petl_lightning.paths import check_output_file, check_output_folder
+
+EXPORT_CHECKPOINT_HINT = "export --ckpt_path takes the .ckpt a fit run wrote (e.g. <run>/checkpoints/last.ckpt)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +58,7 @@ def export_checkpoint(
     """Rebuild the method of ``ckpt_path`` and export it to ``out``; returns the written path (with
     ``exits``: Dyn-Adapter's stage folder)."""
     fmt = (fmt or "onnx") if exits else resolve_format(out, fmt)
+    (check_output_folder if exits else check_output_file)(out, "--out")  # before any work
     check_exporter(fmt, opset)  # before the (slow) rebuild
     model = load_trained(ckpt_path, weights)
     if not exits:
@@ -68,7 +72,7 @@ def load_trained(ckpt_path: str | Path, weights: str | None = None) -> Any:
     """The method a checkpoint names, rebuilt from its hyper-parameters (``weights``: the backbone
     file's new place) with its trained tensors, in eval mode on the CPU. Like Lightning's
     ``load_from_checkpoint``, whose own ``checkpoint_path`` argument hides the backbone's."""
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, EXPORT_CHECKPOINT_HINT)
     method = ckpt.get("petl", {}).get("method", "")
     cls = import_class(method)
     if cls is None:

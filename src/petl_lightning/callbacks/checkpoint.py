@@ -83,6 +83,11 @@ class PETLCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)  # the best by monitor, where one is logged
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:  # type: ignore[attr-defined]
             return
+        # Every process computes the epoch's metrics (each a collective under DDP) before the save's
+        # barrier: the progress bar computes them on rank 0 only, and ModelCheckpoint reads them only
+        # in epochs it saves a best checkpoint, so without this the processes' collectives cross and
+        # hang at the first epoch end with no validation.
+        trainer.callback_metrics  # noqa: B018 - read for its side effect
         self.last_model_path = os.path.join(str(self.dirpath), f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
         trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
 

@@ -32,15 +32,18 @@ class ExitCurveLogger(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = getattr(trainer, "datamodule", None)
-        if not trainer.is_global_zero or not hasattr(pl_module, "curve") or getattr(dm, "val_split", None) is None:
+        if not hasattr(pl_module, "curve") or getattr(dm, "val_split", None) is None:
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank
+        if not trainer.is_global_zero:
             return
         try:
-            self.draw(trainer, pl_module, pl_module.collect_exits(dm))  # type: ignore[operator]
+            self.draw(trainer, pl_module, pl_module.collect_exits(dm), folder)  # type: ignore[operator]
         except MissingExtraError as err:
             rank_zero_warn(f"ExitCurveLogger draws no curve: {err}")
 
-    def draw(self, trainer: Trainer, pl_module: Any, held_out: Any) -> None:
-        """Save and log the curve of ``held_out`` (an exit table)."""
+    def draw(self, trainer: Trainer, pl_module: Any, held_out: Any, folder: Path) -> None:
+        """Save the curve of ``held_out`` (an exit table) in ``folder`` and log it."""
         from petl_lightning.methods.dyn_adapter.thresholds import single_exit_points
         from petl_lightning.plotting import accuracy_gflops_figure, log_figure, save_figure
 
@@ -50,7 +53,7 @@ class ExitCurveLogger(Callback):
             single_exit_points(held_out, pl_module.exit_costs()),
             "held-out accuracy vs GFLOPs",
         )
-        self.curve_path = save_figure(fig, Path(trainer.log_dir or trainer.default_root_dir) / CURVE_FILE)
+        self.curve_path = save_figure(fig, folder / CURVE_FILE)
         log_figure(trainer, CURVE_KEY, fig, self.curve_path)
         rank_zero_info(f"DynAdapter: accuracy-vs-GFLOPs curve saved to {self.curve_path}")
 

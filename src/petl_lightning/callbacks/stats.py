@@ -142,7 +142,10 @@ class ExitRateLogger(InferenceStatsCallback):
 
     def log_stats(self, trainer: Trainer, pl_module: LightningModule, stage: str, stats: dict[str, Tensor]) -> None:
         self._log(pl_module, stage, self.scalars(stage, stats))
-        if not trainer.is_global_zero or not (self.charts or self.save_png):
+        if not (self.charts or self.save_png):
+            return
+        log_dir = trainer.log_dir if self.save_png else None  # a collective under DDP: every rank reads it
+        if not trainer.is_global_zero:
             return
         from petl_lightning.plotting import has_exits, inference_stats_figure, log_figure, save_figure, skips_tokens
 
@@ -160,7 +163,7 @@ class ExitRateLogger(InferenceStatsCallback):
                 self._warned = True
             return
         if self.save_png:
-            root = Path(trainer.log_dir or trainer.default_root_dir) / "inference_stats"
+            root = Path(log_dir or trainer.default_root_dir) / "inference_stats"
             self.saved_pngs.append(save_figure(fig, root / f"{stage}_step{step}.png"))
         if self.charts:
             log_figure(trainer, f"{stage}/inference_stats", fig)

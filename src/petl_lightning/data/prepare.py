@@ -15,19 +15,30 @@ Each task is written to a hidden temporary folder under the root and renamed to 
 complete, under a per-task lock file: an interrupted build leaves no task folder (its leftover is
 removed by the next build), a finished task is skipped, and two processes never build the same task
 at once. TensorFlow and tfds (``pip install 'petl-lightning[prepare]'``) are imported only here.
+
+Before a task's first download, the hosts of its tfds download URLs are asked for an answer within a
+few seconds (through urllib, so the proxy variables count as they do for tfds): offline, the build
+stops at once with one line naming the URL and the manual-download folder where tfds takes the same
+files from, instead of tfds' minutes of retries, and before the root, a lock or a tfds folder is made.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import io
 import json
+import logging
 import os
 import secrets
 import shutil
 import sys
+import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +50,20 @@ from PIL import Image
 from petl_lightning.data.check import sha256_of
 from petl_lightning.data.tasks import VTAB_TASKS, parse_tasks
 from petl_lightning.data.vtab_splits import LISTS, VTAB_SOURCES, TaskSource, limit_spec, slice_size
-from petl_lightning.errors import DataError, MissingExtraError
+from petl_lightning.errors import DataError, MissingExtraError, run_user_command
+from petl_lightning.paths import check_output_folder
 
 MISSING_EXTRA = "tensorflow-datasets is not installed: pip install 'petl-lightning[prepare]'"
 PARTIAL = ".partial-"  # temporary task folders are named .<task>.partial-<random>
+REACH_TIMEOUT = 5.0  # seconds a download host has to answer before the build stops
 
 
 class ManualDownloadRequired(DataError):
     """A task whose tfds dataset must be downloaded by hand first."""
+
+
+class DownloadUnreachable(DataError):
+    """No download host of a task answers: offline, every task would fail alike, so the run stops."""
 
 
 def _import_tfds() -> Any:
@@ -57,13 +74,43 @@ def _import_tfds() -> Any:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
+        with _native_stderr_silenced():
+            import tensorflow as tf
+            import tensorflow_datasets as tfds
     except ImportError:
         raise MissingExtraError(f"Cannot build VTAB-1K tasks: {MISSING_EXTRA}.") from None
     with contextlib.suppress(RuntimeError):  # already initialised: nothing to change
         tf.config.set_visible_devices([], "GPU")
     return tfds
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Sends file descriptor 2 to /dev/null: TensorFlow's C++ logging writes start-up lines there on
+    import (once torch is loaded, ``TF_CPP_MIN_LOG_LEVEL`` no longer stops them), which would bury a
+    one-line error. Python exceptions are raised after it is restored."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def _absl_warnings_silenced() -> Iterator[None]:
+    """Holds back tfds' warnings (``Variant folder ... has no dataset_info.json`` for a dataset not yet
+    prepared) while a builder is looked up: they are no problem, and would bury a one-line error."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -93,24 +140,38 @@ def _manual_dir(builder: Any, manual_dir: str | Path | None) -> Path:
     return Path(manual_dir).expanduser() if manual_dir else Path(str(builder.data_dir_root)) / "downloads" / "manual"
 
 
-def _open_builder(tfds: Any, src: TaskSource, data_dir: str | None, manual_dir: str | Path | None) -> Any:
-    """The tfds builder of a task, downloaded and prepared, its split sizes checked against VTAB's."""
+def _checked_builder(tfds: Any, src: TaskSource, data_dir: str | None, manual_dir: str | Path | None) -> Any:
+    """The tfds builder of a task, checked before anything is written: where tfds has to download,
+    the manual files are there and a download host answers."""
     try:
-        builder = tfds.builder(src.tfds_name, data_dir=data_dir)
+        with _absl_warnings_silenced():
+            builder = tfds.builder(src.tfds_name, data_dir=data_dir)
+            prepared = builder.is_prepared()
     except Exception as err:  # noqa: BLE001 - tfds raises several kinds for a missing builder/version
         raise DataError(
             f"{src.task}: tfds has no {src.tfds_name} ({_first_line(err)}); update tensorflow-datasets."
         ) from None
+    if prepared:
+        return builder
     manual = _manual_dir(builder, manual_dir)
-    if src.manual and not builder.is_prepared():
+    if src.manual:
         missing = [f for f in src.manual_files if not (manual / f).exists()]
         if missing:
             raise ManualDownloadRequired(
                 f"{src.task}: tfds needs a manual download of {src.builder}: {src.manual}; tfds expects "
                 f"{', '.join(missing)} in {manual}/ (set manual_dir to use another folder), then run again."
             )
+    _check_reachable(builder, src, manual)
+    return builder
+
+
+def _download_and_prepare(tfds: Any, builder: Any, src: TaskSource, manual_dir: str | Path | None) -> None:
+    """Downloads and prepares ``builder`` (if not done yet) and checks its split sizes against VTAB's;
+    when tfds fails, the empty folders it left in its data folder are removed."""
+    manual = _manual_dir(builder, manual_dir)
     try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+        with _new_empty_folders_removed_on_error(Path(str(builder.data_dir_root))):
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
     except Exception as err:  # noqa: BLE001 - network, checksum and extraction errors of tfds
         raise DataError(
             f"{src.task}: tfds could not download and prepare {src.tfds_name} "
@@ -123,7 +184,99 @@ def _open_builder(tfds: Any, src: TaskSource, data_dir: str | None, manual_dir: 
                 f"{src.task}: tfds {builder.info.full_name} has {info.num_examples} examples in {split!r}, "
                 f"VTAB-1K's slices assume {size}: use the dataset version VTAB defines ({src.tfds_name})."
             )
+
+
+def _open_builder(tfds: Any, src: TaskSource, data_dir: str | None, manual_dir: str | Path | None) -> Any:
+    """The tfds builder of a task, checked, downloaded and prepared."""
+    builder = _checked_builder(tfds, src, data_dir, manual_dir)
+    _download_and_prepare(tfds, builder, src, manual_dir)
     return builder
+
+
+def _pending_downloads(builder: Any, manual: Path) -> dict[str, str]:
+    """URL -> file name of what tfds would download for ``builder``: the URLs of its checksums file
+    less those whose file is in ``manual`` (tfds takes it from there) or that its downloads folder
+    records as done (tfds' ``*.INFO`` files). None under ``tfds.testing.mock_data``, which downloads
+    nothing."""
+    method = getattr(type(builder), "download_and_prepare", None)
+    if getattr(method, "__module__", "").startswith("tensorflow_datasets.testing"):
+        return {}
+    downloads = Path(str(builder.data_dir_root)) / "downloads"
+    done: set[str] = set()
+    for info_file in [*downloads.glob("*.INFO"), *downloads.glob("*/*.INFO")]:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            done.update(json.loads(info_file.read_text()).get("urls", []))
+    infos = getattr(builder, "url_infos", None) or {}
+    return {
+        url: info.filename or url
+        for url, info in infos.items()
+        if url not in done and not (info.filename and (manual / info.filename).exists())
+    }
+
+
+def _no_answer(url: str, timeout: float = REACH_TIMEOUT) -> str | None:
+    """Why the server of ``url`` gives no answer within ``timeout`` seconds, or None when it answers
+    (an HTTP error is an answer). urllib honours HTTPS_PROXY/HTTP_PROXY/NO_PROXY as tfds does; the
+    request runs in a daemon thread so a hanging name lookup cannot hold the build either."""
+    reasons: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+                reasons.append(None)
+        except urllib.error.HTTPError:
+            reasons.append(None)
+        except (OSError, http.client.HTTPException, ValueError) as err:  # URLError and timeouts are OSErrors
+            reasons.append(str(getattr(err, "reason", err)))
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return reasons[0] if reasons else f"no answer within {timeout:g} s"
+
+
+def _check_reachable(builder: Any, src: TaskSource, manual: Path) -> None:
+    """Raise :class:`DownloadUnreachable` unless one host of the task's pending downloads answers."""
+    pending = _pending_downloads(builder, manual)
+    hosts: dict[str, str] = {}  # host -> its first URL
+    for url in pending:
+        hosts.setdefault(urllib.parse.urlsplit(url).netloc, url)
+    reasons = []
+    for url in hosts.values():
+        reason = _no_answer(url)
+        if reason is None:
+            return
+        reasons.append(reason)
+    if hosts:
+        host, url = next(iter(hosts.items()))
+        others = f", nor {len(hosts) - 1} other download hosts" if len(hosts) > 1 else ""
+        raise DownloadUnreachable(
+            f"{src.task}: cannot reach {host} to download {url} ({reasons[0]}{others}); connect to the "
+            f"network (or set HTTPS_PROXY), or download {', '.join(pending.values())} by hand into "
+            f"{manual}/ (or a folder given as --manual-dir) and run again."
+        )
+
+
+@contextlib.contextmanager
+def _new_empty_folders_removed_on_error(top: Path, depth: int = 3) -> Iterator[None]:
+    """On an error, removes the empty folders down to ``depth`` levels under ``top`` (and ``top``)
+    that were not there before: tfds leaves its temporary download and dataset folders when a download
+    fails. A folder that holds anything stays."""
+
+    def folders() -> set[Path]:
+        found = {top} if top.is_dir() else set()
+        for level in range(1, depth + 1):
+            found |= {p for p in top.glob("/".join(["*"] * level)) if p.is_dir()}
+        return found
+
+    before = folders()
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(folders() - before, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: it stays
+                folder.rmdir()
+        raise
 
 
 def _first_line(err: BaseException) -> str:
@@ -244,13 +397,14 @@ def prepare_task(
     if (root / task).is_dir():
         return False  # finished before (a task folder only ever appears complete)
     tfds = _import_tfds()
+    builder = _checked_builder(tfds, src, data_dir, manual_dir)  # offline or files missing: nothing made yet
     root.mkdir(parents=True, exist_ok=True)
     with _task_lock(root, task):
         if (root / task).is_dir():
             return False  # built by another process while this one waited for the lock
         for stale in root.glob(f".{task}{PARTIAL}*"):
             shutil.rmtree(stale)  # left by a killed build; the lock says no build is running
-        builder = _open_builder(tfds, src, data_dir, manual_dir)
+        _download_and_prepare(tfds, builder, src, manual_dir)
         tmp = root / f".{task}{PARTIAL}{secrets.token_hex(4)}"
         try:
             tmp.mkdir()
@@ -286,6 +440,8 @@ def prepare_tasks(
         start = time.perf_counter()
         try:
             built = prepare_task(root, task, data_dir, manual_dir, test_limit)
+        except DownloadUnreachable:
+            raise  # offline: the other tasks would fail alike
         except DataError as err:
             report.failed[task] = str(err)
             manual = isinstance(err, ManualDownloadRequired)
@@ -301,7 +457,7 @@ def prepare_tasks(
 
 def prepare_main(argv: list[str] | None = None) -> int:
     """``petl-lightning vtab-prepare --root DIR [--tasks all]``: exit 0 when every task is
-    there, 1 when some could not be built (each said why), 2 for bad input."""
+    there, 1 when some could not be built (each said why), 2 for bad input or no network."""
     p = argparse.ArgumentParser(
         prog="petl-lightning vtab-prepare", description="Build VTAB-1K task folders from TensorFlow Datasets."
     )
@@ -311,18 +467,23 @@ def prepare_main(argv: list[str] | None = None) -> int:
     p.add_argument("--manual-dir", default=None, help="manual downloads (default: <data-dir>/downloads/manual)")
     p.add_argument("--test-limit", type=int, default=None, help="keep only the first N test images (not VTAB-1K)")
     args = p.parse_args(argv)
-    try:
-        report = prepare_tasks(args.root, parse_tasks(args.tasks), args.data_dir, args.manual_dir, args.test_limit)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for reason in report.failed.values():
-        print(f"error: {reason}", file=sys.stderr)
-    print(
-        f"{len(report.built)} built, {len(report.skipped)} already there, {len(report.failed)} not built"
-        f"{': ' + ', '.join(report.failed) if report.failed else ''}."
-    )
-    return 1 if report.failed else 0
+    status = [0]
+
+    def go() -> None:
+        tasks = parse_tasks(args.tasks)
+        check_output_folder(args.root, "--root")
+        if args.data_dir is not None:
+            check_output_folder(args.data_dir, "--data-dir")
+        report = prepare_tasks(args.root, tasks, args.data_dir, args.manual_dir, args.test_limit)
+        for reason in report.failed.values():
+            print(f"error: {reason}", file=sys.stderr)
+        print(
+            f"{len(report.built)} built, {len(report.skipped)} already there, {len(report.failed)} not built"
+            f"{': ' + ', '.join(report.failed) if report.failed else ''}."
+        )
+        status[0] = 1 if report.failed else 0
+
+    return run_user_command(go) or status[0]
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ class VTAB1kDataModule(L.LightningDataModule):
         for name, value in (("img_size", img_size), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:
                 raise DataError(f"{name} must be at least 1, got {value}.")
+        if num_workers is not None and num_workers < 0:
+            raise DataError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}.")
         # num_classes is resolved below and reaches the model through the CLI link; logging the raw
         # argument too would clash with the model's value in Lightning's hparams merge.
         self.save_hyperparameters(ignore=["num_classes"])

@@ -33,7 +33,7 @@ from petl_lightning.errors import ConfigError, DataError
 from petl_lightning.flops import vit_flops
 from petl_lightning.stats import InferenceOutput, InferenceStats
 from petl_lightning.tasks import checkpoints
-from petl_lightning.tasks.optimization import parameter_groups, warmup_cosine_adamw
+from petl_lightning.tasks.optimization import parameter_groups, schedule_length, warmup_cosine_adamw
 
 
 def method_name(cls: type) -> str:
@@ -46,7 +46,7 @@ class PETLModule(L.LightningModule):
 
     Args:
         num_classes: classifier width (linked from ``data.num_classes`` by the CLI).
-        model_name / checkpoint_path / pretrained / img_size / drop_path_rate / model_kwargs:
+        model_name / checkpoint_path / pretrained / img_size / drop_path_rate / model_kwargs / init_seed:
             passed to :class:`FrozenViT`; only these are stored, never the backbone's weights.
         lr, weight_decay: AdamW.
         warmup_epochs: linear warm-up length in epochs (fractional allowed).
@@ -61,7 +61,7 @@ class PETLModule(L.LightningModule):
     #: Hyper-parameters that define the trained architecture: when testing from a checkpoint, the
     #: checkpoint's values win over the command line (the method class, backbone and class count
     #: must match exactly; everything else, e.g. budgets, weights path, data, the command line wins).
-    STRUCTURAL_HPARAMS: ClassVar[tuple[str, ...]] = ("img_size", "model_kwargs")
+    STRUCTURAL_HPARAMS: ClassVar[tuple[str, ...]] = ("img_size", "model_kwargs", "pretrained", "init_seed")
 
     model: ViTClassifier
 
@@ -84,15 +84,26 @@ class PETLModule(L.LightningModule):
         decay_norm_and_bias: bool = False,
         decay_head: bool = False,
         head_init: Literal["default", "zeros"] = "default",
+        init_seed: int = 0,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise DataError(f"num_classes must be at least 1, got {num_classes}.")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ConfigError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}.")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ConfigError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
+        rates = {"weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "warmup_lr": warmup_lr, "min_lr": min_lr}
+        for name, value in rates.items():
+            if value < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {value}.")
         if not lr > 0:  # the schedule divides by it
             raise ConfigError(f"lr must be positive, got {lr}; the recipes use 1e-3.")
         self.save_hyperparameters()
         self.num_classes = num_classes
-        frozen = FrozenViT(model_name, checkpoint_path, pretrained, img_size, drop_path_rate, model_kwargs)
+        frozen = FrozenViT(
+            model_name, checkpoint_path, pretrained, img_size, drop_path_rate, model_kwargs, init_seed=init_seed
+        )
         self.model = self.build_model(frozen)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -274,10 +285,8 @@ class PETLModule(L.LightningModule):
         )
 
     def configure_optimizers(self) -> Any:
-        trainer = self.trainer
-        return warmup_cosine_adamw(
-            self.parameter_groups(), self.hparams, trainer.max_epochs, trainer.estimated_stepping_batches
-        )
+        total, per_epoch = schedule_length(self.trainer)
+        return warmup_cosine_adamw(self.parameter_groups(), self.hparams, total, per_epoch)
 
     # -- merging and export ----------------------------------------------------------------------
     def merge(self) -> VisionTransformer:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from petl_lightning.errors import ConfigError
+
 
 def warmup_cosine(t: float, warmup: float, total: float, start: float, floor: float) -> float:
     """LR factor at (fractional) epoch ``t``: linear ``start``->1 over ``warmup``, cosine 1->``floor``."""
@@ -39,27 +41,44 @@ def parameter_groups(
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def schedule_length(trainer: Any) -> tuple[int, int]:
+    """``(optimizer steps in the run, optimizer steps per epoch)`` of a fitting ``trainer``, or a
+    one-line :class:`ConfigError` for a run with no end (the schedule needs a length)."""
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ConfigError(
+            f"max_epochs={trainer.max_epochs} with no max_steps: the learning-rate schedule needs the "
+            f"run's length; set --trainer.max_steps N or a finite --trainer.max_epochs."
+        )
+    if trainer.train_dataloader is None:  # max_epochs=-1 with max_steps: Lightning has not read the data yet
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else int(total)
+    return int(total), per_epoch
+
+
 def warmup_cosine_adamw(
     groups: list[dict[str, Any]],
     hp: Any,
-    max_epochs: int | None,
-    stepping_batches: float,
+    total_steps: int,
+    steps_per_epoch: int,
 ) -> dict[str, Any]:
     """AdamW over ``groups`` at ``hp.lr`` and its schedule (``hp``: lr, warmup_epochs, warmup_lr,
-    min_lr, scheduler_interval) for a run of ``max_epochs`` epochs (none or -1: one) of
-    ``stepping_batches`` optimizer steps in all, in Lightning's ``configure_optimizers`` format."""
-    epochs = max_epochs if max_epochs and max_epochs > 0 else 1
+    min_lr, scheduler_interval) for a run of ``total_steps`` optimizer steps, ``steps_per_epoch`` a
+    training epoch, in Lightning's ``configure_optimizers`` format. Warm-up is counted in epochs (a
+    fraction of an epoch when the run is shorter than one)."""
+    steps_per_epoch = max(1, steps_per_epoch)
+    epochs = max(total_steps, 1) / steps_per_epoch
     opt = torch.optim.AdamW(groups, lr=hp.lr)
     start, floor = hp.warmup_lr / hp.lr, hp.min_lr / hp.lr
     # the scheduler counts optimizer steps or epochs; either way factor() takes its count in epochs
-    step_wise = hp.scheduler_interval == "step"
-    steps_per_epoch = max(1, int(stepping_batches) // epochs) if step_wise else 1
+    per_count = steps_per_epoch if hp.scheduler_interval == "step" else 1
 
     def factor(count: int) -> float:
-        return warmup_cosine(count / steps_per_epoch, hp.warmup_epochs, epochs, start, floor)
+        return warmup_cosine(count / per_count, hp.warmup_epochs, epochs, start, floor)
 
     sched = LambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp.scheduler_interval}}
 
 
-__all__ = ["parameter_groups", "warmup_cosine", "warmup_cosine_adamw"]
+__all__ = ["parameter_groups", "schedule_length", "warmup_cosine", "warmup_cosine_adamw"]

@@ -134,6 +134,11 @@ def _main(ns: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         f"`{' '.join(extra) or '(none)'}`; settings fingerprint `{info['fingerprint']}`.",
     ]
     if ns.table_only:
+        if not collect_results(out):
+            raise RunnerError(
+                f"--table-only: no finished pair under {str(out)!r} (no runs/<task>/seed<k>/result.json); "
+                f"check --out (the folder a vtab run wrote)."
+            )
         records = write_tables(out, compare, header_lines=header)
         print(f"[vtab] {len(records)} finished pairs -> {out / 'results.md'}")
         return 0

@@ -34,12 +34,27 @@ class Slot:
     args: list[str] = field(default_factory=list)
 
 
+def cuda_device_count() -> int:
+    """CUDA devices this process can see (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def make_slots(gpus: str | None, jobs: int) -> list[Slot]:
     """One slot per CUDA device id in ``gpus`` (``"0,1"``), else ``jobs`` CPU slots."""
     if gpus:
         ids = [g.strip() for g in str(gpus).split(",") if g.strip()]
-        if not ids:
-            raise RunnerError("--gpus takes comma-separated CUDA device ids, e.g. --gpus 0,1.")
+        if not ids or not all(g.isdigit() for g in ids):
+            raise RunnerError(f"--gpus takes comma-separated CUDA device ids, e.g. --gpus 0,1 (got {gpus!r}).")
+        count = cuda_device_count()
+        missing = [g for g in ids if int(g) >= count]
+        if missing:
+            seen = f"{count} CUDA device(s) (ids 0-{count - 1})" if count else "no CUDA device"
+            raise RunnerError(
+                f"--gpus {gpus}: this machine has {seen}, so device(s) {','.join(missing)} do not exist; "
+                f"drop --gpus to run on the CPU (--jobs N for pairs side by side)."
+            )
         return [Slot(f"cuda:{g}", {"CUDA_VISIBLE_DEVICES": g}, ["--trainer.devices", "1"]) for g in ids]
     if jobs < 1:
         raise RunnerError("--jobs must be at least 1.")

@@ -1,0 +1,115 @@
+"""Helpers of the tests that run the console scripts as a user does (a new process each)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+
+# A tiny random ViT for recipes of methods that need a few blocks (fast to build and to run).
+TINY_MODEL = ("--model.init_args.model_name", "vit_tiny_patch16_224", "--model.init_args.pretrained", "false")
+
+
+def run(
+    *args: str, script: str = "petl-lightning", timeout: int = 600, env: dict | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
+    """A console script in a new process (its own process group: a timeout stops every process it
+    started, e.g. the other ranks of a two-process run)."""
+    exe = [str(BIN / script)] if script != "python" else [sys.executable, "-m", "petl_lightning"]
+    with subprocess.Popen(
+        [*exe, *args], cwd=cwd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def metric(output: str, name: str) -> float:
+    found = re.search(rf"{re.escape(name)}\W+([0-9.]+)", output)
+    assert found, f"{name} not in output:\n{output[-3000:]}"
+    return float(found.group(1))
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert re.search(pattern, proc.stderr), proc.stderr[-3000:]
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    """Exit status 2, and stderr is exactly one line, matching ``pattern``."""
+    assert_user_error(proc, pattern)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def tiny_task(root: Path, n: int = 12) -> Path:
+    """A 2-class task of ``n`` 32x32 images per list, with images that can be corrupted later."""
+    from PIL import Image
+
+    task = root / "tiny"
+    (task / "images").mkdir(parents=True)
+    for split in ("train800", "val200", "train800val200", "test"):
+        lines = []
+        for i in range(n):
+            Image.new("RGB", (32, 32), (i * 20 % 255, 0, 0)).save(task / "images" / f"{split}{i}.png")
+            lines.append(f"images/{split}{i}.png {i % 2}")
+        (task / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return task
+
+
+def tiny_args(root: Path, out: Path, recipe: str = "linear_probe") -> list[str]:
+    """A recipe on :func:`tiny_task` at 32 px with a random ViT-Ti of two blocks, one epoch, under ``out``."""
+    if recipe == "linear_probe":
+        extra = ["--model.init_args.cache_features", "false"]
+    else:
+        extra = ["--model.init_args.model_kwargs", "{depth: 2}"]
+    return [
+        "-c",
+        f"recipes/{recipe}.yaml",
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.task",
+        "tiny",
+        "--data.init_args.img_size",
+        "32",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.batch_size",
+        "4",
+        *TINY_MODEL,
+        *extra,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(out),
+    ]
+
+
+def tiny_fit(
+    root: Path, out: Path, *extra: str, env: dict | None = None, recipe: str = "linear_probe", timeout: int = 600
+) -> subprocess.CompletedProcess:
+    return run("fit", *tiny_args(root, out, recipe), *extra, env=env, timeout=timeout)
+
+
+def assert_one_line_and_nothing_written(proc: subprocess.CompletedProcess, pattern: str, out: Path) -> None:
+    assert_user_error(proc, pattern)
+    assert len([ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]) == 1
+    written = files_under(out)
+    assert not written, written
