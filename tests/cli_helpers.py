@@ -7,11 +7,20 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+# One torch thread per process: two test workers each running a console script would otherwise ask
+# this 2-core machine for four threads, and oversubscribed OpenMP threads run many times slower.
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "PYTHONWARNINGS": "ignore",
+    "OMP_NUM_THREADS": "1",
+}
 
 # A tiny random ViT for recipes of methods that need a few blocks (fast to build and to run).
 TINY_MODEL = ("--model.init_args.model_name", "vit_tiny_patch16_224", "--model.init_args.pretrained", "false")
@@ -113,3 +122,29 @@ def assert_one_line_and_nothing_written(proc: subprocess.CompletedProcess, patte
     assert len([ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]) == 1
     written = files_under(out)
     assert not written, written
+
+
+def fit_interrupted(args: list[str], run_dir: Path, cwd: Path, env: dict | None = None) -> int:
+    """Start ``fit``, press Ctrl-C (SIGINT) once the first epoch's checkpoint exists, wait for exit;
+    the global step of the checkpoint it left."""
+    import torch
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [str(BIN / "petl-lightning"), "fit", *args],
+        cwd=cwd,
+        env=env or ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"fit ended before it could be interrupted:\n{proc.communicate()[1][-3000:]}"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the interrupted fit should not report success"
+    assert last.is_file(), err[-3000:]
+    return int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])

@@ -120,7 +120,7 @@ def test_cli_links_the_models_backbone_into_the_normalisation(tmp_path: Path) ->
 
 def test_prepare_defers_the_checks_of_a_missing_task_to_setup(tmp_path: Path) -> None:
     dm = VTAB1kDataModule(str(tmp_path), "eurosat", prepare=True, num_workers=0)
-    assert dm.num_classes == 10 and dm.splits == {}
+    assert dm.num_classes == 10 and dm.sources == {}
     make_task(tmp_path, "eurosat", classes=10)  # as prepare_data would
     dm.prepare_data()  # the folder is there: nothing to build, tfds is not imported
     dm.setup("fit")

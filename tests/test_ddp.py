@@ -105,7 +105,7 @@ def calibrating_dyt() -> Any:
         num_classes=NUM_CLASSES,
         lr=1e-2,
         warmup_epochs=0.0,
-        agreement=0.9,
+        agreement=0.97,
         agreement_batches=AGREEMENT_BATCHES,
         **tiny,
     )

@@ -166,7 +166,8 @@ def test_dyn_adapter_batch_shrinking_equals_per_image_loop(family: str, base: st
         for bs in (1, 5, 12):
             outs = [m.infer(xb) for xb in x.split(bs)]
             assert torch.equal(torch.cat([o.exit_index for o in outs]), ref_exits), bs
-            torch.testing.assert_close(torch.cat([o.logits for o in outs]), ref_logits, atol=1e-5, rtol=1e-5)
+            # float32 sums in another order for another batch size: 1.1e-5 seen on CLIP's arc base
+            torch.testing.assert_close(torch.cat([o.logits for o in outs]), ref_logits, atol=3e-5, rtol=1e-5)
         blocks = m.vit.block_flops(torch.zeros(1, m.vit.depth, 0), norm=False)[0].cumsum(0)
         costs = m.exit_costs(norm=False).of(m.thresholds)[0] + blocks[[d - 1 for d in m.exit_depths]]
         res = m.infer(x)

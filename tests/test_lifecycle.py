@@ -12,16 +12,16 @@ import csv
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from cli_helpers import fit_interrupted
 
 pytestmark = pytest.mark.slow
 
@@ -135,29 +135,6 @@ def metric(output: str, name: str) -> float:
     return float(found.group(1))
 
 
-def fit_interrupted(args: list[str], run_dir: Path, cwd: Path) -> int:
-    """Start ``fit``, press Ctrl-C (SIGINT) once the first epoch's checkpoint exists, wait for exit;
-    the global step of the checkpoint it left."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [str(BIN / "petl-lightning"), "fit", *args],
-        cwd=cwd,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while not last_ckpt(run_dir).is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"fit ended before it could be interrupted:\n{proc.communicate()[1][-3000:]}"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0, "the interrupted fit should not report success"
-    assert last_ckpt(run_dir).is_file(), err[-3000:]
-    return int(torch.load(last_ckpt(run_dir), map_location="cpu", weights_only=True)["global_step"])
-
-
 @pytest.fixture(scope="module")
 def lifecycle(tmp_path_factory: pytest.TempPathFactory, digits_root: Path, tiny_weights: Path) -> Any:
     """Runs, per method and once per module: a straight fit, and an interrupted fit then resumed."""
@@ -169,7 +146,7 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory, digits_root: Path, tiny_
             straight, killed = base / "straight", base / "killed"
             cli("fit", *method_args(method, tiny_weights, digits_root, straight), cwd=base / "cwd_a")
             args = method_args(method, tiny_weights, digits_root, killed)
-            step = fit_interrupted(args, killed, base / "cwd_b")
+            step = fit_interrupted(args, killed, base / "cwd_b", env=ENV)
             cli("fit", *args, "--ckpt_path", "last", cwd=base / "cwd_c")
             cache[method] = {"straight": straight, "killed": killed, "base": base, "interrupted_at": step}
         return cache[method]

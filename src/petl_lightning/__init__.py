@@ -53,11 +53,18 @@ _EXPORTS = {
     "PredictionWriter": "petl_lightning.callbacks.predictions",
     "VTAB1kDataModule": "petl_lightning.data.vtab",
     "VTAB_TASKS": "petl_lightning.data.vtab",
+    "Augmentation": "petl_lightning.data.transforms",
+    "ImageClassificationDataModule": "petl_lightning.data.base",
+    "ImageFolderDataModule": "petl_lightning.data.folder",
+    "HFImageDataModule": "petl_lightning.data.hf",
+    "FGVCDataModule": "petl_lightning.data.fgvc",
+    "FGVC_TASKS": "petl_lightning.data.fgvc",
 }
 
 __all__ = [
     "adapt",
     "ARC",
+    "Augmentation",
     "ARCConfig",
     "AdaptedViT",
     "AdapterConfig",
@@ -73,9 +80,14 @@ __all__ = [
     "ExitConfig",
     "ExitCurveLogger",
     "ExitRateLogger",
+    "FGVCDataModule",
+    "FGVC_TASKS",
     "FlopsLogger",
     "FrozenViT",
     "FullFinetune",
+    "HFImageDataModule",
+    "ImageClassificationDataModule",
+    "ImageFolderDataModule",
     "ImageThroughputMonitor",
     "LinearProbe",
     "LoRAConfig",
@@ -116,6 +128,11 @@ if TYPE_CHECKING:
     from petl_lightning.callbacks.predictions import PredictionWriter
     from petl_lightning.callbacks.stats import ExitRateLogger, FlopsLogger
     from petl_lightning.callbacks.throughput import ImageThroughputMonitor
+    from petl_lightning.data.base import ImageClassificationDataModule
+    from petl_lightning.data.fgvc import FGVC_TASKS, FGVCDataModule
+    from petl_lightning.data.folder import ImageFolderDataModule
+    from petl_lightning.data.hf import HFImageDataModule
+    from petl_lightning.data.transforms import Augmentation
     from petl_lightning.data.vtab import VTAB_TASKS, VTAB1kDataModule
     from petl_lightning.errors import CheckpointError, ConfigError, DataError, MergeError, ModelNameError, PETLError
     from petl_lightning.methods.adapter.config import AdapterConfig

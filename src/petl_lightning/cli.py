@@ -79,7 +79,7 @@ class PETLCLI(LightningCLI):
         import petl_lightning
 
         petl_lightning.import_all()  # registers every class for short class_path names
-        from petl_lightning.data.vtab import VTAB1kDataModule
+        from petl_lightning.data.base import ImageClassificationDataModule
         from petl_lightning.tasks.classification import PETLModule
 
         # Lightning logs "Seed set to N" before the classes are built; a run refused while building
@@ -89,7 +89,7 @@ class PETLCLI(LightningCLI):
         self.ckpt_hparams: dict[str, Any] | None = None  # the --ckpt_path checkpoint's hyper-parameters
         self.given_model: Namespace | None = None  # the model config given, before Lightning reads the checkpoint
         kwargs.setdefault("model_class", PETLModule)
-        kwargs.setdefault("datamodule_class", VTAB1kDataModule)
+        kwargs.setdefault("datamodule_class", ImageClassificationDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", LoggerSaveConfig)

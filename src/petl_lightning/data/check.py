@@ -86,7 +86,7 @@ def expected_sizes(task: str) -> dict[str, int]:
 
 
 def _where(s: Sample) -> str:
-    return f"{s.list_file.name}:{s.line}"
+    return f"{s.list_file.name}:{s.line}" if s.list_file is not None else str(s.path)
 
 
 def _rel(s: Sample, task_dir: Path) -> str:

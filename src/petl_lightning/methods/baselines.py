@@ -18,7 +18,8 @@ class LinearProbe(PETLModule):
     Args:
         cache_features: remember each image's features (keyed by a hash of its pixels), so every
             epoch after the first costs only the head. Exact because the backbone is frozen and the
-            VTAB-1K transforms are deterministic; switched off automatically with drop-path.
+            VTAB-1K transforms are deterministic; switched off automatically with drop-path, augmentation
+            or mixing.
         **kwargs: :class:`PETLModule` arguments.
     """
 
@@ -26,6 +27,13 @@ class LinearProbe(PETLModule):
         super().__init__(**kwargs)
         self.cache_features = cache_features and self.hparams.drop_path_rate == 0
         self._feature_cache: dict[bytes, Tensor] = {}
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.cache_features and (self.mixer is not None or getattr(dm, "augmentation", None) is not None):
+            self.cache_features = False  # every augmented or mixed image is new: a cache would only grow
+            self._feature_cache.clear()
 
     @staticmethod
     def _key(image: Tensor) -> bytes:

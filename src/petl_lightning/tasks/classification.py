@@ -4,7 +4,8 @@ The module trains ``self.model``, a :class:`~petl_lightning.adapted.ViTClassifie
 and a linear head) that a method builds in :meth:`PETLModule.build_model`; the backbone is a
 :class:`~petl_lightning.backbone.FrozenViT` rebuilt from its source on load. The task adds the rest:
 cross-entropy (optional label smoothing), torchmetrics top-1, AdamW with warm-up and cosine
-(:mod:`.optimization`), adapter-only checkpoints that name their method (:mod:`.checkpoints`), and
+(:mod:`.optimization`), optional mixup/CutMix with its soft-target loss (:mod:`.mixing`),
+adapter-only checkpoints that name their method (:mod:`.checkpoints`), and
 the statistics contract: ``forward(x)`` returns ``(B, num_classes)`` logits in every mode and
 records nothing; ``infer(x)`` returns an :class:`~petl_lightning.stats.InferenceOutput` (logits
 and what executed), which the evaluation steps add to the statistics the module resets at each
@@ -33,6 +34,7 @@ from petl_lightning.errors import ConfigError, DataError
 from petl_lightning.flops import vit_flops
 from petl_lightning.stats import InferenceOutput, InferenceStats
 from petl_lightning.tasks import checkpoints
+from petl_lightning.tasks.mixing import ClassificationLoss, Mixing, mix_batch
 from petl_lightning.tasks.optimization import parameter_groups, schedule_length, warmup_cosine_adamw
 
 
@@ -52,7 +54,10 @@ class PETLModule(L.LightningModule):
         warmup_epochs: linear warm-up length in epochs (fractional allowed).
         warmup_lr / min_lr: learning rate at the start of warm-up / end of the cosine.
         scheduler_interval: ``"epoch"`` (as the official VTAB-1K scripts) or ``"step"``.
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing (with ``mixing``: in the mixed targets).
+        mixing: mixup/CutMix of training batches (:class:`~petl_lightning.tasks.mixing.Mixing`),
+            trained with the soft-target cross-entropy; None (default): no mixing. Training
+            accuracy is then measured against the unmixed labels.
         decay_norm_and_bias / decay_head: apply weight decay to 1-D parameters / head parameters
             (off by default).
         head_init: ``"default"`` (PyTorch's Linear init) or ``"zeros"``.
@@ -85,6 +90,7 @@ class PETLModule(L.LightningModule):
         decay_head: bool = False,
         head_init: Literal["default", "zeros"] = "default",
         init_seed: int = 0,
+        mixing: Mixing | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -105,7 +111,8 @@ class PETLModule(L.LightningModule):
             model_name, checkpoint_path, pretrained, img_size, drop_path_rate, model_kwargs, init_seed=init_seed
         )
         self.model = self.build_model(frozen)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.criterion = ClassificationLoss(label_smoothing)
+        self.mixer = mixing.mixer(num_classes, label_smoothing) if mixing is not None and mixing.active else None
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -164,7 +171,8 @@ class PETLModule(L.LightningModule):
         return self.model.infer(x)
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Loss, logits (for train accuracy) and extra terms to log. Override for extra losses."""
+        """Loss, logits (for train accuracy) and extra terms to log. Override for extra losses.
+        ``y``: class indices (B,), or soft targets (B, K) under mixing; ``self.criterion`` takes both."""
         logits = self(x)
         return self.criterion(logits, y), logits, {}
 
@@ -225,7 +233,8 @@ class PETLModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         self.check_labels(y)
-        loss, logits, terms = self.training_loss(x, y)
+        x, target = mix_batch(self.mixer, x, y) if self.mixer is not None else (x, y)
+        loss, logits, terms = self.training_loss(x, target)
         self.train_acc(logits.detach(), y)
         bs = x.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)

@@ -1,9 +1,12 @@
-"""``petl-lightning vtab``: run one recipe on many VTAB-1K tasks and write the results table.
+"""``petl-lightning vtab``: run one recipe on many VTAB-1K (or FGVC) tasks and write the results table.
 
     petl-lightning vtab -c recipes/repadapter.yaml --data.root /path/vtab-1k \\
         [--tasks all|natural|specialized|structured|present|cifar,dtd] [--seeds 0 1 2] \\
         [--out runs/vtab/repadapter] [--gpus 0,1] [--compare RepAdapter] [--wandb] \\
         [any PETLCLI argument, e.g. --trainer.max_epochs 10]
+
+The recipe's data class picks the suite (:mod:`~petl_lightning.vtab.suites`): an ``FGVCDataModule``
+recipe (``recipes/fgvc/``) runs the five FGVC tasks (``--tasks all|fgvc|present|cub,nabirds``).
 
 Each (task, seed) is fit then tested with the recipe, the task's settings and the user's extra
 arguments (the method's per-task hyper-parameters come from its ``task_overrides`` hook, applied by
@@ -12,7 +15,7 @@ finished when ``<out>/runs/<task>/seed<k>/result.json`` exists; a re-run skips i
 interrupted pair resumes from its ``checkpoints/last.ckpt``. After every pair ``results.csv`` and
 ``results.md`` are rewritten from all finished pairs. Modules: ``plan`` (what to run), ``run``
 (one pair), ``launch`` (processes, slots, the output lock), ``report`` (tables), ``reference``
-(the papers' numbers).
+(the papers' numbers), ``suites`` (VTAB-1K and FGVC).
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ from petl_lightning.vtab.launch import Launcher, execute, make_slots, output_loc
 from petl_lightning.vtab.plan import TaskRun, plan_runs
 from petl_lightning.vtab.report import collect_results, log_to_wandb, write_tables
 from petl_lightning.vtab.run import atomic_write
+from petl_lightning.vtab.suites import suite_named
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="petl-lightning vtab",
         allow_abbrev=False,
-        description="Run a recipe on VTAB-1K tasks (resumable) and write results.csv / results.md. "
+        description="Run a recipe on VTAB-1K tasks, or FGVC tasks for an FGVCDataModule recipe (resumable), and "
+        "write results.csv / results.md. "
         "Any other --key value argument is passed to the Lightning CLI of every run.",
     )
     p.add_argument("-c", "--config", action="append", default=[], help="recipe YAML (repeatable)")
@@ -43,13 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data.init_args.root",
         dest="root",
         default=None,
-        help="VTAB-1K root holding the task folders (default: the recipe's data.root)",
+        help="data root holding the task folders (default: the recipe's data.root)",
     )
     p.add_argument(
         "--tasks",
         nargs="+",
         default=["all"],
-        help="all | natural | specialized | structured | present | names (comma/space separated)",
+        help="all | natural | specialized | structured (VTAB-1K) | fgvc (FGVC) | present | names "
+        "(comma/space separated); all = the recipe's suite",
     )
     p.add_argument(
         "--seeds",
@@ -58,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seeds to run per task (default: the recipe's seed_everything, else 0)",
     )
-    p.add_argument("--out", default=None, help="output folder (default: runs/vtab/<recipe name>)")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: runs/vtab/<recipe name>; runs/fgvc/<recipe name> for FGVC)"
+    )
     p.add_argument(
         "--launcher",
         choices=["subprocess", "inprocess"],
@@ -120,6 +128,7 @@ def vtab_main(argv: Sequence[str]) -> int:
 
 def _main(ns: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     runs, out, info = plan_runs(ns.config, extra, ns.tasks, ns.seeds, ns.out, ns.root, resolve=not ns.table_only)
+    suite = suite_named(info["suite"])
     slots = make_slots(ns.gpus, ns.jobs)
     if len(slots) > 1 and ns.launcher == "inprocess":
         raise RunnerError("--launcher inprocess runs one pair at a time; drop --gpus/--jobs or use subprocess.")
@@ -139,7 +148,7 @@ def _main(ns: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
                 f"--table-only: no finished pair under {str(out)!r} (no runs/<task>/seed<k>/result.json); "
                 f"check --out (the folder a vtab run wrote)."
             )
-        records = write_tables(out, compare, header_lines=header)
+        records = write_tables(out, compare, header_lines=header, suite=suite)
         print(f"[vtab] {len(records)} finished pairs -> {out / 'results.md'}")
         return 0
     if ns.dry_run:
@@ -168,11 +177,17 @@ def _execute(
     )
     failed: dict[str, str] = {}
     pending = {r.label for r in todo}
+    suite = suite_named(info["suite"])
     done_count = [skipped]
 
     def tables() -> list[dict]:
         return write_tables(
-            out, compare, header_lines=header, pending=sorted(pending), failed=[f"{k}: {v}" for k, v in failed.items()]
+            out,
+            compare,
+            header_lines=header,
+            pending=sorted(pending),
+            failed=[f"{k}: {v}" for k, v in failed.items()],
+            suite=suite,
         )
 
     def on_done(run: TaskRun, ok: bool, msg: str) -> None:
@@ -204,7 +219,7 @@ def _execute(
         flush=True,
     )
     if ns.wandb and records:
-        log_to_wandb(records, ns.wandb_project, ns.wandb_name, out)
+        log_to_wandb(records, ns.wandb_project, ns.wandb_name, out, suite)
     if failed:
         print(
             f"[vtab] {len(failed)} pair(s) failed; fix and re-run the same command to finish them (finished pairs "

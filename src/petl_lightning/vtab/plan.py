@@ -1,8 +1,9 @@
-"""Planning a VTAB-1K run: which tasks and seeds, where each pair lives, and its CLI arguments.
+"""Planning a benchmark run: which tasks and seeds, where each pair lives, and its CLI arguments.
 
 The recipe is read by the CLI's own parser (:func:`parse_fit_config`), so the runner sees exactly
 the configuration ``petl-lightning fit`` would build, per-task hyper-parameters included (the
-method's ``task_overrides`` hook, applied by the CLI).
+method's ``task_overrides`` hook, applied by the CLI); its data class picks the suite (VTAB-1K or
+FGVC, :mod:`~petl_lightning.vtab.suites`) whose tasks ``--tasks`` selects.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from petl_lightning.data.vtab import GROUPS, LIST_FILES, VTAB_TASKS
 from petl_lightning.errors import RunnerError
+from petl_lightning.vtab import suites
+from petl_lightning.vtab.suites import VTAB, Suite
 
 RESULT_FILE = "result.json"
 RESERVED = ("--data.init_args.task", "--data.task", "--seed_everything", "--trainer.default_root_dir")
@@ -34,8 +36,7 @@ class TaskRun:
 
     @property
     def group(self) -> str:
-        info = VTAB_TASKS.get(self.task)
-        return info.group if info else "custom"
+        return suites.group_of(self.task)
 
     @property
     def result_path(self) -> Path:
@@ -57,60 +58,64 @@ class TaskRun:
 
 
 def task_order(task: str) -> tuple[int, str]:
-    """Sort key: the 19 tasks in the papers' order, then custom tasks by name."""
-    names = list(VTAB_TASKS)
-    return (names.index(task), "") if task in VTAB_TASKS else (len(names), task)
+    """Sort key: each suite's tasks in the papers' order (VTAB-1K's 19 first), then custom tasks by name."""
+    return suites.task_order(task)
 
 
-def present_tasks(root: Path) -> list[str]:
-    """Task folders under ``root`` that hold VTAB-1K list files (VTAB ones first, in order)."""
+def present_tasks(root: Path, suite: Suite = VTAB) -> list[str]:
+    """Task folders under ``root`` that hold the suite's split files (its own tasks first, in order)."""
     if not root.is_dir():
         return []
-    found = [p.name for p in root.iterdir() if p.is_dir() and any((p / f).is_file() for f in LIST_FILES)]
-    return sorted(found, key=task_order)
+    return sorted((p.name for p in root.iterdir() if suite.is_task_dir(p)), key=task_order)
 
 
-def resolve_tasks(specs: Sequence[str], root: Path | None) -> list[str]:
+def resolve_tasks(specs: Sequence[str], root: Path | None, suite: Suite = VTAB) -> list[str]:
     """Expand ``all`` / a group name / ``present`` / task names (comma or space separated).
 
-    Every named task must be a VTAB-1K task or a folder under ``root``; with a known root, every
-    selected task's folder must exist (so a typo fails now, not after hours of training).
+    Every named task must be one of the suite's tasks or (where its layout takes custom tasks) a
+    folder under ``root``; with a known root, every selected task's folder must exist (so a typo
+    fails now, not after hours of training).
     """
     items = [s.strip() for spec in specs for s in spec.split(",") if s.strip()]
+    choices = ", ".join(["all", *suite.groups])
     if not items:
-        raise RunnerError("--tasks is empty; pass all, natural, specialized, structured, present or task names.")
+        raise RunnerError(f"--tasks is empty; pass {choices}, present or task names.")
     tasks: list[str] = []
     for item in items:
         if item == "all":
-            tasks += list(VTAB_TASKS)
-        elif item in GROUPS:
-            tasks += [t.name for t in VTAB_TASKS.values() if t.group == item]
+            tasks += list(suite.tasks)
+        elif item in suite.groups:
+            tasks += suite.tasks_in(item)
         elif item == "present":
-            found = present_tasks(root) if root is not None else []
+            found = present_tasks(root, suite) if root is not None else []
             if not found:
-                raise RunnerError(f"--tasks present: no task folders with list files under {str(root)!r}.")
+                files = "list files" if suite.custom_tasks else "split files"
+                raise RunnerError(f"--tasks present: no task folders with {files} under {str(root)!r}.")
             tasks += found
-        elif item in VTAB_TASKS or (root is not None and (root / item).is_dir()):
+        elif item in suite.tasks or (suite.custom_tasks and root is not None and (root / item).is_dir()):
             tasks.append(item)
         else:
-            here = present_tasks(root) if root is not None else []
-            close = difflib.get_close_matches(item, [*VTAB_TASKS, *here, "all", *GROUPS], n=3)
+            here = present_tasks(root, suite) if root is not None else []
+            close = difflib.get_close_matches(
+                item, list(dict.fromkeys([*suite.tasks, *here, "all", *suite.groups])), n=3
+            )
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            what = "task, group or folder of the data root" if suite.custom_tasks else "task or group"
             raise RunnerError(
-                f"Unknown task {item!r}: not a VTAB-1K task, group or folder of the data root.{hint} "
-                f"Use all, natural, specialized, structured, present, or names like cifar,dtd."
+                f"Unknown task {item!r}: not {suite.a_name} {what}.{hint} "
+                f"Use {choices}, present, or names like {suite.example}."
             )
     tasks = list(dict.fromkeys(tasks))
     if root is not None:
         if not root.is_dir():
             raise RunnerError(
-                f"Data root {str(root)!r} does not exist. Pass --data.root, the folder holding cifar/, dtd/, ..."
+                f"Data root {str(root)!r} does not exist. Pass --data.root, the folder holding {suite.root_hint}"
             )
         missing = [t for t in tasks if not (root / t).is_dir()]
         if missing:
             raise RunnerError(
                 f"Task folder(s) missing under {str(root)!r}: {', '.join(missing)}. The root holds: "
-                f"{', '.join(present_tasks(root)) or '(no task folders)'}. Choose --tasks among those "
+                f"{', '.join(present_tasks(root, suite)) or '(no task folders)'}. Choose --tasks among those "
                 f"(or --tasks present)."
             )
     return tasks
@@ -177,16 +182,19 @@ def plan_runs(
     recipe_args = [a for c in configs for a in ("--config", c)]
     root_args = ["--data.init_args.root", root] if root else []
     config = parse_fit_config([*recipe_args, *root_args, *extra])
+    suite = suites.suite_for(config.get("data", {}).get("class_path"))
     root_str = config.get("data", {}).get("init_args", {}).get("root")
     if not root_str:
-        raise RunnerError("No data root: pass --data.root /path/vtab-1k (the folder holding cifar/, dtd/, ...).")
+        raise RunnerError(
+            f"No data root: pass --data.root {suite.root_example} (the folder holding {suite.root_hint})."
+        )
     data_root = Path(root_str).expanduser().resolve()
-    tasks = resolve_tasks(task_specs, data_root) if resolve else []
+    tasks = resolve_tasks(task_specs, data_root, suite) if resolve else []
     if seeds is None:
         s = config.get("seed_everything")
         seeds = [int(s)] if isinstance(s, int) and not isinstance(s, bool) else [0]
     seeds = list(dict.fromkeys(seeds))
-    out_dir = (Path(out) if out else Path("runs") / "vtab" / Path(configs[-1]).stem).expanduser().resolve()
+    out_dir = (Path(out) if out else Path("runs") / suite.key / Path(configs[-1]).stem).expanduser().resolve()
     for key in ("task", "seed"):
         config["data"]["init_args"].pop(key, None)
     config.pop("seed_everything", None)
@@ -212,6 +220,7 @@ def plan_runs(
             ]
             runs.append(TaskRun(task, seed, run_dir, args, fp))
     info = {
+        "suite": suite.name,
         "root": str(data_root),
         "tasks": tasks,
         "seeds": seeds,

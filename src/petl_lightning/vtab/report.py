@@ -1,6 +1,7 @@
-"""The VTAB-1K results: ``results.csv`` (one row per pair) and ``results.md`` (per-task means ± std
-over seeds, group means, the group mean and the 19-task mean beside the papers' numbers), rebuilt
-atomically from every finished pair's ``result.json``; and the same table sent to W&B."""
+"""A benchmark run's results: ``results.csv`` (one row per pair) and ``results.md`` (per-task means ±
+std over seeds and the suite's summary, e.g. VTAB-1K's group means, the group mean and the 19-task
+mean, or the FGVC mean, beside the papers' numbers), rebuilt atomically from every finished pair's
+``result.json``; and the same table sent to W&B."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from petl_lightning.data.vtab import GROUPS, VTAB_TASKS
 from petl_lightning.vtab.plan import RESULT_FILE, task_order
 from petl_lightning.vtab.run import atomic_write
+from petl_lightning.vtab.suites import VTAB, Suite, group_of
 
 CSV_COLUMNS = [
     "task",
@@ -115,7 +116,7 @@ def summarize_tasks(records: Sequence[dict[str, Any]]) -> list[TaskSummary]:
         out.append(
             TaskSummary(
                 task=task,
-                group=rs[0].get("group", VTAB_TASKS[task].group if task in VTAB_TASKS else "custom"),
+                group=rs[0].get("group", group_of(task)),
                 accs=[float(r["acc"]) for r in rs],
                 seeds=[int(r["seed"]) for r in rs],
                 trainable_params=statistics.fmean(r.get("trainable_params", 0) for r in rs),
@@ -142,14 +143,12 @@ def _params_m(n: float) -> str:
     return f"{n / 1e6:.3f}"
 
 
-def default_references(records: Sequence[dict[str, Any]]) -> list[str]:
+def default_references(records: Sequence[dict[str, Any]], suite: Suite = VTAB) -> list[str]:
     """The papers' row matching the trained method (by class name and its hyper-parameters)."""
-    from petl_lightning.vtab.reference import reference_for_module
-
     if not records:
         return []
     r = records[0]
-    name = reference_for_module(r.get("method", ""), r.get("hparams", {}))
+    name = suite.reference_for_module(r.get("method", ""), r.get("hparams", {}))
     return [name] if name else []
 
 
@@ -161,29 +160,29 @@ def render_markdown(
     pending: Sequence[str] = (),
     failed: Sequence[str] = (),
     note_missing_reference: bool = True,
+    suite: Suite = VTAB,
 ) -> str:
-    """``results.md``: summary (group means, group mean, 19-task mean vs the papers), per-task table,
-    the papers' 19-column layout, and what is still missing."""
-    from petl_lightning.vtab.reference import SHORT_NAMES, format_delta, paper_table, reference, summarize
+    """``results.md``: the suite's summary (e.g. VTAB-1K's group means, group mean, 19-task mean) vs
+    the papers, per-task table, the papers' layout, and what is still missing."""
+    from petl_lightning.vtab.reference import format_delta
 
     tasks = summarize_tasks(records)
     method = records[0].get("method", "?") if records else "?"
-    refs = [reference(n) for n in references]
-    refs = [r for r in refs if r.per_task is not None]
+    found = [suite.reference(n) for n in references]
+    refs = [r for r in found if r is not None and r.per_task is not None]
     dynamic = any((s.keep_rate < 0.9999) or (len(s.exit_share) > 1) for s in tasks)
     ours = {s.task: s.mean for s in tasks}
-    summ = summarize(ours)
-    lines = [f"# VTAB-1K results: {title or method}", ""]
+    summ = suite.summary(ours)
+    lines = [f"# {suite.name} results: {title or method}", ""]
     lines += [f"- {h}" for h in header_lines]
     seeds = sorted({seed for s in tasks for seed in s.seeds})
-    n_vtab = sum(1 for s in tasks if s.task in VTAB_TASKS)
+    n_suite = sum(1 for s in tasks if s.task in suite.tasks)
     lines += [
         f"- Method: `{method}`; backbone `{records[0].get('model_name', '?') if records else '?'}`; "
         f"seeds: {', '.join(map(str, seeds)) or '-'}; finished pairs: {len(records)}; "
-        f"VTAB-1K tasks: {n_vtab}/19; custom tasks: {len(tasks) - n_vtab}.",
+        f"{suite.name} tasks: {n_suite}/{len(suite.tasks)}; custom tasks: {len(tasks) - n_suite}.",
         "- Accuracy: top-1 % on the task's test list; ± is the sample standard deviation over seeds. "
-        "Group mean = mean of the Natural, Specialized and Structured means (VPT/NOAH/RepAdapter/DyT "
-        'convention); 19-task mean = mean over all tasks (ARC\'s "Mean Total"). Custom tasks are not in any mean.',
+        + suite.mean_note,
         "",
         "## Summary",
         "",
@@ -192,27 +191,11 @@ def render_markdown(
     if refs:
         head.append(f"Δ vs {refs[0].name}")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ref_summ = [summarize(r.per_task or {}) for r in refs]
-    labels = {
-        "natural": "Natural mean",
-        "specialized": "Specialized mean",
-        "structured": "Structured mean",
-        "group_mean": "Group mean (mean of 3 group means)",
-        "mean19": "19-task mean",
-    }
-    for key, label in labels.items():
-        if summ[key] is None:
-            k, n = summ["counts"]["all" if key in ("mean19", "group_mean") else key]
-            if key == "group_mean":
-                done = sum(1 for g in GROUPS if summ[g] is not None)
-                cell = f"n/a ({done}/3 groups complete)"
-            else:
-                cell = f"n/a ({k}/{n} tasks)"
-        else:
-            cell = f"{summ[key]:.2f}"
-        row = [label, cell, *[_fmt(rs[key]) for rs in ref_summ]]
+    ref_summ = [suite.summary(r.per_task or {}) for r in refs]
+    for i, mine in enumerate(summ):
+        row = [mine.label, mine.cell, *[_fmt(rs[i].value) for rs in ref_summ]]
         if refs:
-            row.append(format_delta(summ[key], ref_summ[0][key], 2))
+            row.append(format_delta(mine.value, ref_summ[0][i].value, 2))
         lines.append("| " + " | ".join(row) + " |")
     if tasks:
         tp = statistics.fmean(s.trainable_params for s in tasks)
@@ -283,13 +266,13 @@ def render_markdown(
             row += [_fmt(s.keep_rate, 3), " / ".join(f"{v:.2f}" for v in s.exit_share)]
         row.append(f"{s.wall_s / 60:.1f}")
         lines.append("| " + " | ".join(row) + " |")
-    vtab_only = {t: a for t, a in ours.items() if t in VTAB_TASKS}
-    if vtab_only:
+    in_suite = {t: a for t, a in ours.items() if t in suite.tasks}
+    if in_suite:
         lines += ["", "## Paper layout", ""]
-        rows: dict[str, dict[str, float]] = {"ours": vtab_only}
+        rows: dict[str, dict[str, float]] = {"ours": in_suite}
         for r in refs:
             rows[f"{r.name} (paper)"] = r.per_task or {}
-        table = paper_table(rows)
+        table = suite.paper_table(rows)
         if refs:
             ref_tasks = refs[0].per_task or {}
             delta = (
@@ -297,17 +280,15 @@ def render_markdown(
                 + refs[0].name
                 + " | "
                 + " | ".join(
-                    format_delta(vtab_only.get(t), ref_tasks.get(t)) if t in vtab_only else "-" for t in VTAB_TASKS
+                    format_delta(in_suite.get(t), ref_tasks.get(t)) if t in in_suite else "-" for t in suite.tasks
                 )
             )
             rs0 = ref_summ[0]
-            delta += (
-                " | " + " | ".join(format_delta(summ[k], rs0[k], 2) for k in (*GROUPS, "group_mean", "mean19")) + " |"
-            )
+            delta += " | " + " | ".join(format_delta(m.value, r.value, 2) for m, r in zip(summ, rs0)) + " |"
             table += "\n" + delta
         lines.append(table)
         lines.append("")
-        lines.append("Columns: " + ", ".join(f"{v} = {k}" for k, v in SHORT_NAMES.items()) + ".")
+        lines.append("Columns: " + ", ".join(f"{v} = {k}" for k, v in suite.columns.items()) + ".")
     if pending or failed:
         lines += ["", "## Not finished", ""]
         lines += [f"- failed: {f}" for f in failed]
@@ -322,33 +303,36 @@ def write_tables(
     header_lines: Sequence[str] = (),
     pending: Sequence[str] = (),
     failed: Sequence[str] = (),
+    suite: Suite = VTAB,
 ) -> list[dict[str, Any]]:
     """Rewrite ``results.csv`` and ``results.md`` from every finished pair under ``out``."""
     records = collect_results(out)
-    refs = default_references(records) if references is None else list(references)
+    refs = default_references(records, suite) if references is None else list(references)
     write_csv(records, out / "results.csv")
     atomic_write(
         out / "results.md",
-        render_markdown(records, refs, title, header_lines, pending, failed, note_missing_reference=references is None),
+        render_markdown(
+            records, refs, title, header_lines, pending, failed, note_missing_reference=references is None, suite=suite
+        ),
     )
     return records
 
 
-def log_to_wandb(records: Sequence[dict[str, Any]], project: str, name: str | None, out: Path) -> None:
+def log_to_wandb(
+    records: Sequence[dict[str, Any]], project: str, name: str | None, out: Path, suite: Suite = VTAB
+) -> None:
     """Send the per-pair table, the per-task means and the summary means to a W&B run."""
-    from petl_lightning.vtab.reference import summarize
-
     try:
         import wandb
     except ImportError:
         print("[vtab] --wandb: wandb is not installed; skipping (pip install wandb).", file=sys.stderr)
         return
     tasks = summarize_tasks(records)
-    summ = summarize({s.task: s.mean for s in tasks})
+    summ = suite.summary({s.task: s.mean for s in tasks})
     run = wandb.init(
         project=project,
         name=name,
-        job_type="vtab-summary",
+        job_type=f"{suite.key}-summary",
         dir=str(out),
         config={
             "method": records[0].get("method") if records else None,
@@ -358,9 +342,9 @@ def log_to_wandb(records: Sequence[dict[str, Any]], project: str, name: str | No
     table = wandb.Table(columns=[c for c in CSV_COLUMNS if c != "exit_share"])
     for r in records:
         table.add_data(*[r.get(c) for c in CSV_COLUMNS if c != "exit_share"])
-    run.log({"vtab/results": table})
-    scalars = {f"vtab/acc/{s.task}": s.mean for s in tasks}
-    scalars.update({f"vtab/{k}": v for k, v in summ.items() if k != "counts" and v is not None})
+    run.log({f"{suite.key}/results": table})
+    scalars = {f"{suite.key}/acc/{s.task}": s.mean for s in tasks}
+    scalars.update({f"{suite.key}/{m.key}": m.value for m in summ if m.value is not None})
     run.summary.update(scalars)
     run.finish()
 
