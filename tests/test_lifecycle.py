@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,20 +19,11 @@ from typing import Any
 import pytest
 import torch
 
-from cli_helpers import fit_interrupted
+from cli_helpers import BIN, ENV, ROOT, fit_interrupted
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-BIN = Path(sys.executable).parent
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "PYTHONWARNINGS": "ignore",
-    "OMP_NUM_THREADS": "1",
-}
 METHODS = ("linear_probe", "repadapter", "arc", "dyt", "dyn_adapter", "dyn_adapter_dyt")
 EPOCHS = 3
 
