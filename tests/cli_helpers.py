@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # One torch thread per process: two test workers each running a console script would otherwise ask
 # this 2-core machine for four threads, and oversubscribed OpenMP threads run many times slower.
+# Nor may a script inherit the PL_GLOBAL_SEED an earlier in-process test's seed_everything left here.
 ENV = {
-    **os.environ,
+    **{k: v for k, v in os.environ.items() if k not in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")},
     "HF_HUB_OFFLINE": "1",
     "WANDB_MODE": "disabled",
     "PYTHONWARNINGS": "ignore",

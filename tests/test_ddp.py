@@ -105,7 +105,7 @@ def calibrating_dyt() -> Any:
         num_classes=NUM_CLASSES,
         lr=1e-2,
         warmup_epochs=0.0,
-        agreement=0.97,
+        agreement=0.9,
         agreement_batches=AGREEMENT_BATCHES,
         **tiny,
     )
@@ -160,8 +160,8 @@ def _close(a: float, b: float) -> bool:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("ddp") / "ddp.json"
-    env = {
-        **os.environ,
+    env = {  # without the seed an earlier test's seed_everything left here: Lightning would reseed every rank with it
+        **{k: v for k, v in os.environ.items() if k not in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")},
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "disabled",
         "OMP_NUM_THREADS": "1",
