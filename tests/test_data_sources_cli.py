@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,6 @@ def tiny(recipe: str, out: Path, *data: str) -> list[str]:
     """``recipe`` on a random two-block ViT-Ti at 32 px, one epoch, batch 50, under ``out``."""
     extra = {
         "dyn_adapter": DYN_ADAPTER,
-        "dyn_adapter_dyt": DYN_ADAPTER,
         "linear_probe": (),
     }.get(recipe, ())
     return [
@@ -93,15 +93,8 @@ def test_an_image_folder_trains_as_the_list_layout_of_the_same_images(
     """Same images, same order, same seed: the same test accuracy from both layouts."""
     lists = ("--data.init_args.root", str(twins["lists"]), "--data.init_args.task", "dtd10")
     from_lists = fit_then_test(tiny(recipe, tmp_path / "lists", *lists))
-    folder = tiny(recipe, tmp_path / "folder", *folder_args(twins["folder"]))
-    from_folder = fit_then_test(folder)
+    from_folder = fit_then_test(tiny(recipe, tmp_path / "folder", *folder_args(twins["folder"])))
     assert from_folder == pytest.approx(from_lists, abs=1e-6)
-    predict = run("predict", *folder, "--ckpt_path", "last", timeout=300)
-    assert predict.returncode == 0, predict.stderr[-3000:]
-    with open(tmp_path / "folder" / "predictions" / "test.csv") as f:
-        rows = list(csv.DictReader(f))
-    correct = sum(Path(r["path"]).parent.name == r["class_name"] for r in rows)
-    assert len(rows) == 200 and correct / 200 == pytest.approx(from_folder, abs=1e-6)  # predict agrees with test
     a = torch.load(tmp_path / "lists" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "folder" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     for key, value in a["state_dict"].items():
@@ -109,7 +102,7 @@ def test_an_image_folder_trains_as_the_list_layout_of_the_same_images(
             torch.testing.assert_close(b["state_dict"][key], value, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("recipe", ["arc", "dyn_adapter", "dyn_adapter_dyt", "linear_probe"])
+@pytest.mark.parametrize("recipe", ["arc", "dyn_adapter", "linear_probe"])
 def test_every_recipe_fits_tests_and_predicts_an_image_folder(
     recipe: str, twins: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -199,7 +192,10 @@ def test_bad_own_data_is_one_line_with_nothing_written(twins: dict[str, Path], t
                 r"has no column 'labels'; its columns are image, label. Pass --data.init_args.label_column",
             )
         )
-    for i, (data, message) in enumerate(cases):
-        out = tmp_path / f"out{i}"
-        proc = run("fit", *tiny("repadapter", out, *data), timeout=300)
+    outs = [tmp_path / f"out{i}" for i in range(len(cases))]
+    with ThreadPoolExecutor(3) as pool:  # each refusal is mostly start-up: three at a time
+        procs = list(
+            pool.map(lambda i: run("fit", *tiny("repadapter", outs[i], *cases[i][0]), timeout=300), range(len(cases)))
+        )
+    for proc, out, (_, message) in zip(procs, outs, cases):
         assert_one_line_and_nothing_written(proc, message, out)
