@@ -103,9 +103,11 @@ class FileSource:
                     return f"{s.describe()} is corrupt or not an image ({err})."
             return None
 
-        workers = min(16, 4 * (os.cpu_count() or 1))
-        with ThreadPoolExecutor(workers) if len(self.samples) > 1000 else _Serial() as pool:
-            results = list(pool.map(problem, self.samples))
+        if len(self.samples) > 1000:  # stat calls wait on the disk: threads overlap them
+            with ThreadPoolExecutor(min(16, 4 * (os.cpu_count() or 1))) as pool:
+                results = list(pool.map(problem, self.samples))
+        else:
+            results = [problem(s) for s in self.samples]
         for r in results:
             if r is not None and r != "skipped":
                 raise DataError(r)
@@ -115,19 +117,6 @@ class FileSource:
                 f"Checked {len(results) - skipped} of {len(results)} images in the {budget_s:g} s check budget; "
                 f"the rest are checked as they load (raise check_budget to check them all up front)."
             )
-
-
-class _Serial:
-    """``map`` in this thread (small sources: a thread pool costs more than it saves)."""
-
-    def __enter__(self) -> _Serial:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
-        return map(fn, items)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
