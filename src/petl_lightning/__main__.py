@@ -2,7 +2,8 @@
 
 ``fit|validate|test|predict`` run the Lightning CLI (:class:`~petl_lightning.cli.PETLCLI`); ``vtab``
 runs a recipe on many VTAB-1K tasks; ``vtab-prepare`` / ``vtab-check`` build / verify VTAB-1K task
-folders; ``export`` turns a checkpoint into a deployable file. Every user mistake prints one line and
+folders; ``export`` turns a checkpoint into a deployable file; ``serve`` serves many tasks' checkpoints
+over one backbone. Every user mistake prints one line and
 exits with status 2.
 """
 
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         from petl_lightning.export import export_main
 
         sys.exit(export_main(args[1:]))
+    if args and args[0] == "serve":
+        from petl_lightning.serve.command import serve_main
+
+        sys.exit(serve_main(args[1:]))
     if args and args[0] == "vtab-check":
         from petl_lightning.data.check import check_main
 

@@ -5,7 +5,9 @@
   tokens, and ``merged()``: the frozen layer with the adapter folded in, or a :class:`MergeError`
   saying why it cannot fold.
 - :class:`AdaptedLinear`: an adapter that wraps a frozen ``nn.Linear`` (``base_layer``), so a timm
-  block whose ``attn.qkv`` or ``mlp.fc1`` is wrapped runs timm's own ``forward`` unchanged.
+  block whose ``attn.qkv`` or ``mlp.fc1`` is wrapped runs timm's own ``forward`` unchanged. It
+  changes the Linear's input (``adapt_input``: RepAdapter, ARC) or adds to its output
+  (``output_update``: LoRA), so several tasks' adapters can share one call of the frozen Linear.
 - :func:`wrap_linears`: a copy of a block with some Linears wrapped; the block itself is not touched
   and every tensor stays shared. :func:`merge_adapter_layers`: PEFT's ``merge_and_unload`` walk.
 """
@@ -54,6 +56,19 @@ class AdaptedLinear(AdapterLayer):
     @property
     def in_features(self) -> int:
         return self.base_layer.in_features
+
+    def adapt_input(self, x: Tensor) -> Tensor:
+        """What the frozen Linear reads instead of ``x`` (here ``x`` itself)."""
+        return x
+
+    def output_update(self, x: Tensor) -> Tensor | None:
+        """What is added to the frozen Linear's output on ``x`` (None: nothing)."""
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(self.adapt_input(x))
+        update = self.output_update(x)
+        return y if update is None else y + update
 
     @property
     def out_features(self) -> int:

@@ -13,8 +13,6 @@ wrapped Linear exactly.
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 from torch import Tensor, nn
 
@@ -71,9 +69,6 @@ class ARCLinear(AdaptedLinear):
         """The adapter's map ``A(x)`` of the Linear's input."""
         u = self.basis.weight
         return x + self.dropout(x @ (u * self.coeff)) @ u.T + self.bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        return cast(Tensor, self.base_layer(self.adapt_input(x)))
 
     def affine(self) -> tuple[Tensor, Tensor]:
         """``(M, c)`` in fp32 with ``adapt_input(x) == x @ M.T + c`` in eval mode:

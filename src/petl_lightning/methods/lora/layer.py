@@ -12,7 +12,6 @@ is linear: :meth:`~petl_lightning.layers.wrapper.AdaptedLinear.merged` folds it 
 from __future__ import annotations
 
 import math
-from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -45,9 +44,9 @@ class LoRALinear(AdaptedLinear):
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, adapter_dim))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
-    def forward(self, x: Tensor) -> Tensor:
-        update = (self.dropout(x) @ self.lora_a.T) @ self.lora_b.T
-        return cast(Tensor, self.base_layer(x)) + self.scale * update
+    def output_update(self, x: Tensor) -> Tensor:
+        """``scale * B A dropout(x)``, added to the frozen Linear's output."""
+        return self.scale * ((self.dropout(x) @ self.lora_a.T) @ self.lora_b.T)
 
     def delta_weight(self) -> Tensor:
         """The dense update ``scale * B A`` (``out x in``, fp32)."""

@@ -92,9 +92,6 @@ class RepAdapterLinear(AdaptedLinear):
         """The adapter's map ``A(x)`` of the Linear's input."""
         return x + self.scale * self.up(self.dropout(self.down(x)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return cast(Tensor, self.base_layer(self.adapt_input(x)))
-
     def affine(self) -> tuple[Tensor, Tensor]:
         """``(M, c)`` in fp32 with ``adapt_input(x) == x @ M.T + c`` in eval mode:
         ``M = I + s * W_B W_A`` and ``c = s * (W_B b_A + b_B)`` (``W_B`` densified)."""

@@ -1,0 +1,1 @@
+"""Serving many tasks from one frozen backbone: ``petl-lightning serve`` on LitServe (the ``[serve]`` extra)."""

@@ -1,0 +1,149 @@
+"""Routing a batch that mixes tasks: which rows belong to which task, and the modules that apply each
+row's own task's trained layer.
+
+timm's ``Block.forward`` hands its Linears the tokens only, so the multi-task model tells its routed
+layers the batch's :class:`TaskRoute` for the duration of one call (``with router.use(route):``, as
+PEFT's mixed-batch inference passes ``adapter_names`` by forward hooks); called outside such a block a
+routed layer raises instead of guessing. Every routed layer splits the rows of its input (dim 0) by
+task, runs each task's own module on its rows and puts the results back in order; the frozen
+layers run once on the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+from petl_lightning.errors import ConfigError
+from petl_lightning.layers.dispatcher import TokenDispatcher
+from petl_lightning.layers.wrapper import AdaptedLinear, AdapterLayer
+
+
+class TaskRoute:
+    """The task of each row of a batch (``task``, (B,) long) and its groups: ``(task, rows)`` per task present."""
+
+    def __init__(self, task: Tensor) -> None:
+        self.task = task
+        present = torch.unique(task).tolist()
+        self.groups = [(int(t), (task == t).nonzero().squeeze(1)) for t in present]
+
+    def select(self, rows: Tensor) -> TaskRoute:
+        """The route of the batch made of ``rows`` of this one."""
+        return TaskRoute(self.task.index_select(0, rows))
+
+    def apply(self, x: Tensor, fns: Sequence[Callable[[Tensor], Tensor]], pad: float | None = None) -> Tensor:
+        """``fns[task](rows of x)`` for each task's rows, in the rows' order. Outputs whose last size
+        differs between tasks (heads of different class counts) are padded with ``pad``."""
+        if len(self.groups) == 1:
+            return fns[self.groups[0][0]](x)
+        parts = [fns[t](x.index_select(0, rows)) for t, rows in self.groups]
+        width = max(p.shape[-1] for p in parts)
+        if parts[0].dim() > 1 and any(p.shape[-1] != width for p in parts):
+            if pad is None:
+                raise ConfigError("The tasks' layers return different sizes; they cannot share a batch.")
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=pad) for p in parts]
+        out = parts[0].new_empty(x.shape[0], *parts[0].shape[1:])
+        for (_, rows), part in zip(self.groups, parts):
+            out.index_copy_(0, rows, part)
+        return out
+
+
+class Router:
+    """The route of the batch being run, shared by a multi-task model's routed layers."""
+
+    def __init__(self) -> None:
+        self.route: TaskRoute | None = None
+
+    @contextmanager
+    def use(self, route: TaskRoute) -> Iterator[TaskRoute]:
+        """Route the calls inside the ``with`` block by ``route``."""
+        previous, self.route = self.route, route
+        try:
+            yield route
+        finally:
+            self.route = previous
+
+    def current(self) -> TaskRoute:
+        if self.route is None:
+            raise ConfigError("A multi-task layer ran outside MultiTaskModel.forward/infer, so it has no task per row.")
+        return self.route
+
+
+class RoutedModules(nn.Module):
+    """One module per task (same kind, e.g. each task's head or adapter); ``forward(x)`` applies each
+    row's task's module. Outputs of different last sizes are padded with ``pad`` (``-inf`` for logits)."""
+
+    def __init__(self, modules: Sequence[nn.Module], router: Router, pad: float | None = None) -> None:
+        super().__init__()
+        self.tasks = nn.ModuleList(modules)
+        self.router, self.pad = router, pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.router.current().apply(x, list(self.tasks), self.pad)
+
+
+class MultiTaskLinear(nn.Module):
+    """A frozen ``nn.Linear`` (``base_layer``, run once on the whole batch) with each task's
+    :class:`~petl_lightning.layers.wrapper.AdaptedLinear`: RepAdapter's and ARC's change the rows'
+    input, LoRA's add to their output, each row by its own task's adapter."""
+
+    def __init__(self, base_layer: nn.Linear, layers: Sequence[AdaptedLinear], router: Router) -> None:
+        super().__init__()
+        self.base_layer, self.router = base_layer, router
+        for layer in layers:
+            layer.base_layer = base_layer  # the tasks' copies of the frozen Linear are dropped
+        self.tasks = nn.ModuleList(layers)
+        kind = type(layers[0])
+        self.changes_input = kind.adapt_input is not AdaptedLinear.adapt_input
+        self.updates_output = kind.output_update is not AdaptedLinear.output_update
+
+    def forward(self, x: Tensor) -> Tensor:
+        route = self.router.current()
+        layers = [cast(AdaptedLinear, m) for m in self.tasks]
+        h = route.apply(x, [m.adapt_input for m in layers]) if self.changes_input else x
+        y = cast(Tensor, self.base_layer(h))
+        if self.updates_output:
+            y = y + route.apply(x, [cast(Callable[[Tensor], Tensor], m.output_update) for m in layers])
+        return y
+
+
+class RoutedAdapter(RoutedModules):
+    """Each task's parallel adapter (DyT's, the bottleneck adapter's); its cost is the first task's
+    (the tasks' adapters have the same shape)."""
+
+    def flops(self, n_tokens: int) -> int:
+        return cast(AdapterLayer, self.tasks[0]).flops(n_tokens)
+
+
+class RoutedDispatcher(RoutedModules):
+    """Each task's DyT :class:`~petl_lightning.layers.dispatcher.TokenDispatcher` with the interface
+    DyT's block reads: each row's logits and its task's threshold."""
+
+    def dispatchers(self) -> list[TokenDispatcher]:
+        return [cast(TokenDispatcher, d) for d in self.tasks]
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        return self.router.current().apply(tokens, [d.logits for d in self.dispatchers()])
+
+    @property
+    def logit_threshold(self) -> Tensor:
+        """Each row's task's threshold (B, 1), in logit space."""
+        per_task = torch.stack([d.logit_threshold for d in self.dispatchers()])
+        return per_task[self.router.current().task].unsqueeze(1)
+
+    def keep(self, logits: Tensor) -> Tensor:
+        return logits > self.logit_threshold
+
+    @property
+    def threshold(self) -> float:
+        return self.dispatchers()[0].threshold
+
+    def flops(self, n_tokens: int) -> int:
+        return self.dispatchers()[0].flops(n_tokens)
+
+
+__all__ = ["MultiTaskLinear", "RoutedAdapter", "RoutedDispatcher", "RoutedModules", "Router", "TaskRoute"]
