@@ -47,6 +47,7 @@ from petl_lightning.export import load_trained
 from petl_lightning.methods.config import MethodConfig
 from petl_lightning.serve.command import serve_main
 from petl_lightning.tasks.multitask import MultiTaskModel
+from petl_lightning.tasks.multitask.routing import MultiTaskLinear
 
 CLASSES = (3, 5, 7)
 EXITS = ExitConfig(blocks=[1, 2])
@@ -91,18 +92,24 @@ def tasks_of(method: str, vit: torch.nn.Module, x: torch.Tensor | None = None) -
     return tasks
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_mixed_batch_equals_each_images_own_task_module(method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "adapters"),
+    [(m, "batched") for m in METHODS] + [(m, "grouped") for m in ("repadapter", "arc", "lora")],
+)
+def test_mixed_batch_equals_each_images_own_task_module(method: str, adapters: str) -> None:
     vit = tiny_vit()
     x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     tasks = tasks_of(method, vit, x)
     task = torch.tensor([0, 1, 2, 0, 2, 1, 1, 0, 2, 2, 0, 1])
     with torch.no_grad():
         refs = [c.infer(x[task == t]) for t, c in enumerate(tasks.values())]
-        model = MultiTaskModel(tasks).eval()
+        model = MultiTaskModel(tasks, adapters).eval()  # type: ignore[arg-type]
         out = model.infer(x, [model.task_names[t] for t in task.tolist()])
         rows = model(x, task)
     assert isinstance(rows, list) and [r.shape[0] for r in rows] == [CLASSES[t] for t in task.tolist()]
+    linears = [m for m in model.modules() if isinstance(m, MultiTaskLinear)]
+    assert all(m.batched == (adapters == "batched") for m in linears)
+    assert bool(linears) == (method not in ("adapter", "dyt", "dyn_adapter_dyt"))  # dyn_adapter: a RepAdapter base
     exits = []
     for t, ref in enumerate(refs):
         k, mine = CLASSES[t], task == t

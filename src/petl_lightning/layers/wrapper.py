@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,15 @@ class AdapterLayer(nn.Module):
         raise MergeError(f"{type(self).__name__} cannot be merged into the backbone.")
 
 
+class LowRank(NamedTuple):
+    """``u(x) = (x @ P + p) @ Q + q``: an adapter's update, ``P`` (in, r), ``p`` (r,), ``Q`` (r, out), ``q`` (out,)."""
+
+    P: Tensor
+    p: Tensor
+    Q: Tensor
+    q: Tensor
+
+
 class AdaptedLinear(AdapterLayer):
     """An adapter around a frozen ``nn.Linear`` (kept as ``base_layer``, not copied)."""
 
@@ -64,6 +73,11 @@ class AdaptedLinear(AdapterLayer):
     def output_update(self, x: Tensor) -> Tensor | None:
         """What is added to the frozen Linear's output on ``x`` (None: nothing)."""
         return None
+
+    def factors(self) -> LowRank:
+        """The eval-mode update as low-rank factors: ``adapt_input(x) = x + u(x)`` (or, for an adapter
+        with an ``output_update``, that update is ``u(x)``) with ``u(x) = (x @ P + p) @ Q + q``."""
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(self.adapt_input(x))
@@ -173,6 +187,7 @@ def merge_adapter_layers(module: ModuleT) -> ModuleT:
 __all__ = [
     "AdaptedLinear",
     "AdapterLayer",
+    "LowRank",
     "adapter_layers",
     "fold_affine_into_linear",
     "merge_adapter_layers",

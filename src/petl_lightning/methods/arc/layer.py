@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
-from petl_lightning.layers.wrapper import AdaptedLinear, fold_affine_into_linear
+from petl_lightning.layers.wrapper import AdaptedLinear, LowRank, fold_affine_into_linear
 
 
 class ARCBasis(nn.Module):
@@ -79,6 +79,11 @@ class ARCLinear(AdaptedLinear):
 
     def fold_into(self, linear: nn.Linear) -> None:
         fold_affine_into_linear(linear, *self.affine())
+
+    def factors(self) -> LowRank:
+        """``P = U diag(c)``, ``p = 0``, ``Q = U^T``, ``q = b``."""
+        u = self.basis.weight
+        return LowRank(u * self.coeff, u.new_zeros(u.shape[1]), u.T, self.bias)
 
     def flops(self, n_tokens: int) -> int:
         """Multiply-adds on ``n_tokens`` tokens: ``x @ (U c)`` then ``@ U^T`` (bias and skip not counted)."""

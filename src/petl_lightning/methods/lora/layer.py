@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
-from petl_lightning.layers.wrapper import AdaptedLinear
+from petl_lightning.layers.wrapper import AdaptedLinear, LowRank
 
 
 class LoRALinear(AdaptedLinear):
@@ -47,6 +47,15 @@ class LoRALinear(AdaptedLinear):
     def output_update(self, x: Tensor) -> Tensor:
         """``scale * B A dropout(x)``, added to the frozen Linear's output."""
         return self.scale * ((self.dropout(x) @ self.lora_a.T) @ self.lora_b.T)
+
+    def factors(self) -> LowRank:
+        """``P = A^T``, ``p = 0``, ``Q = scale B^T``, ``q = 0`` (the update of the output)."""
+        return LowRank(
+            self.lora_a.T,
+            self.lora_a.new_zeros(self.adapter_dim),
+            self.scale * self.lora_b.T,
+            self.lora_b.new_zeros(self.out_features),
+        )
 
     def delta_weight(self) -> Tensor:
         """The dense update ``scale * B A`` (``out x in``, fp32)."""

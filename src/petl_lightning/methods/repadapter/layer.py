@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
-from petl_lightning.layers.wrapper import AdaptedLinear, fold_affine_into_linear
+from petl_lightning.layers.wrapper import AdaptedLinear, LowRank, fold_affine_into_linear
 
 
 class GroupedLinear(nn.Module):
@@ -103,6 +103,11 @@ class RepAdapterLinear(AdaptedLinear):
 
     def fold_into(self, linear: nn.Linear) -> None:
         fold_affine_into_linear(linear, *self.affine())
+
+    def factors(self) -> LowRank:
+        """``P = W_A^T``, ``p = b_A``, ``Q = s W_B^T``, ``q = s b_B`` (``W_B`` densified)."""
+        s = self.scale
+        return LowRank(self.down.weight.T, self.down.bias, s * self.up.dense_weight().T, s * cast(Tensor, self.up.bias))
 
     def flops(self, n_tokens: int) -> int:
         """Multiply-adds on ``n_tokens`` tokens: dense down plus group-wise up (biases, scale, skip not counted)."""

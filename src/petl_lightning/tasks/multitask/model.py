@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -66,11 +66,12 @@ class MultiTaskOutput(NamedTuple):
         return torch.where(offered > 0, self.kept.sum(1).double() / offered.clamp(min=1), torch.ones_like(offered))
 
 
-def routed_layer(name: str, layers: list[nn.Module], router: Router) -> nn.Module | None:
+def routed_layer(name: str, layers: list[nn.Module], router: Router, batched: bool) -> nn.Module | None:
     """The routed form of the tasks' layers at ``name``, or None where the layer is not trained per task."""
     first = layers[0]
     if isinstance(first, AdaptedLinear):
-        return MultiTaskLinear(cast(nn.Linear, first.base_layer), cast(list[AdaptedLinear], layers), router)
+        base = cast(nn.Linear, first.base_layer)
+        return MultiTaskLinear(base, cast(list[AdaptedLinear], layers), router, batched)
     if isinstance(first, TokenDispatcher):
         return RoutedDispatcher(layers, router)
     if isinstance(first, (Adapter, MoEAdapter)):
@@ -129,6 +130,10 @@ class MultiTaskModel(nn.Module):
             :class:`~petl_lightning.adapted.ViTClassifier` or Dyn-Adapter's early-exit classifier),
             all of one method over the same backbone. The first task's classifier becomes the shared
             model (its layers are replaced by routed ones); the others' frozen backbones are dropped.
+        adapters: how RepAdapter's, ARC's and LoRA's adapters run on a mixed batch: ``"batched"`` (each
+            image's low-rank factors gathered, two batched matmuls per layer) or ``"grouped"`` (each
+            task's adapter on its images). Both equal the single-task modules; ``benchmarks/multitask.py``
+            compares their speed.
     """
 
     exit_thresholds: Tensor
@@ -136,11 +141,13 @@ class MultiTaskModel(nn.Module):
     #: Each task's input normalisation ({"mean": [...], "std": [...]}) from its checkpoint (None: unknown).
     input_normalization: dict[str, dict[str, list[float]] | None]
 
-    def __init__(self, tasks: Mapping[str, ViTClassifier]) -> None:
+    def __init__(self, tasks: Mapping[str, ViTClassifier], adapters: Literal["batched", "grouped"] = "batched") -> None:
         super().__init__()
         names, classifiers = list(tasks), list(tasks.values())
         if not names:
             raise ConfigError("A multi-task model needs at least one task.")
+        if adapters not in ("batched", "grouped"):
+            raise ConfigError(f"adapters must be 'batched' or 'grouped', got {adapters!r}.")
         trained = [{id(p) for p in c.parameters() if p.requires_grad} for c in classifiers]
         if any(p.requires_grad for p in classifiers[0].vit.vit.parameters()):
             raise ConfigError("This method trains the backbone itself, so tasks cannot share it; use a PETL method.")
@@ -156,7 +163,7 @@ class MultiTaskModel(nn.Module):
             if not name or any(name.startswith(f"{r}.") for r in routed_names):
                 continue
             layers = [c.get_submodule(name) for c in classifiers]
-            routed = routed_layer(name, layers, self.router)
+            routed = routed_layer(name, layers, self.router, adapters == "batched")
             if routed is not None:
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent), attr, routed)
@@ -174,7 +181,12 @@ class MultiTaskModel(nn.Module):
             self.register_buffer("exit_thresholds", thresholds)
 
     @classmethod
-    def from_checkpoints(cls, checkpoints: Mapping[str, str | Path], weights: str | None = None) -> MultiTaskModel:
+    def from_checkpoints(
+        cls,
+        checkpoints: Mapping[str, str | Path],
+        weights: str | None = None,
+        adapters: Literal["batched", "grouped"] = "batched",
+    ) -> MultiTaskModel:
         """The tasks' classifiers rebuilt from their ``.ckpt`` files (``weights``: the backbone file's
         new place), in eval mode on the CPU. Checkpoints of another method, backbone or image size are
         refused in one line."""
@@ -189,7 +201,7 @@ class MultiTaskModel(nn.Module):
                     f"Task {name!r} ({checkpoints[name]}) was trained by {method}, task {first!r} by "
                     f"{methods[first]}; a multi-task model combines checkpoints of one method."
                 )
-        model = cls({name: m.model for name, m in modules.items()})
+        model = cls({name: m.model for name, m in modules.items()}, adapters)
         model.input_normalization = {name: m.input_normalization for name, m in modules.items()}
         return model.eval()
 

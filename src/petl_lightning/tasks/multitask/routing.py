@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from petl_lightning.errors import ConfigError
 from petl_lightning.layers.dispatcher import TokenDispatcher
-from petl_lightning.layers.wrapper import AdaptedLinear, AdapterLayer
+from petl_lightning.layers.wrapper import AdaptedLinear, AdapterLayer, LowRank
 
 
 class TaskRoute:
@@ -89,9 +89,26 @@ class RoutedModules(nn.Module):
 class MultiTaskLinear(nn.Module):
     """A frozen ``nn.Linear`` (``base_layer``, run once on the whole batch) with each task's
     :class:`~petl_lightning.layers.wrapper.AdaptedLinear`: RepAdapter's and ARC's change the rows'
-    input, LoRA's add to their output, each row by its own task's adapter."""
+    input, LoRA's add to their output, each row by its own task's adapter.
 
-    def __init__(self, base_layer: nn.Linear, layers: Sequence[AdaptedLinear], router: Router) -> None:
+    Args:
+        base_layer: the frozen Linear every task wraps.
+        layers: each task's adapter around it (same kind).
+        router: gives the batch's route during a call.
+        batched: apply the adapters as one batched matmul pair over the batch, each row with its task's
+            low-rank factors gathered (:meth:`~petl_lightning.layers.wrapper.AdaptedLinear.factors`,
+            snapshotted here: the model is for inference); False, or tasks of different adapter
+            shapes: each task's adapter on its own rows.
+    """
+
+    stacked_P: Tensor  # (tasks, in, r): each task's factors, stacked (batched mode)
+    stacked_p: Tensor
+    stacked_Q: Tensor
+    stacked_q: Tensor
+
+    def __init__(
+        self, base_layer: nn.Linear, layers: Sequence[AdaptedLinear], router: Router, batched: bool = True
+    ) -> None:
         super().__init__()
         self.base_layer, self.router = base_layer, router
         for layer in layers:
@@ -100,14 +117,34 @@ class MultiTaskLinear(nn.Module):
         kind = type(layers[0])
         self.changes_input = kind.adapt_input is not AdaptedLinear.adapt_input
         self.updates_output = kind.output_update is not AdaptedLinear.output_update
+        try:
+            with torch.no_grad():
+                factors = [layer.factors() for layer in layers]
+        except NotImplementedError:  # an adapter kind without low-rank factors
+            factors = []
+        shapes = {tuple(tuple(t.shape) for t in f) for f in factors}
+        self.batched = batched and len(shapes) == 1
+        if self.batched:
+            for name, parts in zip(LowRank._fields, zip(*factors)):
+                self.register_buffer(f"stacked_{name}", torch.stack([t.detach() for t in parts]), persistent=False)
+
+    def update(self, x: Tensor, route: TaskRoute) -> Tensor:
+        """Each row's ``(x @ P + p) @ Q + q`` with its task's factors, in two batched matmuls."""
+        t = route.task
+        u = torch.baddbmm(self.stacked_p[t].unsqueeze(1), x, self.stacked_P[t])
+        return torch.baddbmm(self.stacked_q[t].unsqueeze(1), u, self.stacked_Q[t])
 
     def forward(self, x: Tensor) -> Tensor:
         route = self.router.current()
+        batched = self.batched and x.dim() == 3
         layers = [cast(AdaptedLinear, m) for m in self.tasks]
-        h = route.apply(x, [m.adapt_input for m in layers]) if self.changes_input else x
+        h = x
+        if self.changes_input:
+            h = x + self.update(x, route) if batched else route.apply(x, [m.adapt_input for m in layers])
         y = cast(Tensor, self.base_layer(h))
         if self.updates_output:
-            y = y + route.apply(x, [cast(Callable[[Tensor], Tensor], m.output_update) for m in layers])
+            fns = [cast(Callable[[Tensor], Tensor], m.output_update) for m in layers]
+            y = y + (self.update(x, route) if batched else route.apply(x, fns))
         return y
 
 
