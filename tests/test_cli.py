@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from cli_helpers import (
     tiny_fit,
     tiny_task,
 )
+from petl_lightning.__main__ import main
 
 pytestmark = pytest.mark.slow  # console-script processes: in make test, not in make test-fast
 
@@ -225,30 +227,44 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path: Path, extra: tup
     assert_one_line_and_nothing_written(tiny_fit(root, out, *extra), pattern, out)
 
 
-def test_old_recipe_keys_name_the_new_key(tmp_path: Path) -> None:
+def test_old_recipe_keys_name_the_new_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     old = tmp_path / "old.yaml"
     old.write_text(
         (ROOT / "recipes" / "dyn_adapter.yaml")
         .read_text()
         .replace("    exits:", "    exit_blocks: [3, 6, 9]\n    exits:")
     )
-    proc = run("fit", "-c", str(old), "--print_config")
+    proc = run("fit", "-c", str(old), "--print_config")  # through the console script once; the rest in-process
     assert_user_error(proc, r"model\.init_args\.exit_blocks is now model\.init_args\.exits\.blocks")
-    proc = run("fit", "-c", "recipes/repadapter.yaml", "--model.init_args.placement", "repblock", "--print_config")
-    assert_user_error(proc, r"placement: 'repblock' is now 'attn_mlp'")
-    # DyT's token-skipping options are one group, shared with Dyn-Adapter's dyt base
-    proc = run("fit", "-c", "recipes/dyt.yaml", "--model.init_args.target_rate", "0.7", "--print_config")
-    assert_user_error(proc, r"model\.init_args\.target_rate is now model\.init_args\.skipping\.target_rate")
-    proc = run("fit", "-c", "recipes/dyt.yaml", "--model.init_args.placement", "mlp", "--print_config")
-    assert_user_error(proc, r"model\.init_args\.placement is now model\.init_args\.skipping\.sites")
-    proc = run(
-        "fit", "-c", "recipes/dyn_adapter_dyt.yaml", "--model.init_args.skipping.placement", "mlp", "--print_config"
-    )
-    assert_user_error(proc, r"skipping\.placement is now model\.init_args\.skipping\.sites")
     old_callback = tmp_path / "old_callbacks.yaml"
     old_callback.write_text("trainer:\n  callbacks:\n    - class_path: petl_lightning.callbacks.ExitCalibration\n")
-    proc = run("fit", "-c", "recipes/dyn_adapter.yaml", "-c", str(old_callback), "--print_config")
-    assert_user_error(proc, r"ExitCalibration was removed: DynAdapter calibrates its exit thresholds itself")
+    for args, message in (
+        (
+            ["-c", f"{ROOT}/recipes/repadapter.yaml", "--model.init_args.placement", "repblock"],
+            r"placement: 'repblock' is now 'attn_mlp'",
+        ),
+        # DyT's token-skipping options are one group, shared with Dyn-Adapter's dyt base
+        (
+            ["-c", f"{ROOT}/recipes/dyt.yaml", "--model.init_args.target_rate", "0.7"],
+            r"model\.init_args\.target_rate is now model\.init_args\.skipping\.target_rate",
+        ),
+        (
+            ["-c", f"{ROOT}/recipes/dyt.yaml", "--model.init_args.placement", "mlp"],
+            r"model\.init_args\.placement is now model\.init_args\.skipping\.sites",
+        ),
+        (
+            ["-c", f"{ROOT}/recipes/dyn_adapter_dyt.yaml", "--model.init_args.skipping.placement", "mlp"],
+            r"skipping\.placement is now model\.init_args\.skipping\.sites",
+        ),
+        (
+            ["-c", f"{ROOT}/recipes/dyn_adapter.yaml", "-c", str(old_callback)],
+            r"ExitCalibration was removed: DynAdapter calibrates its exit thresholds itself",
+        ),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(["fit", *args, "--print_config"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in err and re.search(message, err), err
 
 
 def test_output_folder_that_cannot_be_created(tmp_path: Path) -> None:
