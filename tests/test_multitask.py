@@ -43,9 +43,9 @@ from petl_lightning import (
 )
 from petl_lightning.adapted import ViTClassifier
 from petl_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, petl_transform
-from petl_lightning.export import load_trained
 from petl_lightning.methods.config import MethodConfig
 from petl_lightning.serve.command import serve_main
+from petl_lightning.tasks.checkpoints import load_trained
 from petl_lightning.tasks.multitask import MultiTaskModel
 from petl_lightning.tasks.multitask.routing import MultiTaskLinear
 

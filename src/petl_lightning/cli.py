@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -29,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from petl_lightning.cli_keys import explain_parse_error, import_class
 from petl_lightning.errors import CheckpointError, ConfigError
 from petl_lightning.paths import check_writable
+from petl_lightning.tasks.checkpoints import read_checkpoint
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 EVALUATIONS = ("validate", "test", "predict")
@@ -298,35 +298,4 @@ def discard_new_outputs(root: Path, before: set[Path]) -> None:
         root.rmdir()
 
 
-#: What ``--ckpt_path`` takes, said when a file is not a Lightning checkpoint (``fit`` and friends).
-FIT_CHECKPOINT_HINT = (
-    "--ckpt_path takes a .ckpt written by a fit run; backbone weights go to --model.init_args.checkpoint_path"
-)
-
-
-def read_checkpoint(path: str | Path, hint: str = FIT_CHECKPOINT_HINT) -> dict[str, Any]:
-    """A Lightning ``.ckpt`` loaded on the CPU (weights only), or a one-line :class:`CheckpointError`
-    that tells a damaged checkpoint (empty, truncated, corrupt) from a file that is not one (``hint``:
-    what the command takes instead)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"Checkpoint not found: {str(p)!r}. Pass the .ckpt written by a fit run.")
-    with p.open("rb") as f:
-        head = f.read(4)
-    if not head:
-        raise CheckpointError(f"Checkpoint {str(p)!r} is empty (0 bytes): the run that wrote it was cut off; {hint}.")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader failure: damaged, or not a checkpoint
-        if head == b"PK\x03\x04":  # torch's zip container that does not read: truncated or corrupt
-            raise CheckpointError(
-                f"Checkpoint {str(p)!r} is damaged (truncated or corrupt: {type(err).__name__}); use another "
-                f"copy, or an earlier checkpoint of the run."
-            ) from None
-        raise CheckpointError(f"{str(p)!r} is not a Lightning checkpoint ({type(err).__name__}); {hint}.") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{str(p)!r} holds no 'state_dict', so it is not a Lightning checkpoint; {hint}.")
-    return ckpt
-
-
-__all__ = ["PETLCLI", "SUBCOMMANDS", "OutputGuard", "read_checkpoint"]
+__all__ = ["PETLCLI", "SUBCOMMANDS", "OutputGuard"]

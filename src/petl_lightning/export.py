@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from petl_lightning.cli import read_checkpoint
-from petl_lightning.cli_keys import import_class
 from petl_lightning.deploy.programs import FORMATS, check_exporter, resolve_format
-from petl_lightning.errors import CheckpointError, ConfigError, run_user_command
+from petl_lightning.errors import ConfigError, run_user_command
 from petl_lightning.paths import check_output_file, check_output_folder
+from petl_lightning.tasks.checkpoints import load_trained
 
 EXPORT_CHECKPOINT_HINT = "export --ckpt_path takes the .ckpt a fit run wrote (e.g. <run>/checkpoints/last.ckpt)"
 
@@ -60,30 +58,12 @@ def export_checkpoint(
     fmt = (fmt or "onnx") if exits else resolve_format(out, fmt)
     (check_output_folder if exits else check_output_file)(out, "--out")  # before any work
     check_exporter(fmt, opset)  # before the (slow) rebuild
-    model = load_trained(ckpt_path, weights)
+    model = load_trained(ckpt_path, weights, EXPORT_CHECKPOINT_HINT)
     if not exits:
         return model.export(out, fmt, opset, keep_rate)
     if not hasattr(model, "export_exits"):
         raise ConfigError(f"--exits exports early-exit stages; {type(model).__name__} has no exits (drop --exits).")
     return model.export_exits(out, fmt, opset, keep_rate)
-
-
-def load_trained(ckpt_path: str | Path, weights: str | None = None) -> Any:
-    """The method a checkpoint names, rebuilt from its hyper-parameters (``weights``: the backbone
-    file's new place) with its trained tensors, in eval mode on the CPU. Like Lightning's
-    ``load_from_checkpoint``, whose own ``checkpoint_path`` argument hides the backbone's."""
-    ckpt = read_checkpoint(ckpt_path, EXPORT_CHECKPOINT_HINT)
-    method = ckpt.get("petl", {}).get("method", "")
-    cls = import_class(method)
-    if cls is None:
-        raise CheckpointError(f"{ckpt_path} was not written by a petl_lightning method (method {method!r} unknown).")
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    if weights:
-        hparams["checkpoint_path"] = weights
-    model = cls(**hparams)
-    model.on_load_checkpoint(ckpt)
-    model.load_state_dict(ckpt["state_dict"], strict=False)
-    return model.eval()
 
 
 def export_main(argv: Sequence[str]) -> int:

@@ -5,12 +5,16 @@ weights-only loading accepts it).
 A checkpoint holds the trainable tensors (adapters, heads, calibrated thresholds) and, under
 ``petl``, the method, backbone and class count that wrote it; the frozen backbone is rebuilt from
 its source on load. A tensor shared by several modules (ARC's bases) is saved once, under its
-first name, and given to every name on load.
+first name, and given to every name on load. :func:`read_checkpoint` reads a ``.ckpt`` (one-line
+errors for damaged or foreign files) and :func:`load_trained` rebuilds the method it names (what
+``export``, ``serve`` and :class:`~petl_lightning.tasks.multitask.MultiTaskModel` load).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,10 +120,76 @@ def restore_rng(states: dict[str, Any]) -> None:
     _set_rng_states(out)
 
 
+#: What ``--ckpt_path`` takes, said when a file is not a Lightning checkpoint (``fit`` and friends).
+FIT_CHECKPOINT_HINT = (
+    "--ckpt_path takes a .ckpt written by a fit run; backbone weights go to --model.init_args.checkpoint_path"
+)
+
+
+def read_checkpoint(path: str | Path, hint: str = FIT_CHECKPOINT_HINT) -> dict[str, Any]:
+    """A Lightning ``.ckpt`` loaded on the CPU (weights only), or a one-line :class:`CheckpointError`
+    that tells a damaged checkpoint (empty, truncated, corrupt) from a file that is not one (``hint``:
+    what the command takes instead)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"Checkpoint not found: {str(p)!r}. Pass the .ckpt written by a fit run.")
+    with p.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"Checkpoint {str(p)!r} is empty (0 bytes): the run that wrote it was cut off; {hint}.")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure: damaged, or not a checkpoint
+        if head == b"PK\x03\x04":  # torch's zip container that does not read: truncated or corrupt
+            raise CheckpointError(
+                f"Checkpoint {str(p)!r} is damaged (truncated or corrupt: {type(err).__name__}); use another "
+                f"copy, or an earlier checkpoint of the run."
+            ) from None
+        raise CheckpointError(f"{str(p)!r} is not a Lightning checkpoint ({type(err).__name__}); {hint}.") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{str(p)!r} holds no 'state_dict', so it is not a Lightning checkpoint; {hint}.")
+    return ckpt
+
+
+def method_class(method: str) -> type | None:
+    """The class a checkpoint's ``petl.method`` names (``module.ClassName``), or None."""
+    module, _, name = method.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return None
+
+
+#: What a command that loads a trained model takes (``export``, ``serve``).
+TRAINED_CHECKPOINT_HINT = "pass the .ckpt a fit run wrote (e.g. <run>/checkpoints/last.ckpt)"
+
+
+def load_trained(ckpt_path: str | Path, weights: str | None = None, hint: str = TRAINED_CHECKPOINT_HINT) -> Any:
+    """The method a checkpoint names, rebuilt from its hyper-parameters (``weights``: the backbone
+    file's new place) with its trained tensors, in eval mode on the CPU. Like Lightning's
+    ``load_from_checkpoint``, whose own ``checkpoint_path`` argument hides the backbone's."""
+    ckpt = read_checkpoint(ckpt_path, hint)
+    method = ckpt.get("petl", {}).get("method", "")
+    cls = method_class(method)
+    if cls is None:
+        raise CheckpointError(f"{ckpt_path} was not written by a petl_lightning method (method {method!r} unknown).")
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    if weights:
+        hparams["checkpoint_path"] = weights
+    model = cls(**hparams)
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"], strict=False)
+    return model.eval()
+
+
 __all__ = [
+    "FIT_CHECKPOINT_HINT",
+    "TRAINED_CHECKPOINT_HINT",
     "check_checkpoint",
     "complete_state",
     "frozen_tensor_ids",
+    "load_trained",
+    "read_checkpoint",
     "restore_rng",
     "rng_to_checkpoint",
     "trainable_state_keys",

@@ -32,6 +32,7 @@ from petl_lightning.layers.exits import ExitHead
 from petl_lightning.layers.wrapper import AdaptedLinear
 from petl_lightning.methods.dyn_adapter import thresholds as th
 from petl_lightning.methods.dyn_adapter.adapted import EarlyExitViT
+from petl_lightning.tasks.checkpoints import load_trained
 from petl_lightning.tasks.multitask.routing import (
     MultiTaskLinear,
     RoutedAdapter,
@@ -190,8 +191,6 @@ class MultiTaskModel(nn.Module):
         """The tasks' classifiers rebuilt from their ``.ckpt`` files (``weights``: the backbone file's
         new place), in eval mode on the CPU. Checkpoints of another method, backbone or image size are
         refused in one line."""
-        from petl_lightning.export import load_trained  # the checkpoint reader lives with the commands
-
         modules = {name: load_trained(path, weights) for name, path in checkpoints.items()}
         methods = {name: type(m).__name__ for name, m in modules.items()}
         first = next(iter(methods))
