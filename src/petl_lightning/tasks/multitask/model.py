@@ -150,6 +150,7 @@ class MultiTaskModel(nn.Module):
         if adapters not in ("batched", "grouped"):
             raise ConfigError(f"adapters must be 'batched' or 'grouped', got {adapters!r}.")
         trained = [{id(p) for p in c.parameters() if p.requires_grad} for c in classifiers]
+        batched = adapters == "batched"
         if any(p.requires_grad for p in classifiers[0].vit.vit.parameters()):
             raise ConfigError("This method trains the backbone itself, so tasks cannot share it; use a PETL method.")
         check_same_backbone(names, classifiers)
@@ -159,23 +160,22 @@ class MultiTaskModel(nn.Module):
         self.router = Router()
         self.register_buffer("class_counts", torch.tensor([c.num_classes for c in classifiers]), persistent=False)
         model = classifiers[0]
-        routed_names: list[str] = []
-        for name, _ in list(model.named_modules()):
-            if not name or any(name.startswith(f"{r}.") for r in routed_names):
-                continue
-            layers = [c.get_submodule(name) for c in classifiers]
-            routed = routed_layer(name, layers, self.router, adapters == "batched")
-            if routed is not None:
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, routed)
-                routed_names.append(name)
-        self.model = model
-        held = {id(p) for p in self.parameters()}
-        lost = [n for n, ids in zip(names, trained) if not ids <= held]
+        routes: list[tuple[str, nn.Module]] = []  # found first, so a refusal leaves the classifiers as they were
+        for name, _ in model.named_modules():
+            if name and not any(name.startswith(f"{r}.") for r, _ in routes):
+                routed = routed_layer(name, [c.get_submodule(name) for c in classifiers], self.router, batched)
+                if routed is not None:
+                    routes.append((name, routed))
+        covered = {id(p) for _, routed in routes for p in routed.parameters()}
+        lost = [n for n, ids in zip(names, trained) if not ids <= covered]
         if lost:
             raise ConfigError(
                 f"{type(model).__name__} has trained layers a multi-task model cannot route (task {lost[0]!r})."
             )
+        for name, routed in routes:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, routed)
+        self.model = model
         if isinstance(model, EarlyExitViT):
             self.confidence_rules = [cast(EarlyExitViT, c).confidence_rule for c in classifiers]
             thresholds = torch.stack([cast(EarlyExitViT, c).thresholds for c in classifiers])
@@ -191,6 +191,8 @@ class MultiTaskModel(nn.Module):
         """The tasks' classifiers rebuilt from their ``.ckpt`` files (``weights``: the backbone file's
         new place), in eval mode on the CPU. Checkpoints of another method, backbone or image size are
         refused in one line."""
+        if not checkpoints:
+            raise ConfigError("A multi-task model needs at least one task's checkpoint.")
         modules = {name: load_trained(path, weights) for name, path in checkpoints.items()}
         methods = {name: type(m).__name__ for name, m in modules.items()}
         first = next(iter(methods))
