@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -313,3 +314,12 @@ def test_server_answers_mixed_tasks_as_the_modules_and_bad_requests_with_400(
             break
         assert time.monotonic() < deadline, "server processes left running"
         time.sleep(0.5)
+
+
+def test_serve_without_litserve_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "litserve", None)  # as if the [serve] extra were not installed
+    assert serve_main(["--task", "a=x.ckpt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: litserve is not installed; install the extra: pip install 'petl-lightning[serve]'.", err
