@@ -15,6 +15,13 @@ from petl_lightning.tasks.multitask import MultiTaskModel, MultiTaskOutput
 ls = require("litserve", "serve")
 
 
+def task_transform(img_size: int, normalization: dict[str, list[float]] | None) -> Any:
+    """A task's evaluation transform: the square bicubic resize and the normalisation it was trained
+    with (ImageNet's where its checkpoint has none)."""
+    norm = normalization or {}
+    return petl_transform(img_size, norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD))
+
+
 class MultiTaskAPI(ls.LitAPI):  # type: ignore[name-defined]
     """Answers ``POST /predict`` (a task and an image) with the class, its probability and, for dynamic
     methods, the block the image left at (Dyn-Adapter) or the share of patch tokens it kept (DyT).
@@ -28,14 +35,8 @@ class MultiTaskAPI(ls.LitAPI):  # type: ignore[name-defined]
     def __init__(self, model: MultiTaskModel, max_batch_size: int = 16, batch_timeout: float = 0.01) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.model = model
-        norms = getattr(model, "input_normalization", {})
-        size = model.vit.img_size
         self.transforms = {
-            name: petl_transform(
-                size,
-                *((norms.get(name) or {}).get(k) or d for k, d in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD))),
-            )
-            for name in model.task_names
+            name: task_transform(model.vit.img_size, model.input_normalization.get(name)) for name in model.task_names
         }
 
     def setup(self, device: str) -> None:
