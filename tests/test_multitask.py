@@ -323,3 +323,30 @@ def test_serve_without_litserve_names_the_extra(
     assert serve_main(["--task", "a=x.ckpt"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: litserve is not installed; install the extra: pip install 'petl-lightning[serve]'.", err
+
+
+def test_server_replies_name_the_exit_block_and_keep_rate_of_each_image() -> None:
+    """The server's answers for a mixed batch of a Dyn-Adapter over DyT (no HTTP: its LitAPI's predict)."""
+    from petl_lightning.serve.api import MultiTaskAPI
+    from petl_lightning.serve.requests import BadRequest, ImageRequest
+
+    vit = tiny_vit()
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = MultiTaskModel(tasks_of("dyn_adapter_dyt", vit, x)).eval()
+    api = MultiTaskAPI(model)
+    api.setup("cpu")
+    images = [
+        Image.fromarray((torch.rand(40, 40, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy())
+        for i in range(6)
+    ]
+    names = ["k3", "k7", "k5", "k3", "k7", "k5"]
+    replies = api.predict([ImageRequest(n, im) for n, im in zip(names, images)] + [BadRequest("no")])
+    assert replies[-1] == BadRequest("no")  # a bad request is answered on its own, the others still are
+    batch = torch.stack([api.transforms[n](im) for n, im in zip(names, images)])
+    with torch.no_grad():
+        out = model.infer(batch, names)
+    for i, reply in enumerate(replies[:-1]):
+        assert reply["task"] == names[i] and reply["class"] == int(out.logits[i].argmax())
+        assert reply["confidence"] == pytest.approx(float(out.logits[i].softmax(-1).max()), abs=1e-6)
+        assert reply["exit_block"] == model.exit_depths[int(out.exit_index[i])]
+        assert reply["keep_rate"] == pytest.approx(float(out.keep_rate()[i]), abs=1e-9)

@@ -50,8 +50,13 @@ class InferenceOutput:
         """Share of offered patch tokens each image kept (B,); 1 where nothing is skippable."""
         if self.kept is None or self.offered is None:
             return torch.ones(self.logits.shape[0], device=self.logits.device)
-        offered = self.offered.sum(1).double()
-        return torch.where(offered > 0, self.kept.sum(1).double() / offered.clamp(min=1), torch.ones_like(offered))
+        return keep_share(self.kept, self.offered)
+
+
+def keep_share(kept: Tensor, offered: Tensor) -> Tensor:
+    """Share of the offered patch tokens (B, depth) each image kept (B,) float64; 1 where none were offered."""
+    total = offered.sum(1).double()
+    return torch.where(total > 0, kept.sum(1).double() / total.clamp(min=1), torch.ones_like(total))
 
 
 class InferenceStats(Metric):
@@ -118,4 +123,4 @@ class InferenceStats(Metric):
         }
 
 
-__all__ = ["InferenceOutput", "InferenceStats"]
+__all__ = ["InferenceOutput", "InferenceStats", "keep_share"]

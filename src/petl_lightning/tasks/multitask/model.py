@@ -32,6 +32,7 @@ from petl_lightning.layers.exits import ExitHead
 from petl_lightning.layers.wrapper import AdaptedLinear
 from petl_lightning.methods.dyn_adapter import thresholds as th
 from petl_lightning.methods.dyn_adapter.adapted import EarlyExitViT
+from petl_lightning.stats import keep_share
 from petl_lightning.tasks.checkpoints import load_trained
 from petl_lightning.tasks.multitask.routing import (
     MultiTaskLinear,
@@ -63,8 +64,7 @@ class MultiTaskOutput(NamedTuple):
 
     def keep_rate(self) -> Tensor:
         """Share of the offered patch tokens each image kept (B,); 1 where nothing is skippable."""
-        offered = self.offered.sum(1).double()
-        return torch.where(offered > 0, self.kept.sum(1).double() / offered.clamp(min=1), torch.ones_like(offered))
+        return keep_share(self.kept, self.offered)
 
 
 def routed_layer(name: str, layers: list[nn.Module], router: Router, batched: bool) -> nn.Module | None:
