@@ -7,18 +7,23 @@ import csv
 import json
 import os
 import re
+import socket
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cli_helpers import BIN, ENV
 from petl_lightning import vtab
 from petl_lightning.data.vtab import VTAB_TASKS
 from petl_lightning.errors import PETLError
 from petl_lightning.flops import vit_flops
-from petl_lightning.vtab import launch, plan, report, run
+from petl_lightning.vtab import claims, launch, plan, report, run
 from petl_lightning.vtab.reference import reference, summarize
 
 pytestmark = pytest.mark.slow  # console-script processes: in make test, not in make test-fast
@@ -163,28 +168,73 @@ def test_plan_per_task_overrides_gpu_slots_and_dry_run(
     assert "use --tasks" in capsys.readouterr().err
 
 
-def test_second_run_on_the_same_output_is_refused(
+def test_claims_live_stale_and_released(tmp_path: Path) -> None:
+    """A live claim keeps a pair from a second launcher; a dead local holder's or a silent remote
+    holder's claim is taken over; a released claim is gone; a finished pair is never claimed."""
+    pair = tmp_path / "runs" / "dtd" / "seed0"
+    first = claims.try_claim(pair, "local", timeout=600)
+    assert first is not None and claims.try_claim(pair, "ray", timeout=600) is None
+    assert f"pid {os.getpid()} (local)" in claims.describe(pair)
+    first.release()
+    assert not (pair / claims.CLAIM_FILE).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = {"host": socket.gethostname(), "pid": int(dead.stdout), "launcher": "local", "since": "", "token": "x"}
+    (pair / claims.CLAIM_FILE).write_text(json.dumps(holder))  # a launcher on this machine that was killed
+    taken = claims.try_claim(pair, "local", timeout=600)
+    assert taken is not None and taken.owned()
+    taken.release()
+    (pair / claims.CLAIM_FILE).write_text(json.dumps({**holder, "host": "elsewhere", "pid": 1}))
+    assert claims.try_claim(pair, "local", timeout=600) is None  # another machine's claim, heartbeat fresh
+    old = time.time() - 30
+    os.utime(pair / claims.CLAIM_FILE, (old, old))
+    beating = claims.try_claim(pair, "local", timeout=10)  # silent for 30 s > 10 s: taken over
+    assert beating is not None
+    before = (pair / claims.CLAIM_FILE).stat().st_mtime
+    time.sleep(3.0)  # heartbeats every timeout / 4 = 2.5 s
+    assert (pair / claims.CLAIM_FILE).stat().st_mtime > before
+    beating.release()
+    (pair / plan.RESULT_FILE).write_text("{}")
+    assert claims.try_claim(pair, "local", timeout=600) is None
+
+
+def test_a_pair_claimed_by_another_launcher_is_left_to_it(
     fake_root: Path, recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "o"
-    with launch.output_lock(out):  # as a first run holds it
-        code = vtab.vtab_main(
-            [
-                "-c",
-                str(recipe),
-                "--data.root",
-                str(fake_root),
-                "--tasks",
-                "dtd",
-                "--out",
-                str(out),
-                "--launcher",
-                "inprocess",
-            ]
-        )
+    held = claims.try_claim(out / "runs" / "dtd" / "seed0", "another launcher")  # as a second launcher holds it
+    assert held is not None
+    argv = ["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd", "mytask", "--out", str(out)]
+    try:
+        code = vtab.vtab_main([*argv, "--launcher", "inprocess"])
+    finally:
+        held.release()
     err = capsys.readouterr().err
-    assert code == 2 and re.search(r"error: .* is in use by another 'petl-lightning vtab' run .*\.vtab\.lock", err)
-    assert not (out / "runs").exists()
+    assert code == 0 and "dtd seed 0: skipped, " in err and "(another launcher)" in err
+    assert not (out / "runs" / "dtd" / "seed0" / plan.RESULT_FILE).exists()
+    assert (out / "runs" / "mytask" / "seed0" / plan.RESULT_FILE).is_file()
+    assert "dtd seed 0 (running elsewhere)" in (out / "results.md").read_text()
+
+
+def test_two_launchers_at_once_run_each_pair_once(fake_root: Path, recipe: Path, tmp_path: Path) -> None:
+    """Two ``petl-lightning vtab`` processes started together on one --out share the plan."""
+    out = tmp_path / "o"
+    argv = ["vtab", "-c", str(recipe), "--data.root", str(fake_root), "--tasks", "present", "--seeds", "0", "1"]
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "petl-lightning"), *argv, "--out", str(out)], env=ENV, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    for task in FAKE_TASKS:
+        for seed in (0, 1):
+            pair = out / "runs" / task / f"seed{seed}"
+            assert (pair / plan.RESULT_FILE).is_file()
+            assert (pair / launch.LOG_FILE).read_text().count("\n=== ") == 1, f"{task} seed {seed} ran twice"
+            assert not (pair / claims.CLAIM_FILE).exists()
+    ran = [len(re.findall(r": acc ", e)) for e in errs]
+    assert sum(ran) == 2 * len(FAKE_TASKS) and min(ran) >= 1, errs  # both worked, no pair twice
 
 
 def test_table_means_std_and_partial_groups(tmp_path: Path) -> None:

@@ -27,7 +27,8 @@ import sys
 from collections.abc import Sequence
 
 from petl_lightning.errors import RunnerError, run_user_command
-from petl_lightning.vtab.launch import Launcher, execute, make_slots, output_lock, run_inprocess, run_subprocess
+from petl_lightning.vtab.claims import DEFAULT_TIMEOUT
+from petl_lightning.vtab.launch import ClaimOptions, Launcher, execute, make_slots, run_inprocess, run_subprocess
 from petl_lightning.vtab.plan import TaskRun, plan_runs
 from petl_lightning.vtab.report import collect_results, log_to_wandb, write_tables
 from petl_lightning.vtab.run import atomic_write
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept finished pairs in --out that were produced with other settings",
     )
+    p.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds without a heartbeat after which another machine's claim on a pair is taken over "
+        "(a dead process on this machine is noticed at once)",
+    )
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed pair")
     p.add_argument("--table-only", action="store_true", help="only rebuild results.csv/.md from --out")
     p.add_argument("--dry-run", action="store_true", help="print the plan (and CLI arguments) and exit")
@@ -156,12 +164,11 @@ def _main(ns: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
             state = "done" if r.finished else "todo"
             print(f"[{state}] {r.label}: petl-lightning fit/test " + " ".join(shlex.quote(a) for a in r.cli_args))
         return 0
-    with output_lock(out):
-        mixed = check_fingerprints(collect_results(out), info["fingerprint"], str(out), ns.allow_config_change)
-        if mixed:
-            header.append(f"Warning: {len(mixed)} pair(s) were produced with other settings (--allow-config-change).")
-        atomic_write(out / "vtab_run.json", json.dumps({**info, "argv": argv}, indent=1, default=str))
-        return _execute(ns, runs, out, info, compare, header)
+    mixed = check_fingerprints(collect_results(out), info["fingerprint"], str(out), ns.allow_config_change)
+    if mixed:
+        header.append(f"Warning: {len(mixed)} pair(s) were produced with other settings (--allow-config-change).")
+    atomic_write(out / "vtab_run.json", json.dumps({**info, "argv": argv}, indent=1, default=str))
+    return _execute(ns, runs, out, info, compare, header)
 
 
 def _execute(
@@ -180,20 +187,26 @@ def _execute(
     suite = suite_named(info["suite"])
     done_count = [skipped]
 
+    elsewhere: list[str] = []  # pairs another launcher holds
+
     def tables() -> list[dict]:
         return write_tables(
             out,
             compare,
             header_lines=header,
-            pending=sorted(pending),
+            pending=sorted([*pending, *(f"{label} (running elsewhere)" for label in elsewhere)]),
             failed=[f"{k}: {v}" for k, v in failed.items()],
             suite=suite,
         )
 
-    def on_done(run: TaskRun, ok: bool, msg: str) -> None:
+    def on_done(run: TaskRun, status: str, msg: str) -> None:
         pending.discard(run.label)
         done_count[0] += 1
-        if ok:
+        if status == "elsewhere":
+            if not run.finished:
+                elsewhere.append(run.label)
+            print(f"[vtab] [{done_count[0]}/{len(runs)}] {run.label}: skipped, {msg}", file=sys.stderr, flush=True)
+        elif status == "ok":
             acc = json.loads(run.result_path.read_text())["acc"]
             print(f"[vtab] [{done_count[0]}/{len(runs)}] {run.label}: acc {acc:.2f}%", file=sys.stderr, flush=True)
         else:
@@ -210,6 +223,7 @@ def _execute(
             on_done,
             resume=not ns.restart_unfinished,
             fail_fast=ns.fail_fast,
+            claims=ClaimOptions(ns.launcher, ns.claim_timeout),
         )
     finally:
         records = tables()

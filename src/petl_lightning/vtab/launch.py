@@ -1,28 +1,26 @@
 """Launching pairs: in a worker process each (default) or in this process, side by side over slots
-(one per GPU, or CPU jobs) with ``concurrent.futures``, and one lock per output folder."""
+(one per GPU, or CPU jobs) with ``concurrent.futures``; each pair under a claim (:mod:`.claims`), so
+several launchers may work on one output folder."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
 import os
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from petl_lightning.errors import RunnerError, find_user_error, one_line
+from petl_lightning.vtab.claims import DEFAULT_TIMEOUT, describe, try_claim
 from petl_lightning.vtab.plan import TaskRun
 from petl_lightning.vtab.run import WORKER_ENV, atomic_write, run_task
 
 SPEC_FILE = "spec.json"
 LOG_FILE = "worker.log"
-LOCK_FILE = ".vtab.lock"
 
 
 @dataclass
@@ -101,66 +99,75 @@ def run_inprocess(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
 
 
 Launcher = Callable[[TaskRun, Slot, bool], tuple[bool, str]]
+#: What became of a pair: "ok", "failed", or "elsewhere" (done or claimed by another launcher meanwhile).
+OnDone = Callable[[TaskRun, str, str], None]
+
+
+@dataclass
+class ClaimOptions:
+    """How a launcher claims pairs: its name in claim files, and when another holder's claim is stale."""
+
+    name: str = "local"
+    timeout: float = DEFAULT_TIMEOUT
+
+
+def run_claimed(run: TaskRun, slot: Slot, launcher: Launcher, resume: bool, claims: ClaimOptions) -> tuple[str, str]:
+    """Claim the pair (:mod:`.claims`), run it with ``launcher``, release the claim; ``("elsewhere", who)``
+    when another launcher finished or holds it."""
+    claim = try_claim(run.run_dir, claims.name, claims.timeout)
+    if claim is None:
+        return "elsewhere", describe(run.run_dir) or "finished by another launcher"
+    try:
+        ok, msg = launcher(run, slot, resume)
+    finally:
+        claim.release()
+    return ("ok" if ok else "failed"), msg
 
 
 def execute(
     runs: Sequence[TaskRun],
     slots: Sequence[Slot],
     launcher: Launcher,
-    on_done: Callable[[TaskRun, bool, str], None],
+    on_done: OnDone,
     resume: bool = True,
     fail_fast: bool = False,
+    claims: ClaimOptions | None = None,
 ) -> None:
-    """Run ``runs`` over ``slots`` (each slot runs one pair at a time), calling ``on_done`` after each in
-    this thread. ``fail_fast``: no new pair starts after a failure."""
+    """Run ``runs`` over ``slots`` (each slot runs one pair at a time), each under a claim, calling
+    ``on_done`` after each in this thread. ``fail_fast``: no new pair starts after a failure."""
+    claims = claims or ClaimOptions()
     todo, free = list(runs), list(slots)
     if len(slots) == 1:  # no threads: an in-process run keeps the main thread (signals, Lightning's launcher)
         for run in todo:
-            ok, msg = launcher(run, slots[0], resume)
-            on_done(run, ok, msg)
-            if not ok and fail_fast:
+            status, msg = run_claimed(run, slots[0], launcher, resume, claims)
+            on_done(run, status, msg)
+            if status == "failed" and fail_fast:
                 return
         return
-    running: dict[Future[tuple[bool, str]], tuple[TaskRun, Slot]] = {}
+    running: dict[Future[tuple[str, str]], tuple[TaskRun, Slot]] = {}
     stop = False
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:
         while running or (todo and not stop):
             while free and todo and not stop:
                 run, slot = todo.pop(0), free.pop(0)
-                running[pool.submit(launcher, run, slot, resume)] = (run, slot)
+                running[pool.submit(run_claimed, run, slot, launcher, resume, claims)] = (run, slot)
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
                 run, slot = running.pop(fut)
                 free.append(slot)
-                ok, msg = fut.result()
-                on_done(run, ok, msg)
-                stop = stop or (not ok and fail_fast)
+                status, msg = fut.result()
+                on_done(run, status, msg)
+                stop = stop or (status == "failed" and fail_fast)
 
 
-@contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<out>/.vtab.lock`` while a run writes into ``out``; a second run
-    on the same folder is refused (one line, naming the lock) instead of mixing results."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            raise RunnerError(
-                f"{out} is in use by another 'petl-lightning vtab' run ({owner}; lock {path}); wait for "
-                f"it to finish or use another --out."
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {_dt.datetime.now().isoformat(timespec='seconds')}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-__all__ = ["LOG_FILE", "Slot", "execute", "make_slots", "output_lock", "run_inprocess", "run_subprocess"]
+__all__ = [
+    "LOG_FILE",
+    "ClaimOptions",
+    "OnDone",
+    "Slot",
+    "execute",
+    "run_claimed",
+    "make_slots",
+    "run_inprocess",
+    "run_subprocess",
+]
