@@ -30,6 +30,7 @@ from petl_lightning.errors import RunnerError, run_user_command
 from petl_lightning.vtab.claims import DEFAULT_TIMEOUT
 from petl_lightning.vtab.launch import ClaimOptions, Launcher, execute, make_slots, run_inprocess, run_subprocess
 from petl_lightning.vtab.plan import TaskRun, plan_runs
+from petl_lightning.vtab.remote import RayOptions, SubmititOptions, execute_ray, execute_submitit
 from petl_lightning.vtab.report import collect_results, log_to_wandb, write_tables
 from petl_lightning.vtab.run import atomic_write
 from petl_lightning.vtab.suites import suite_named
@@ -70,10 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--launcher",
-        choices=["subprocess", "inprocess"],
-        default="subprocess",
-        help="run each pair in its own process (default) or in this one",
+        choices=["local", "inprocess", "ray", "submitit"],
+        default="local",
+        help="local: each pair in its own process on this machine (default); inprocess: in this process; "
+        "ray: one Ray task per pair; submitit: one SLURM job array (docs/sweeps.md)",
     )
+    p.add_argument("--ray-address", default=None, help="ray: 'auto' or HOST:PORT of a running cluster (default: local)")
+    p.add_argument("--ray-num-cpus", type=int, default=None, help="ray: CPUs of the local instance it starts")
+    p.add_argument("--cpus-per-pair", type=float, default=1.0, help="ray / submitit: CPUs one pair needs")
+    p.add_argument("--gpus-per-pair", type=float, default=0.0, help="ray / submitit: GPUs one pair needs")
+    p.add_argument("--slurm-cluster", default=None, help="submitit: 'local' runs the jobs here (no SLURM)")
+    p.add_argument("--slurm-partition", default=None)
+    p.add_argument("--slurm-time", type=int, default=24 * 60, help="submitit: minutes per pair")
+    p.add_argument("--slurm-account", default=None)
+    p.add_argument("--slurm-parallelism", type=int, default=64, help="submitit: array tasks running at once")
     p.add_argument(
         "--gpus", default=None, help="comma-separated CUDA device ids; pairs run side by side, one per device"
     )
@@ -122,9 +133,29 @@ def check_fingerprints(out_records: list[dict], fp: str, out: str, allow: bool) 
     return other
 
 
+def slurm_passthrough(extra: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Other ``--slurm-KEY VALUE`` arguments (SLURM's own options, e.g. ``--slurm-qos high``) for
+    submitit, and the rest (the Lightning CLI's)."""
+    slurm, rest, i = {}, [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if arg.startswith("--slurm-"):
+            key, eq, value = arg[len("--slurm-") :].partition("=")
+            if not eq:
+                if i + 1 >= len(extra):
+                    raise RunnerError(f"{arg} needs a value, e.g. {arg} VALUE.")
+                value, i = extra[i + 1], i + 1
+            slurm[key.replace("-", "_")] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return slurm, rest
+
+
 def vtab_main(argv: Sequence[str]) -> int:
     """Entry of ``petl-lightning vtab``: 0 all done, 1 some pairs failed, 2 bad input."""
     ns, extra = build_parser().parse_known_args(list(argv))
+    ns.slurm_extra, extra = slurm_passthrough(extra)
     status: list[int] = [0]
 
     def go() -> None:
@@ -139,7 +170,7 @@ def _main(ns: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     suite = suite_named(info["suite"])
     slots = make_slots(ns.gpus, ns.jobs)
     if len(slots) > 1 and ns.launcher == "inprocess":
-        raise RunnerError("--launcher inprocess runs one pair at a time; drop --gpus/--jobs or use subprocess.")
+        raise RunnerError("--launcher inprocess runs one pair at a time; drop --gpus/--jobs or use --launcher local.")
     compare: list[str] | None = None
     if ns.compare is not None:
         from petl_lightning.vtab.reference import resolve_name
@@ -214,17 +245,34 @@ def _execute(
             print(f"[vtab] [{done_count[0]}/{len(runs)}] {run.label}: FAILED {msg}", file=sys.stderr, flush=True)
         tables()
 
-    launcher: Launcher = run_subprocess if ns.launcher == "subprocess" else run_inprocess
+    claims = ClaimOptions(ns.launcher, ns.claim_timeout)
     try:
-        execute(
-            todo,
-            make_slots(ns.gpus, ns.jobs),
-            launcher,
-            on_done,
-            resume=not ns.restart_unfinished,
-            fail_fast=ns.fail_fast,
-            claims=ClaimOptions(ns.launcher, ns.claim_timeout),
-        )
+        if ns.launcher == "ray":
+            ray = RayOptions(ns.ray_address, ns.cpus_per_pair, ns.gpus_per_pair, ns.ray_num_cpus)
+            execute_ray(todo, on_done, not ns.restart_unfinished, claims, ray)
+        elif ns.launcher == "submitit":
+            slurm = SubmititOptions(
+                ns.slurm_cluster,
+                ns.slurm_partition,
+                ns.slurm_time,
+                int(ns.gpus_per_pair),
+                max(1, int(ns.cpus_per_pair)),
+                ns.slurm_account,
+                ns.slurm_parallelism,
+                ns.slurm_extra,
+            )
+            execute_submitit(todo, on_done, claims, out / "submitit", slurm)
+        else:
+            launcher: Launcher = run_subprocess if ns.launcher == "local" else run_inprocess
+            execute(
+                todo,
+                make_slots(ns.gpus, ns.jobs),
+                launcher,
+                on_done,
+                resume=not ns.restart_unfinished,
+                fail_fast=ns.fail_fast,
+                claims=claims,
+            )
     finally:
         records = tables()
     print(

@@ -57,7 +57,7 @@ def run_task(run: TaskRun, resume: bool = True) -> dict[str, Any]:
     if trainer.world_size > 1 and os.environ.get(WORKER_ENV) != "1":
         # Lightning's DDP launcher re-runs this process's command line for each rank: in-process
         # that would be the whole runner; in a worker process it is just this pair.
-        raise RunnerError(f"{run.label}: several devices per pair need --launcher subprocess.")
+        raise RunnerError(f"{run.label}: several devices per pair need --launcher local.")
     ckpt = run.last_checkpoint if resume else None
     if ckpt is not None:
         print(f"[vtab] {run.label}: resuming from {ckpt}", file=sys.stderr, flush=True)
