@@ -568,3 +568,25 @@ def test_real_assets_end_to_end(tmp_path: Path, dtd10_root: Path, vits_weights: 
                 break
             correct += int((model(x).argmax(-1) == y).sum())
     assert float(rows["dtd10"]["acc"]) == pytest.approx(correct, abs=1e-3)  # 100 images: % == count
+
+
+@pytest.mark.parametrize("launcher", ["ray", "submitit"])
+def test_remote_launchers_write_the_local_results(fake_root: Path, recipe: Path, tmp_path: Path, launcher: str) -> None:
+    """``--launcher ray`` (a local Ray instance of 2 CPUs, shut down at the end) and ``--launcher submitit``
+    (submitit's local executor: no SLURM) write the results.csv of ``--launcher local``."""
+    pytest.importorskip(launcher)
+    argv = ["vtab", "-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd", "eurosat", "--seeds", "0", "1"]
+    extra = {"ray": ["--ray-num-cpus", "2"], "submitit": ["--slurm-cluster", "local"]}[launcher]
+    rows = {}
+    for name, args in (("local", []), (launcher, ["--launcher", launcher, *extra])):
+        proc = subprocess.run(
+            [str(BIN / "petl-lightning"), *argv, "--out", str(tmp_path / name), *args],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[name] = {(r["task"], r["seed"]): float(r["acc"]) for r in read_csv(tmp_path / name / "results.csv")}
+    assert len(rows["local"]) == 4 and rows[launcher].keys() == rows["local"].keys()
+    assert all(abs(rows[launcher][k] - v) <= 1e-6 for k, v in rows["local"].items()), rows
