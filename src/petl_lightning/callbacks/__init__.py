@@ -1,10 +1,11 @@
 """Callbacks: statistics loggers that only read ``inference_stats()``, Dyn-Adapter's accuracy-vs-GFLOPs
-curve, the checkpoint and prediction-CSV defaults of the CLI, and an image-batch throughput
-monitor."""
+curve, test accuracy over epochs for the selection rules, the checkpoint and prediction-CSV defaults
+of the CLI, and an image-batch throughput monitor."""
 
 from petl_lightning.callbacks.checkpoint import AtomicCheckpointIO, PETLCheckpoint
 from petl_lightning.callbacks.curve import ExitCurveLogger
 from petl_lightning.callbacks.predictions import PredictionWriter
+from petl_lightning.callbacks.selection import TestAccuracyTracker
 from petl_lightning.callbacks.stats import ExitRateLogger, FlopsLogger, InferenceStatsCallback, read_inference_stats
 from petl_lightning.callbacks.throughput import ImageThroughputMonitor, images_in_batch
 
@@ -17,6 +18,7 @@ __all__ = [
     "InferenceStatsCallback",
     "PETLCheckpoint",
     "PredictionWriter",
+    "TestAccuracyTracker",
     "images_in_batch",
     "read_inference_stats",
 ]

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat after which another machine's claim on a pair is taken over "
         "(a dead process on this machine is noticed at once)",
     )
+    p.add_argument(
+        "--test-every",
+        type=int,
+        default=10,
+        help="test every N epochs during fit for the best-val and max-over-test columns (0: the final test only; "
+        "each costs a pass over the test split)",
+    )
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed pair")
     p.add_argument("--table-only", action="store_true", help="only rebuild results.csv/.md from --out")
     p.add_argument("--dry-run", action="store_true", help="print the plan (and CLI arguments) and exit")
@@ -166,7 +173,11 @@ def vtab_main(argv: Sequence[str]) -> int:
 
 
 def _main(ns: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
-    runs, out, info = plan_runs(ns.config, extra, ns.tasks, ns.seeds, ns.out, ns.root, resolve=not ns.table_only)
+    if ns.test_every < 0:
+        raise RunnerError(f"--test-every takes 0 (final test only) or a number of epochs (got {ns.test_every}).")
+    runs, out, info = plan_runs(
+        ns.config, extra, ns.tasks, ns.seeds, ns.out, ns.root, resolve=not ns.table_only, test_every=ns.test_every
+    )
     suite = suite_named(info["suite"])
     slots = make_slots(ns.gpus, ns.jobs)
     if len(slots) > 1 and ns.launcher == "inprocess":

@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from petl_lightning.errors import RunnerError, find_user_error, one_line
 from petl_lightning.vtab.claims import DEFAULT_TIMEOUT, describe, try_claim
@@ -87,7 +87,7 @@ def run_subprocess(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
 def run_inprocess(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
     """Run a pair in this process; an exception marks it failed (KeyboardInterrupt stops everything)."""
     try:
-        run_task(TaskRun(run.task, run.seed, run.run_dir, [*run.cli_args, *slot.args], run.fingerprint), resume)
+        run_task(replace(run, cli_args=[*run.cli_args, *slot.args]), resume)
     except Exception as err:  # noqa: BLE001 - recorded and reported; other pairs continue
         user_error = find_user_error(err)
         run.run_dir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ class TaskRun:
     run_dir: Path
     cli_args: list[str]
     fingerprint: str
+    test_every: int = 10
 
     @property
     def group(self) -> str:
@@ -164,6 +165,7 @@ def plan_runs(
     out: str | None,
     root: str | None,
     resolve: bool = True,
+    test_every: int = 10,
 ) -> tuple[list[TaskRun], Path, dict[str, Any]]:
     """Resolve tasks, seeds and output folder; compose each pair's CLI arguments (no task checks with
     ``resolve=False``, for rebuilding tables)."""
@@ -218,13 +220,14 @@ def plan_runs(
                 str(run_dir),
                 *extra,
             ]
-            runs.append(TaskRun(task, seed, run_dir, args, fp))
+            runs.append(TaskRun(task, seed, run_dir, args, fp, test_every))
     info = {
         "suite": suite.name,
         "root": str(data_root),
         "tasks": tasks,
         "seeds": seeds,
         "fingerprint": fp,
+        "test_every": test_every,
         "configs": list(configs),
         "extra": list(extra),
         "model_class": str(config.get("model", {}).get("class_path", "")),

@@ -55,6 +55,8 @@ class Reference:
 
     ``per_task`` is ``None`` when the paper's per-task numbers are not available (Dyn-Adapter).
     ``reported`` holds the summary numbers as printed (``group_mean``, ``mean19``, group means).
+    ``selection`` is the epoch rule behind the numbers where known (``"max_test"``: the maximum over
+    epochs of test accuracy), None where the paper does not say.
     """
 
     name: str
@@ -65,6 +67,7 @@ class Reference:
     source: str
     kind: str
     reported: dict[str, float] = field(default_factory=dict)
+    selection: str | None = None
 
 
 #: FGVC rows (ViT-B/16, ImageNet-21k; per-task top-1 %), keyed by the names :func:`resolve_name` gives.
@@ -78,6 +81,7 @@ FGVC_REFERENCES: dict[str, Reference] = {
         source="ARC (Dong et al., NeurIPS 2023) FGVC row, as reprinted by the same authors in HTA and RLRR",
         kind="method",
         reported={"mean": 90.1},
+        selection="max_test",
     ),
 }
 
@@ -124,6 +128,7 @@ def reference(name: str) -> Reference:
         source=m["source"],
         kind=m["kind"],
         reported=dict(m.get("reported", {})),
+        selection=m.get("selection"),
     )
 
 

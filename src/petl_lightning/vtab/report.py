@@ -1,6 +1,7 @@
 """A benchmark run's results: ``results.csv`` (one row per pair) and ``results.md`` (per-task means ±
 std over seeds and the suite's summary, e.g. VTAB-1K's group means, the group mean and the 19-task
-mean, or the FGVC mean, beside the papers' numbers), rebuilt atomically from every finished pair's
+mean, or the FGVC mean, under three selection rules (last epoch, best val, max over test epochs)
+beside the papers' numbers, and each task's data fingerprint), rebuilt atomically from every finished pair's
 ``result.json``; and the same table sent to W&B."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from petl_lightning.callbacks.selection import MAX_TEST_NOTE, SELECTION_LABELS
 from petl_lightning.vtab.plan import RESULT_FILE, task_order
 from petl_lightning.vtab.run import atomic_write
 from petl_lightning.vtab.suites import VTAB, Suite, group_of
@@ -25,6 +27,11 @@ CSV_COLUMNS = [
     "group",
     "seed",
     "acc",
+    "acc_best_val",
+    "acc_max_test",
+    "best_val_epoch",
+    "max_test_epoch",
+    "test_every",
     "test_loss",
     "trainable_params",
     "trainable_params_no_head",
@@ -44,6 +51,7 @@ CSV_COLUMNS = [
     "device",
     "finished_at",
     "fingerprint",
+    "data_fingerprint",
 ]
 
 
@@ -66,6 +74,9 @@ def write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
     for r in records:
         row = dict(r)
         row["exit_share"] = ";".join(f"{v:.4f}" for v in r.get("exit_share", []))
+        for k in ("acc_best_val", "acc_max_test"):
+            if isinstance(row.get(k), float):
+                row[k] = f"{row[k]:.4f}"
         for k in ("acc", "test_loss", "gflops", "gflops_backbone", "gflops_ratio", "keep_rate"):
             if isinstance(row.get(k), float):
                 row[k] = f"{row[k]:.6g}" if k != "acc" else f"{row[k]:.4f}"
@@ -84,6 +95,9 @@ class TaskSummary:
     group: str
     accs: list[float]
     seeds: list[int]
+    best_val: list[float]
+    max_test: list[float]
+    data_fingerprints: list[str]
     trainable_params: float
     trainable_params_no_head: float
     gflops: float
@@ -100,6 +114,21 @@ class TaskSummary:
     def std(self) -> float | None:
         """Sample standard deviation over seeds (``None`` with one seed)."""
         return statistics.stdev(self.accs) if len(self.accs) > 1 else None
+
+    def accs_by(self, rule: str) -> list[float]:
+        """Accuracies over seeds under a selection rule (``last``, ``best_val``, ``max_test``)."""
+        return {"last": self.accs, "best_val": self.best_val, "max_test": self.max_test}[rule]
+
+    def mean_by(self, rule: str) -> float | None:
+        """Mean over seeds under ``rule``; None unless every seed has it (best val needs a val split)."""
+        accs = self.accs_by(rule)
+        return statistics.fmean(accs) if accs and len(accs) == len(self.accs) else None
+
+    @property
+    def data_fingerprint(self) -> str:
+        """The data's fingerprint, ``mixed: a, b`` when seeds ran on different data, ``n/r`` when not recorded."""
+        found = sorted(set(self.data_fingerprints))
+        return "n/r" if not found else found[0] if len(found) == 1 else "mixed: " + ", ".join(found)
 
 
 def summarize_tasks(records: Sequence[dict[str, Any]]) -> list[TaskSummary]:
@@ -119,6 +148,9 @@ def summarize_tasks(records: Sequence[dict[str, Any]]) -> list[TaskSummary]:
                 group=rs[0].get("group", group_of(task)),
                 accs=[float(r["acc"]) for r in rs],
                 seeds=[int(r["seed"]) for r in rs],
+                best_val=[float(r["acc_best_val"]) for r in rs if r.get("acc_best_val") is not None],
+                max_test=[float(r["acc_max_test"]) for r in rs if r.get("acc_max_test") is not None],
+                data_fingerprints=[str(r["data_fingerprint"]) for r in rs if r.get("data_fingerprint")],
                 trainable_params=statistics.fmean(r.get("trainable_params", 0) for r in rs),
                 trainable_params_no_head=statistics.fmean(r.get("trainable_params_no_head", 0) for r in rs),
                 gflops=statistics.fmean(float(r.get("gflops", float("nan"))) for r in rs),
@@ -135,8 +167,12 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def _acc_cell(s: TaskSummary) -> str:
-    return f"{s.mean:.2f}" if s.std is None else f"{s.mean:.2f} ± {s.std:.2f}"
+def _acc_cell(accs: Sequence[float], seeds: int) -> str:
+    """Mean ± sample std over seeds; ``n/a`` unless every seed has the figure."""
+    if not accs or len(accs) != seeds:
+        return "n/a"
+    mean = statistics.fmean(accs)
+    return f"{mean:.2f}" if len(accs) == 1 else f"{mean:.2f} ± {statistics.stdev(accs):.2f}"
 
 
 def _params_m(n: float) -> str:
@@ -152,6 +188,18 @@ def default_references(records: Sequence[dict[str, Any]], suite: Suite = VTAB) -
     return [name] if name else []
 
 
+RULES = ("last", "best_val", "max_test")
+
+
+def rule_of(reference: Any) -> str:
+    """Our selection rule to put beside a papers' row: theirs where known, else the last epoch."""
+    return reference.selection if getattr(reference, "selection", None) in RULES else "last"
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def render_markdown(
     records: Sequence[dict[str, Any]],
     references: Sequence[str] = (),
@@ -162,8 +210,8 @@ def render_markdown(
     note_missing_reference: bool = True,
     suite: Suite = VTAB,
 ) -> str:
-    """``results.md``: the suite's summary (e.g. VTAB-1K's group means, group mean, 19-task mean) vs
-    the papers, per-task table, the papers' layout, and what is still missing."""
+    """``results.md``: the suite's summary (e.g. VTAB-1K's group means, group mean, 19-task mean) under
+    each selection rule vs the papers, per-task table, the papers' layout, and what is still missing."""
     from petl_lightning.vtab.reference import format_delta
 
     tasks = summarize_tasks(records)
@@ -171,53 +219,62 @@ def render_markdown(
     found = [suite.reference(n) for n in references]
     refs = [r for r in found if r is not None and r.per_task is not None]
     dynamic = any((s.keep_rate < 0.9999) or (len(s.exit_share) > 1) for s in tasks)
-    ours = {s.task: s.mean for s in tasks}
-    summ = suite.summary(ours)
+    ours = {rule: {s.task: m for s in tasks if (m := s.mean_by(rule)) is not None} for rule in RULES}
+    summ = {rule: suite.summary(ours[rule]) for rule in RULES}
     lines = [f"# {suite.name} results: {title or method}", ""]
     lines += [f"- {h}" for h in header_lines]
     seeds = sorted({seed for s in tasks for seed in s.seeds})
     n_suite = sum(1 for s in tasks if s.task in suite.tasks)
+    every = sorted({int(r.get("test_every", 0)) for r in records})
     lines += [
         f"- Method: `{method}`; backbone `{records[0].get('model_name', '?') if records else '?'}`; "
         f"seeds: {', '.join(map(str, seeds)) or '-'}; finished pairs: {len(records)}; "
         f"{suite.name} tasks: {n_suite}/{len(suite.tasks)}; custom tasks: {len(tasks) - n_suite}.",
         "- Accuracy: top-1 % on the task's test list; ± is the sample standard deviation over seeds. "
         + suite.mean_note,
+        "- Selection rules: *last* = the last epoch (ours, the default); *best val* = the tested epoch with the "
+        "highest validation accuracy (only where the protocol has a val split, e.g. `train_val`); "
+        f"*max test* = {MAX_TEST_NOTE}. Test accuracy was measured every "
+        f"{', '.join(str(e) for e in every) or '?'} epoch(s) (`--test-every`; 0 = final epoch only) and at the last.",
+        "- Data: each task's fingerprint (sha256 of its list files and the normalisation) is in the per-task "
+        "table; tables with different fingerprints were run on different data.",
         "",
         "## Summary",
         "",
     ]
-    head = ["", "ours", *[f"{r.name} (paper)" for r in refs]]
+    rule_heads = {"last": "ours: last epoch", "best_val": "ours: best val", "max_test": "ours: max test †"}
+    head = ["", *rule_heads.values(), *[f"{r.name} (paper; {SELECTION_LABELS.get(rule_of(r), '?')})" for r in refs]]
     if refs:
-        head.append(f"Δ vs {refs[0].name}")
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        head.append(f"Δ vs {refs[0].name} (ours by its rule)")
+    lines += [_row(head), "|" + "---|" * len(head)]
     ref_summ = [suite.summary(r.per_task or {}) for r in refs]
-    for i, mine in enumerate(summ):
-        row = [mine.label, mine.cell, *[_fmt(rs[i].value) for rs in ref_summ]]
+    for i, mine in enumerate(summ["last"]):
+        row = [mine.label, *[summ[rule][i].cell for rule in RULES], *[_fmt(rs[i].value) for rs in ref_summ]]
         if refs:
-            row.append(format_delta(mine.value, ref_summ[0][i].value, 2))
-        lines.append("| " + " | ".join(row) + " |")
+            row.append(format_delta(summ[rule_of(refs[0])][i].value, ref_summ[0][i].value, 2))
+        lines.append(_row(row))
+    pad = ["", ""] + [""] * len(refs) + ([""] if refs else [])
     if tasks:
         tp = statistics.fmean(s.trainable_params for s in tasks)
         tp_nh = statistics.fmean(s.trainable_params_no_head for s in tasks)
         row = [
             "Trainable params (M): mean over tasks, with head / without head",
             f"{tp / 1e6:.3f} / {tp_nh / 1e6:.3f}",
+            "",
+            "",
             *[_fmt(r.trainable_params_m) if r.trainable_params_m is not None else "n/r" for r in refs],
         ]
-        if refs:
-            row.append("")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(_row(row + ([""] if refs else [])))
         gf = statistics.fmean(s.gflops for s in tasks)
         ratio = statistics.fmean(s.gflops_ratio for s in tasks)
         row = [
             "GFLOPs / image (mean over tasks; × backbone)",
             f"{gf:.3f} ({ratio:.3f}×)",
+            "",
+            "",
             *[_fmt(r.gflops) if r.gflops is not None else "n/r" for r in refs],
         ]
-        if refs:
-            row.append("")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(_row(row + ([""] if refs else [])))
         if dynamic:
             keep = statistics.fmean(s.keep_rate for s in tasks)
             width = max(len(s.exit_share) for s in tasks)
@@ -228,10 +285,8 @@ def render_markdown(
                 ("Token keep rate (mean over tasks)", f"{keep:.3f}"),
                 ("Exit shares, first to last exit (mean over tasks)", " / ".join(f"{v:.2f}" for v in shares)),
             ):
-                row = [label, value, *["" for _ in refs]]
-                if refs:
-                    row.append("")
-                lines.append("| " + " | ".join(row) + " |")
+                lines.append(_row([label, value, *pad]))
+    lines += ["", f"† {MAX_TEST_NOTE}."]
     if not refs and records and note_missing_reference:
         lines += [
             "",
@@ -247,44 +302,45 @@ def render_markdown(
         ]
     if refs:
         lines += ["", "Reference sources: " + "; ".join(f"{r.name}: {r.source} ({r.backbone})" for r in refs) + "."]
+    mixed = [s.task for s in tasks if s.data_fingerprint.startswith("mixed")]
+    if mixed:
+        lines += ["", f"Warning: seeds of {', '.join(mixed)} ran on different data (see the data column)."]
     lines += ["", "## Per task", ""]
-    head = ["group", "task", "acc %", "seeds"]
+    head = ["group", "task", "last %", "best val %", "max test % †", "seeds"]
     if refs:
         head += [f"{refs[0].name} (paper)", "Δ"]
     head += ["trainable params (M)", "GFLOPs", "× backbone"]
     if dynamic:
         head += ["keep rate", "exit shares"]
-    head += ["time (min)"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head += ["data", "time (min)"]
+    lines += [_row(head), "|" + "---|" * len(head)]
     for s in tasks:
-        row = [s.group, s.task, _acc_cell(s), str(len(s.seeds))]
+        row = [s.group, s.task, *[_acc_cell(s.accs_by(rule), len(s.accs)) for rule in RULES], str(len(s.seeds))]
         if refs:
             ref_acc = (refs[0].per_task or {}).get(s.task)
-            row += [_fmt(ref_acc, 1), format_delta(s.mean, ref_acc, 2)]
+            row += [_fmt(ref_acc, 1), format_delta(s.mean_by(rule_of(refs[0])), ref_acc, 2)]
         row += [_params_m(s.trainable_params), _fmt(s.gflops, 3), _fmt(s.gflops_ratio, 3)]
         if dynamic:
             row += [_fmt(s.keep_rate, 3), " / ".join(f"{v:.2f}" for v in s.exit_share)]
-        row.append(f"{s.wall_s / 60:.1f}")
-        lines.append("| " + " | ".join(row) + " |")
-    in_suite = {t: a for t, a in ours.items() if t in suite.tasks}
-    if in_suite:
+        row += [f"`{s.data_fingerprint}`", f"{s.wall_s / 60:.1f}"]
+        lines.append(_row(row))
+    in_suite = {rule: {t: a for t, a in ours[rule].items() if t in suite.tasks} for rule in RULES}
+    if in_suite["last"]:
         lines += ["", "## Paper layout", ""]
-        rows: dict[str, dict[str, float]] = {"ours": in_suite}
+        rows: dict[str, dict[str, float]] = {
+            f"ours ({SELECTION_LABELS[rule]})": in_suite[rule] for rule in RULES if in_suite[rule]
+        }
         for r in refs:
             rows[f"{r.name} (paper)"] = r.per_task or {}
         table = suite.paper_table(rows)
         if refs:
             ref_tasks = refs[0].per_task or {}
-            delta = (
-                "| Δ vs "
-                + refs[0].name
-                + " | "
-                + " | ".join(
-                    format_delta(in_suite.get(t), ref_tasks.get(t)) if t in in_suite else "-" for t in suite.tasks
-                )
+            same_rule = in_suite[rule_of(refs[0])]
+            delta = f"| Δ vs {refs[0].name} (ours: {SELECTION_LABELS[rule_of(refs[0])]}) | " + " | ".join(
+                format_delta(same_rule.get(t), ref_tasks.get(t)) if t in same_rule else "-" for t in suite.tasks
             )
-            rs0 = ref_summ[0]
-            delta += " | " + " | ".join(format_delta(m.value, r.value, 2) for m, r in zip(summ, rs0)) + " |"
+            pairs = zip(summ[rule_of(refs[0])], ref_summ[0])
+            delta += " | " + " | ".join(format_delta(m.value, r.value, 2) for m, r in pairs) + " |"
             table += "\n" + delta
         lines.append(table)
         lines.append("")
@@ -345,6 +401,9 @@ def log_to_wandb(
     run.log({f"{suite.key}/results": table})
     scalars = {f"{suite.key}/acc/{s.task}": s.mean for s in tasks}
     scalars.update({f"{suite.key}/{m.key}": m.value for m in summ if m.value is not None})
+    for rule in ("best_val", "max_test"):  # the last epoch's figures are the unprefixed ones
+        per_task = {s.task: m for s in tasks if (m := s.mean_by(rule)) is not None}
+        scalars.update({f"{suite.key}/{rule}/{m.key}": m.value for m in suite.summary(per_task) if m.value is not None})
     run.summary.update(scalars)
     run.finish()
 
