@@ -216,6 +216,23 @@ def test_a_pair_claimed_by_another_launcher_is_left_to_it(
     assert "dtd seed 0 (running elsewhere)" in (out / "results.md").read_text()
 
 
+@pytest.mark.parametrize("launcher", ["ray", "submitit"])
+def test_a_missing_launcher_extra_is_named_before_anything_is_written(
+    fake_root: Path,
+    recipe: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    launcher: str,
+) -> None:
+    monkeypatch.setitem(sys.modules, launcher, None)  # as if not installed: importing it raises ImportError
+    argv = ["-c", str(recipe), "--data.root", str(fake_root), "--tasks", "dtd", "--out", str(tmp_path / "o")]
+    assert vtab.vtab_main([*argv, "--launcher", launcher]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {launcher} is not installed; install the extra: pip install 'petl-lightning[{launcher}]'."
+    assert not (tmp_path / "o").exists()
+
+
 def test_two_launchers_at_once_run_each_pair_once(fake_root: Path, recipe: Path, tmp_path: Path) -> None:
     """Two ``petl-lightning vtab`` processes started together on one --out share the plan."""
     out = tmp_path / "o"

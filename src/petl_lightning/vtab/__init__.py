@@ -26,7 +26,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from petl_lightning.errors import RunnerError, run_user_command
+from petl_lightning.errors import RunnerError, require, run_user_command
 from petl_lightning.vtab.claims import DEFAULT_TIMEOUT
 from petl_lightning.vtab.launch import ClaimOptions, Launcher, execute, make_slots, run_inprocess, run_subprocess
 from petl_lightning.vtab.plan import TaskRun, plan_runs
@@ -173,6 +173,8 @@ def vtab_main(argv: Sequence[str]) -> int:
 
 
 def _main(ns: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    if ns.launcher in ("ray", "submitit") and not ns.table_only:
+        require(ns.launcher, ns.launcher)  # before anything is planned or written
     if ns.test_every < 0:
         raise RunnerError(f"--test-every takes 0 (final test only) or a number of epochs (got {ns.test_every}).")
     runs, out, info = plan_runs(
