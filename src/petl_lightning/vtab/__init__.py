@@ -14,8 +14,9 @@ the CLI), in a worker process (default) or in this process (``--launcher inproce
 finished when ``<out>/runs/<task>/seed<k>/result.json`` exists; a re-run skips it, and an
 interrupted pair resumes from its ``checkpoints/last.ckpt``. After every pair ``results.csv`` and
 ``results.md`` are rewritten from all finished pairs. Modules: ``plan`` (what to run), ``run``
-(one pair), ``launch`` (processes, slots, the output lock), ``report`` (tables), ``reference``
-(the papers' numbers), ``suites`` (VTAB-1K and FGVC).
+(one pair), ``launch`` (processes, slots), ``claims`` (several launchers on one output folder),
+``remote`` (Ray and submitit), ``report`` (tables), ``reference`` (the papers' numbers), ``suites``
+(VTAB-1K and FGVC).
 """
 
 from __future__ import annotations

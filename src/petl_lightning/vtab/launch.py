@@ -98,6 +98,29 @@ def run_inprocess(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
     return True, ""
 
 
+def run_dedicated(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
+    """Run a pair in this process when the process exists for that pair alone (a Ray task with
+    ``max_calls=1``, a SLURM array job): what :func:`run_subprocess` does without starting a second
+    interpreter. Its output goes to the run's ``worker.log`` while it runs."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run.run_dir / LOG_FILE, "a") as log:
+        log.write(f"\n=== {_dt.datetime.now().isoformat(timespec='seconds')} on {slot.name}\n")
+        log.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            return run_inprocess(run, slot, resume)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+
+
 Launcher = Callable[[TaskRun, Slot, bool], tuple[bool, str]]
 #: What became of a pair: "ok", "failed", or "elsewhere" (done or claimed by another launcher meanwhile).
 OnDone = Callable[[TaskRun, str, str], None]
@@ -168,6 +191,7 @@ __all__ = [
     "execute",
     "run_claimed",
     "make_slots",
+    "run_dedicated",
     "run_inprocess",
     "run_subprocess",
 ]

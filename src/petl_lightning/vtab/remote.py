@@ -1,7 +1,8 @@
 """Running pairs past one machine: one Ray task per pair (``--launcher ray``), or one SLURM array
 job per invocation through submitit (``--launcher submitit``). Each remote pair claims itself
-(:mod:`.claims`) and runs in a worker process exactly as the local launcher's, so every launcher
-writes the same ``result.json`` for the same pair."""
+(:mod:`.claims`) and runs in a process of its own (a Ray worker used for one task, an array job),
+as the local launcher's worker does, so every launcher writes the same ``result.json`` for the
+same pair."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from petl_lightning.errors import RunnerError, require
-from petl_lightning.vtab.launch import ClaimOptions, OnDone, Slot, run_claimed, run_subprocess
+from petl_lightning.vtab.launch import ClaimOptions, OnDone, Slot, run_claimed, run_dedicated
 from petl_lightning.vtab.plan import TaskRun
 
 
 def run_remote_pair(run: TaskRun, resume: bool, claims: ClaimOptions) -> tuple[str, str]:
-    """What a Ray task or a SLURM array job runs for one pair: claim it, run it in a worker process,
-    release the claim."""
-    return run_claimed(run, Slot(claims.name), run_subprocess, resume, claims)
+    """What a Ray task or a SLURM array job runs for one pair, in a process of its own: claim it, run
+    it, release the claim."""
+    return run_claimed(run, Slot(claims.name), run_dedicated, resume, claims)
 
 
 @dataclass
@@ -44,7 +45,8 @@ def execute_ray(
             kwargs["num_cpus"] = options.num_cpus
         ray.init(address=options.address, **kwargs)
     try:
-        task = ray.remote(num_cpus=options.cpus_per_pair, num_gpus=options.gpus_per_pair)(run_remote_pair)
+        # max_calls=1: a fresh worker process per pair, as the local launcher's (no state between pairs)
+        task = ray.remote(num_cpus=options.cpus_per_pair, num_gpus=options.gpus_per_pair, max_calls=1)(run_remote_pair)
         pending = {task.remote(run, resume, claims): run for run in runs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
