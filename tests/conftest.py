@@ -30,6 +30,28 @@ ASSETS = Path(os.environ.get("PETL_ASSETS", Path(__file__).resolve().parents[2] 
 VITS_WEIGHTS = ASSETS / "weights" / "vit_small_patch14_dinov2.imgfocus_saliency.safetensors"
 VTAB_ASSETS = ASSETS / "vtab1k"
 
+#: The slowest test files, slowest first (measured in CI). pytest-xdist's ``--dist loadfile`` hands
+#: files to its workers in collection order, so a long file collected last would keep one worker busy
+#: while the other idles; running the long ones first (longest-processing-time-first) evens the end.
+SLOW_FILES = (
+    "test_lifecycle.py",
+    "test_dyt.py",
+    "test_runner.py",
+    "test_dyn_adapter.py",
+    "test_cli.py",
+    "test_data_sources_cli.py",
+    "test_prepare.py",
+    "test_arc.py",
+    "test_faults.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow files first (:data:`SLOW_FILES`), the others after them in their own order."""
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: order within a file kept
+
+
 # The short real-data budget every method is compared under (LinearProbe included).
 DTD10_BUDGET: dict[str, Any] = {
     "task": "dtd10",
