@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,12 @@ from petl_lightning.adapted import AdaptedViT
 from petl_lightning.data.vtab import VTAB1kDataModule
 from petl_lightning.tasks.classification import PETLModule
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-WEIGHTS = ASSETS / "weights" / "vit_small_patch14_dinov2.imgfocus_saliency.safetensors"
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # so `python benchmarks/dyn_adapter_dyt.py` finds the `benchmarks` package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.studies import ASSETS, budget_trainer, vits_module  # noqa: E402
+
 MODELS: dict[str, tuple[type[PETLModule], dict[str, Any], float | None]] = {
     # row -> (class, arguments, FLOPs budget of the exit thresholds)
     "Dyn-Adapter + DyT (composed)": (DynAdapter, {"base": "dyt", "adapter_scale": 0.1}, 0.35),
@@ -43,45 +48,22 @@ MODELS: dict[str, tuple[type[PETLModule], dict[str, Any], float | None]] = {
 }
 
 
-def trainer(epochs: int = 1) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-
-
 def build(cls: type[PETLModule], kw: dict[str, Any], img_size: int, num_classes: int) -> PETLModule:
-    return cls(
-        num_classes=num_classes,
-        model_name="vit_small_patch14_dinov2",
-        checkpoint_path=str(WEIGHTS),
-        img_size=img_size,
-        lr=1e-2,
-        warmup_epochs=0.0,
-        scheduler_interval="step",
-        **kw,
-    )
+    return vits_module(cls, img_size, 1e-2, num_classes, **kw)
 
 
 def fit(row: str, dm: VTAB1kDataModule, args: argparse.Namespace, seed: int) -> PETLModule:
     cls, kw, _ = MODELS[row]
     L.seed_everything(seed, verbose=False)
     model = build(cls, kw, args.img_size, dm.num_classes)
-    trainer(args.epochs).fit(model, dm)
+    budget_trainer(args.epochs).fit(model, dm)
     return model.eval()
 
 
 def evaluate(model: PETLModule, dm: VTAB1kDataModule, budget: float | None) -> dict[str, float]:
     if budget is not None:
         model.calibrate(dm, budget)  # type: ignore[operator]  # the early-exit models
-    acc = float(trainer().test(model, dm, verbose=False)[0]["test/acc"])
+    acc = float(budget_trainer().test(model, dm, verbose=False)[0]["test/acc"])
     stats = model.inference_stats()
     return {
         "acc": acc,

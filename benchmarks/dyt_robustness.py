@@ -15,15 +15,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-WEIGHTS = ASSETS / "weights" / "vit_small_patch14_dinov2.imgfocus_saliency.safetensors"
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # so `python benchmarks/dyt_robustness.py` finds the `benchmarks` package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.studies import (  # noqa: E402
+    ASSETS,
+    budget_trainer,
+    load_rows,
+    print_row,
+    run_cells,
+    vits_module,
+    vtab_data,
+)
+
 METHODS = ("dyt", "linear_probe", "repadapter")
 
 
@@ -33,41 +42,13 @@ def run_cell(task: str, method: str, lr: float, seed: int, epochs: int, img_size
     import torch
 
     from petl_lightning import DyT, LinearProbe, RepAdapter
-    from petl_lightning.data.vtab import VTAB1kDataModule
 
     torch.set_num_threads(1)
-    dm = VTAB1kDataModule(
-        root=str(root),
-        task=task,
-        protocol="trainval_test",
-        img_size=img_size,
-        batch_size=32,
-        eval_batch_size=100,
-        num_workers=0,
-        cache=method == "linear_probe",
-    )
+    dm = vtab_data(root, task, img_size, cache=method == "linear_probe")
     L.seed_everything(seed, verbose=False)
     cls = {"dyt": DyT, "linear_probe": LinearProbe, "repadapter": RepAdapter}[method]
-    module = cls(
-        num_classes=10,
-        model_name="vit_small_patch14_dinov2",
-        checkpoint_path=str(WEIGHTS),
-        img_size=img_size,
-        lr=lr,
-        warmup_epochs=0.0,
-        scheduler_interval="step",
-    )
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    module = vits_module(cls, img_size, lr)
+    trainer = budget_trainer(epochs)
     trainer.fit(module, dm)
     row: dict[str, Any] = dict(task=task, method=method, lr=lr, seed=seed)
     row["acc"] = round(float(trainer.test(module, dm, verbose=False)[0]["test/acc"]), 4)
@@ -129,11 +110,9 @@ def main() -> None:
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (JSON) and print its row
     a = p.parse_args()
     if a.cell:
-        c = json.loads(a.cell)
-        print("ROW " + json.dumps(run_cell(**c, epochs=a.epochs, img_size=a.img_size, root=a.root)), flush=True)
+        print_row(run_cell(**json.loads(a.cell), epochs=a.epochs, img_size=a.img_size, root=a.root))
         return
-    done = [json.loads(line) for line in a.out.read_text().splitlines()] if a.out.exists() else []
-    have = {(r["task"], r["method"], r["lr"], r["seed"]) for r in done}
+    have = {(r["task"], r["method"], r["lr"], r["seed"]) for r in load_rows(a.out)}
     # DyT cells first (the longest), so the short ones fill the gaps at the end
     todo = [
         dict(task=t, method=m, lr=lr, seed=s)
@@ -143,24 +122,14 @@ def main() -> None:
         for t in a.tasks
         if (t, m, lr, s) not in have
     ]
-
-    def launch(cell: dict[str, Any]) -> None:
-        cmd = [sys.executable, __file__, "--cell", json.dumps(cell), "--epochs", str(a.epochs)]
-        cmd += ["--img-size", str(a.img_size), "--root", str(a.root)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        rows = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
-        if out.returncode or not rows:
-            print(f"cell {cell} failed:\n{out.stderr[-2000:]}", file=sys.stderr, flush=True)
-            return
-        with a.out.open("a") as f:
-            f.write(rows[0] + "\n")
-        print(rows[0], flush=True)
-
-    with ThreadPoolExecutor(a.workers) as pool:
-        list(pool.map(launch, todo))
-    rows = [json.loads(line) for line in a.out.read_text().splitlines()] if a.out.exists() else []
-    print(table(rows))
+    run_cells(
+        __file__,
+        todo,
+        a.out,
+        a.workers,
+        ["--epochs", str(a.epochs), "--img-size", str(a.img_size), "--root", str(a.root)],
+    )
+    print(table(load_rows(a.out)))
 
 
 if __name__ == "__main__":
