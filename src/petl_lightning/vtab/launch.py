@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
+from typing import IO
 
 from petl_lightning.errors import RunnerError, find_user_error, one_line
 from petl_lightning.vtab.claims import DEFAULT_TIMEOUT, describe, try_claim
@@ -59,6 +60,12 @@ def make_slots(gpus: str | None, jobs: int) -> list[Slot]:
     return [Slot(f"worker {i}") for i in range(jobs)]
 
 
+def start_log(log: IO[str], slot: Slot) -> None:
+    """The line that opens each attempt at a pair in its ``worker.log`` (a resume adds one more)."""
+    log.write(f"\n=== {_dt.datetime.now().isoformat(timespec='seconds')} on {slot.name}\n")
+    log.flush()
+
+
 def run_subprocess(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
     """Run a pair in ``python -m petl_lightning.vtab.run``; its output goes to the run's ``worker.log``."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,8 +74,7 @@ def run_subprocess(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
     atomic_write(spec_path, json.dumps(spec, indent=1))
     log_path = run.run_dir / LOG_FILE
     with open(log_path, "a") as log:
-        log.write(f"\n=== {_dt.datetime.now().isoformat(timespec='seconds')} on {slot.name}\n")
-        log.flush()
+        start_log(log, slot)
         proc = subprocess.run(
             [sys.executable, "-m", "petl_lightning.vtab.run", str(spec_path)],
             stdout=log,
@@ -104,8 +110,7 @@ def run_dedicated(run: TaskRun, slot: Slot, resume: bool) -> tuple[bool, str]:
     interpreter. Its output goes to the run's ``worker.log`` while it runs."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     with open(run.run_dir / LOG_FILE, "a") as log:
-        log.write(f"\n=== {_dt.datetime.now().isoformat(timespec='seconds')} on {slot.name}\n")
-        log.flush()
+        start_log(log, slot)
         sys.stdout.flush()
         sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
