@@ -18,6 +18,10 @@ trained weights:
 - ``last-block``: every token through every MLP except block 12's patch tokens (which the
   class-token head never reads: free for any method).
 
+``--variants`` trains other dispatchers besides the default (``VARIANTS``): ``prior`` (the class
+token's attention as a logit prior, ``skipping.class_attention_prior=1``), ``topk`` (top-k training
+masks at ``target_rate=0.7``) and both; their rows carry the variant's name.
+
 Every point records test accuracy, agreement with the complete model, keep rate (overall and per
 block) and executed GFLOPs per image (papers' convention, head included; the dispatchers' own cost
 is counted for every ranker). The ranked rules run DyT's masked path with their own masks (checked
@@ -53,10 +57,26 @@ from benchmarks.studies import (  # noqa: E402
 RATES = (0.9, 0.7, 0.5, 0.3)
 THRESHOLDS = (0.5, 0.3, 0.1, 0.03)
 RANKERS = ("learned", "attention", "random")
+#: The dispatcher variants (``TokenSkipping`` fields over DyT's defaults).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "prior": {"class_attention_prior": 1.0},
+    "topk": {"training_masks": "topk", "target_rate": 0.7},
+    "prior+topk": {"class_attention_prior": 1.0, "training_masks": "topk", "target_rate": 0.7},
+    "prior+topk+exact": {
+        "class_attention_prior": 1.0,
+        "training_masks": "topk",
+        "target_rate": 0.7,
+        "training_noise": 0.0,
+    },
+    "topk+exact": {"training_masks": "topk", "target_rate": 0.7, "training_noise": 0.0},
+}
 
 
 # -- one cell: train, then sweep -------------------------------------------------------------------
-def run_cell(task: str, seed: int, epochs: int, img_size: int, root: Path, lr: float) -> dict[str, Any]:
+def run_cell(
+    task: str, seed: int, epochs: int, img_size: int, root: Path, lr: float, variant: str = "default"
+) -> dict[str, Any]:
     import lightning as L
     import torch
 
@@ -65,11 +85,11 @@ def run_cell(task: str, seed: int, epochs: int, img_size: int, root: Path, lr: f
     torch.set_num_threads(1)
     dm = vtab_data(root, task, img_size)
     L.seed_everything(seed, verbose=False)
-    module = vits_module(DyT, img_size, lr)
+    module = vits_module(DyT, img_size, lr, skipping=VARIANTS[variant])
     trainer = budget_trainer(epochs)
     t0 = time.time()
     trainer.fit(module, dm)
-    row: dict[str, Any] = dict(task=task, seed=seed, epochs=epochs, img_size=img_size, lr=lr)
+    row: dict[str, Any] = dict(task=task, seed=seed, epochs=epochs, img_size=img_size, lr=lr, variant=variant)
     row["train_s"] = round(time.time() - t0, 1)
     row["calibrated_threshold"] = round(module.dyt.threshold, 4)
     module.eval()
@@ -139,7 +159,8 @@ def ranked_logits(clf: Any, x: Any, ranker: str, keep: list[int | None], generat
             mask = t.new_ones(t.shape[0], num_patches)
         else:
             if ranker == "learned":
-                scores = blk.dispatchers["mlp"].logits(t)[:, p:]
+                d = blk.dispatchers["mlp"]
+                scores = d.patch_logits(t, p, cls_scores if d.prior_weight is not None else None)
             elif ranker == "attention":
                 scores = cls_scores
             else:
@@ -209,16 +230,17 @@ def mean_points(rows: list[dict[str, Any]]) -> dict[tuple[str, float | None], di
 
 def report(rows: list[dict[str, Any]], folder: Path) -> str:
     """The markdown table (and charts in ``folder``)."""
-    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    cells: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for r in rows:
-        cells.setdefault((r["task"], r["epochs"]), []).append(r)
+        cells.setdefault((r["task"], r["epochs"], r.get("variant", "default")), []).append(r)
     trios = [f"keep {rate}: learned / attention / random" for rate in (0.7, 0.5, 0.3)]
     head = (
-        "| task | epochs | seeds | complete acc | DyT calibrated: acc / keep / GFLOPs x "
+        "| task | epochs | dispatcher | seeds | complete acc | DyT calibrated: acc / keep / GFLOPs x "
         "| DyT thr 0.5 (paper): acc / keep | last block only: acc / GFLOPs x | " + " | ".join(trios) + " |"
     )
-    lines = [head, "|" + "---|" * 10]
-    for (task, epochs), rs in sorted(cells.items()):
+    lines = [head, "|" + "---|" * 11]
+    order = list(VARIANTS)
+    for (task, epochs, variant), rs in sorted(cells.items(), key=lambda kv: (*kv[0][:2], order.index(kv[0][2]))):
         m = mean_points(rs)
         full = m[("complete", None)]["gflops"]
 
@@ -227,12 +249,12 @@ def report(rows: list[dict[str, Any]], folder: Path) -> str:
 
         cal, paper, last = m[("calibrated", None)], m[("threshold", 0.5)], m[("last-block", None)]
         lines.append(
-            f"| {task} | {epochs} | {len(rs)} | {m[('complete', None)]['acc']:.3f} "
+            f"| {task} | {epochs} | {variant} | {len(rs)} | {m[('complete', None)]['acc']:.3f} "
             f"| {cal['acc']:.3f} / {cal['keep']:.2f} / {cal['gflops'] / full:.2f} "
             f"| {paper['acc']:.3f} / {paper['keep']:.2f} "
             f"| {last['acc']:.3f} / {last['gflops'] / full:.2f} | {trio(0.7)} | {trio(0.5)} | {trio(0.3)} |"
         )
-    charts(cells, folder)
+    charts({(t, e): rs for (t, e, v), rs in cells.items() if v == "default"}, folder)
     return "\n".join(lines)
 
 
@@ -286,6 +308,7 @@ def main() -> None:
     p.add_argument("--epochs", nargs="+", type=int, default=[5, 25, 100])
     p.add_argument("--img-size", type=int, default=56)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("dyt_budget.jsonl"))
     p.add_argument("--report", type=Path, default=None, help="write dyt_budget.md and the charts here, then exit")
@@ -301,13 +324,14 @@ def main() -> None:
         (a.report / "dyt_budget.md").write_text(text + "\n")
         print(text)
         return
-    have = {(r["task"], r["seed"], r["epochs"], r["img_size"]) for r in done}
+    have = {(r["task"], r["seed"], r["epochs"], r["img_size"], r.get("variant", "default")) for r in done}
     todo = [
-        dict(task=t, seed=s, epochs=e)
+        dict(task=t, seed=s, epochs=e, variant=v)
+        for v in a.variants
         for e in sorted(a.epochs, reverse=True)  # the longest first, so short ones fill the gaps
         for s in a.seeds
         for t in a.tasks
-        if (t, s, e, a.img_size) not in have
+        if (t, s, e, a.img_size, v) not in have
     ]
     run_cells(
         __file__, todo, a.out, a.workers, ["--img-size", str(a.img_size), "--root", str(a.root), "--lr", str(a.lr)]

@@ -106,6 +106,7 @@ class DynAdapter(PETLModule):
         "adapter_groups",
         "exits",
         "skipping.sites",
+        "skipping.class_attention_prior",
     )
     #: The early-exit model class; a subclass with another ``confidence`` changes the exit rule.
     exit_model: ClassVar[type[EarlyExitViT]] = EarlyExitViT

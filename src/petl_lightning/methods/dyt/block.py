@@ -13,6 +13,11 @@ Attention skipping (our choice, the paper does not say): a skipped token is not 
 row, attention row and output projection are not computed) but still serves as key and value, so
 the masked and gathered paths compute the same function. Kept queries are padded per image to the
 batch's largest count for the attention products.
+
+With ``skipping.class_attention_prior`` (``sites="mlp"``) the block writes its attention out
+(:meth:`DyTBlock.attn_branch_and_class_attention`) to read the class token's attention to each patch
+token, which the MLP dispatcher adds to its logits; with ``skipping.training_masks="topk"`` the
+training masks keep each image's top ``round(target_rate * P)`` tokens.
 """
 
 from __future__ import annotations
@@ -91,19 +96,29 @@ class DyTBlock(BlockParts):
         num_experts: int = 1,
     ) -> None:
         super().__init__(block)
-        if skipping.sites != "mlp" and (
-            type(self.attn) is not Attention or getattr(self.attn, "gate", None) is not None
-        ):
+        prior = skipping.class_attention_prior
+        plain_attention = type(self.attn) is Attention and getattr(self.attn, "gate", None) is None
+        if skipping.sites != "mlp" and not plain_attention:
             raise ConfigError(
                 f"DyT skipping.sites {skipping.sites!r} skips attention queries and supports timm's plain "
                 f"Attention only, not {type(self.attn).__name__}; use skipping.sites='mlp' for this model."
             )
+        if prior is not None and (not plain_attention or num_prefix_tokens < 1):
+            raise ConfigError(
+                "DyT skipping.class_attention_prior reads the class token's attention: it needs timm's plain "
+                f"Attention and a class token, not {type(self.attn).__name__} with {num_prefix_tokens} prefix "
+                "tokens; set skipping.class_attention_prior: null for this model."
+            )
         self.sites = SITES[skipping.sites]
         self.num_prefix_tokens = num_prefix_tokens
+        self.has_prior = prior is not None
+        self.train_keep_rate = skipping.target_rate if skipping.training_masks == "topk" else None
         dim = cast(Tensor, self.norm1.weight).shape[0]
         self.dispatchers = nn.ModuleDict(
             {
-                s: TokenDispatcher(dim, skipping.tau, skipping.threshold, skipping.dispatcher_init_std)
+                s: TokenDispatcher(
+                    dim, skipping.tau, skipping.threshold, skipping.dispatcher_init_std, prior, skipping.training_noise
+                )
                 for s in self.sites
             }
         )
@@ -120,13 +135,14 @@ class DyTBlock(BlockParts):
         if "layer" in self.sites:
             x, n = self.gathered_site("layer", x, keep_count)
             return x, n[:, None]
+        prior = None
         if "attn" in self.sites:
             x, n = self.gathered_site("attn", x, keep_count)
             kept.append(n)
         else:
-            x = x + self.attn_branch(x)
+            x, prior = self.attn_update(x)
         if "mlp" in self.sites:
-            x, n = self.gathered_site("mlp", x, keep_count)
+            x, n = self.gathered_site("mlp", x, keep_count, prior)
             kept.append(n)
         else:
             x = x + self.mlp_branch(x)
@@ -139,13 +155,14 @@ class DyTBlock(BlockParts):
         if "layer" in self.sites:
             x, m = self.masked_site("layer", x, sample)
             return x, m[:, None]
+        prior = None
         if "attn" in self.sites:
             x, m = self.masked_site("attn", x, sample)
             masks.append(m)
         else:
-            x = x + self.attn_branch(x)
+            x, prior = self.attn_update(x)
         if "mlp" in self.sites:
-            x, m = self.masked_site("mlp", x, sample)
+            x, m = self.masked_site("mlp", x, sample, prior)
             masks.append(m)
         else:
             x = x + self.mlp_branch(x)
@@ -163,22 +180,37 @@ class DyTBlock(BlockParts):
             return x + self.adapters["mlp"](x) + self.mlp_branch(x)
         return x + self.mlp_branch(x)
 
+    def attn_update(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``x`` after the (undispatched) attention, and the class token's attention to the patch
+        tokens when the dispatchers have a prior (else None)."""
+        if not self.has_prior:
+            return x + self.attn_branch(x), None
+        update, prior = self.attn_branch_and_class_attention(x)
+        return x + update, prior
+
     # -- one dispatch site -----------------------------------------------------------------------
-    def gathered_site(self, site: str, x: Tensor, keep_count: int | None) -> tuple[Tensor, Tensor]:
-        """``x + adapter(x) + branch(x)`` where the branch runs on the kept rows only; and their count (B,)."""
+    def gathered_site(
+        self, site: str, x: Tensor, keep_count: int | None, prior: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``x + adapter(x) + branch(x)`` where the branch runs on the kept rows only; and their count
+        (B,). ``prior``: the class token's attention (B, P) for a dispatcher with a prior."""
         d = cast(TokenDispatcher, self.dispatchers[site])
-        logits = d.logits(x)[:, self.num_prefix_tokens :]  # all tokens' logits: a Linear on the slice would copy it
+        logits = d.patch_logits(x, self.num_prefix_tokens, prior)
         rows = kept_rows(logits, self.num_prefix_tokens, d.logit_threshold, keep_count, queries=site != "mlp")
         out = x + self.adapters[site](x)  # fresh, so the in-place scatter below is safe
         out.reshape(-1, x.shape[-1]).index_add_(0, rows.flat_index, self.branch_rows(site, x, rows))
         return out, rows.kept
 
-    def masked_site(self, site: str, x: Tensor, sample: bool) -> tuple[Tensor, Tensor]:
+    def masked_site(self, site: str, x: Tensor, sample: bool, prior: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x + adapter(x) + mask * branch(x)`` and the patch-token mask (B, P)."""
         d = cast(TokenDispatcher, self.dispatchers[site])
         p = self.num_prefix_tokens
-        logits = d.logits(x)[:, p:]
-        mask = d.sample(logits) if sample else d.keep(logits).to(x.dtype)
+        logits = d.patch_logits(x, p, prior)
+        if sample:
+            rate = self.train_keep_rate
+            mask = d.sample(logits, None if rate is None else int(round(rate * logits.shape[1])))
+        else:
+            mask = d.keep(logits).to(x.dtype)
         keep = torch.cat([mask.new_ones(x.shape[0], p), mask], dim=1)
         return x + self.adapters[site](x) + keep.unsqueeze(-1) * self.branch(site, x), mask
 
@@ -188,6 +220,24 @@ class DyTBlock(BlockParts):
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         return cast(Tensor, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+
+    def attn_branch_and_class_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`attn_branch` written out (timm's plain Attention, checked at init), and the class
+        token's attention to each patch token, averaged over heads (B, P): one more query row's
+        scores, the prior of the dispatchers."""
+        attn = cast(Attention, self.attn)
+        b, n, _ = x.shape
+        qkv = attn.qkv(self.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if attn.fused_attn:
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
+        else:
+            o = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        cls = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, N)
+        o = o.transpose(1, 2).reshape(b, n, -1)
+        update = self.drop_path1(self.ls1(attn.proj_drop(attn.proj(attn.norm(o)))))
+        return cast(Tensor, update), cls[:, :, 0, self.num_prefix_tokens :].mean(dim=1)
 
     def branch(self, site: str, x: Tensor) -> Tensor:
         """The residual update a site dispatches, on all tokens."""
@@ -238,7 +288,8 @@ class DyTBlock(BlockParts):
 
         Gathered: the sub-blocks ran on the kept rows (attention queries padded to the batch's
         largest count); masked: everything ran. Dispatchers and adapters run on every token (the
-        dispatcher's prefix-token logits are computed and ignored: cheaper than slicing).
+        dispatcher's prefix-token logits are computed and ignored: cheaper than slicing); a prior
+        adds the class token's scores against every token.
         """
         if kept.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float64, device=kept.device)
@@ -250,6 +301,8 @@ class DyTBlock(BlockParts):
             cast(TokenDispatcher, self.dispatchers[t]).flops(n) + cast(Adapter | MoEAdapter, self.adapters[t]).flops(n)
             for t in self.sites
         )
+        if self.has_prior:  # the class token's scores against every key: one more query row
+            extra += n * s.dim
         total = torch.full(kept.shape[:1], float(extra), dtype=torch.float64, device=kept.device)
         attn_site = "attn" if "attn" in col else "layer" if "layer" in col else None
         if attn_site is None:

@@ -66,7 +66,13 @@ class DyT(PETLModule):
         **kwargs: :class:`PETLModule` arguments.
     """
 
-    STRUCTURAL_HPARAMS = (*PETLModule.STRUCTURAL_HPARAMS, "adapter_dim", "num_experts", "skipping.sites")
+    STRUCTURAL_HPARAMS = (
+        *PETLModule.STRUCTURAL_HPARAMS,
+        "adapter_dim",
+        "num_experts",
+        "skipping.sites",
+        "skipping.class_attention_prior",
+    )
 
     def __init__(
         self,

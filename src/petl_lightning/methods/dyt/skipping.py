@@ -40,6 +40,17 @@ class TokenSkipping:
             terms needs a second forward; with both at 0 it is not run.
         dispatcher_init_std: std of the dispatchers' normal weight init (official: 0.02).
         dispatcher_lr_scale: learning-rate multiplier of the dispatchers (1.0: the paper; ours).
+        class_attention_prior: None (the paper): a dispatcher's logit is a linear function of the
+            token. A number (ours, ``sites="mlp"`` only): it also gets ``w * log(P * a)``, ``a`` the
+            class token's attention to the token in the same block (EViT's ranking, free: the
+            attention is computed anyway), ``w`` learned from this initial value
+            (:class:`~petl_lightning.layers.dispatcher.TokenDispatcher`).
+        training_masks: ``"gumbel"`` (the paper): each token sampled independently, the rate loss
+            pulls the share kept towards ``target_rate``. ``"topk"`` (ours): each image keeps exactly
+            its ``round(target_rate * P)`` top noisy logits (straight-through gradient), the rule a
+            fixed keep rate and export run at inference.
+        training_noise: scale of the Logistic noise in the training masks (1.0: the paper; 0: the
+            training masks are the inference rule's, ours).
     """
 
     sites: Literal["mlp", "attn", "attn_mlp", "layer"] = "mlp"
@@ -53,16 +64,25 @@ class TokenSkipping:
     w_distill: float = 1.0
     dispatcher_init_std: float = 0.02
     dispatcher_lr_scale: float = 1.0
+    class_attention_prior: float | None = None
+    training_masks: Literal["gumbel", "topk"] = "gumbel"
+    training_noise: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("skipping.sites", self.sites, tuple(SITES))
+        check_choice("skipping.training_masks", self.training_masks, ("gumbel", "topk"))
+        if self.class_attention_prior is not None and self.sites != "mlp":
+            raise ConfigError(
+                f"skipping.class_attention_prior needs the block's attention before the dispatch, i.e. "
+                f"skipping.sites='mlp', got sites={self.sites!r}; set class_attention_prior: null or sites: mlp."
+            )
         check_choice("skipping.inference", self.inference, ("gather", "mask"))
         check_rate("skipping.target_rate", self.target_rate, upper_open=False)
         if self.fixed_keep_rate is not None:
             check_rate("skipping.fixed_keep_rate", self.fixed_keep_rate, upper_open=False)
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"skipping.threshold must lie in (0, 1), got {self.threshold}.")
-        for name in ("w_rate", "w_complete_cls", "w_distill"):
+        for name in ("w_rate", "w_complete_cls", "w_distill", "training_noise"):
             if getattr(self, name) < 0:
                 raise ConfigError(
                     f"skipping.{name} must be non-negative (0 switches the term off), got {getattr(self, name)}."
