@@ -123,7 +123,8 @@ def test_noise_zero_samples_the_inference_rule_with_the_same_gradient() -> None:
 
 
 def test_topk_training_masks_keep_the_target_count_in_every_block() -> None:
-    m = dyt(num_classes=5, target_rate=0.3, training_masks="topk", **TINY).train()
+    with pytest.warns(UserWarning, match=r"set skipping.fixed_keep_rate: 0.3 \(the target_rate\)"):
+        m = dyt(num_classes=5, target_rate=0.3, training_masks="topk", **TINY).train()
     x = torch.randn(4, 3, 64, 64)
     run = m.vit.run(x)
     count = round(0.3 * m.vit.num_patches)

@@ -3,6 +3,7 @@ group shared by DyT and Dyn-Adapter's ``dyt`` base."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,6 +72,12 @@ class TokenSkipping:
     def __post_init__(self) -> None:
         check_choice("skipping.sites", self.sites, tuple(SITES))
         check_choice("skipping.training_masks", self.training_masks, ("gumbel", "topk"))
+        if self.training_masks == "topk" and self.fixed_keep_rate is None:
+            warnings.warn(
+                "skipping.training_masks='topk' trains for a fixed keep rate, but inference thresholds the "
+                f"logits; set skipping.fixed_keep_rate: {self.target_rate} (the target_rate) to infer as trained.",
+                stacklevel=2,
+            )
         if self.class_attention_prior is not None and self.sites != "mlp":
             raise ConfigError(
                 f"skipping.class_attention_prior needs the block's attention before the dispatch, i.e. "
