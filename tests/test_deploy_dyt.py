@@ -132,6 +132,18 @@ def test_attention_skipping_exports_at_a_given_keep_rate(tmp_path: Path) -> None
     assert (run(path, x) - want).abs().max().item() < TOL
 
 
+def test_class_attention_prior_exports_to_onnx(tmp_path: Path) -> None:
+    """The study's ranking-sooner dispatcher (class-attention prior, top-k training at 0.7) exports at
+    its fixed keep rate and the ONNX program equals the eager model, over a dynamic batch."""
+    m = make(depth=2, class_attention_prior=1.0, training_masks="topk", target_rate=0.7, fixed_keep_rate=0.7)
+    path = m.export(tmp_path / "prior.onnx")
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 48, 48)
+        with torch.no_grad():
+            want = m(x)
+        assert (run(path, x) - want).abs().max().item() < TOL
+
+
 def test_export_needs_a_keep_rate_and_copies_the_model() -> None:
     m = make()
     with pytest.raises(ConfigError, match=r"pass keep_rate .*target_rate 0\.5"):

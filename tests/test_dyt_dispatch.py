@@ -113,7 +113,7 @@ def test_noise_zero_samples_the_inference_rule_with_the_same_gradient() -> None:
     torch.testing.assert_close(grad, soft * (1 - soft) / 2.0)
     x = torch.randn(3, 3, 64, 64)
     for noise, same in ((0.0, True), (1.0, False)):  # noise 0: the training masks are deterministic
-        m = make("mlp", training_masks="topk", training_noise=noise).train()
+        m = make("mlp", training_masks="topk", training_noise=noise, fixed_keep_rate=0.5).train()
         blk, tokens = m.vit.blocks[0], m.vit.embed(x)
         with torch.no_grad():
             masks = [blk.forward_masked(tokens, sample=True)[1] for _ in range(2)]
