@@ -153,3 +153,18 @@ def test_prior_survives_a_checkpoint_and_bad_prior_settings_fail_in_one_line(tmp
         dyt(num_classes=5, class_attention_prior=1.0, **no_cls)
     with pytest.raises(PETLError, match="Unknown skipping.training_masks 'hard'"):
         dyt(num_classes=5, training_masks="hard", **TINY)
+
+
+def test_a_fixed_keep_rate_fit_skips_the_agreement_calibration() -> None:
+    """Under ``fixed_keep_rate`` the top-k rule decides, so the epoch-end threshold search is not run."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    L.seed_everything(0)
+    m = dyt(num_classes=4, training_masks="topk", target_rate=0.5, fixed_keep_rate=0.5, **TINY)
+    x, y = torch.randn(16, 3, 64, 64), torch.arange(16) % 4
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(m, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert "calibration/threshold" not in trainer.callback_metrics and len(m.agreement_images) == 0
+    assert m.vit.threshold == pytest.approx(0.5)  # untouched

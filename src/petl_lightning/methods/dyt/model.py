@@ -61,7 +61,8 @@ class DyT(PETLModule):
             inference threshold from ``skipping.threshold`` (never raises it) to the highest value at
             which the dynamic model predicts the complete model's class on this share of the
             epoch's last ``agreement_batches`` training batches (ours; 0.99 is our choice). None:
-            the threshold stays ``skipping.threshold`` (the paper; ``recipes/dyt.yaml``).
+            the threshold stays ``skipping.threshold`` (the paper; ``recipes/dyt.yaml``). Not run
+            under ``skipping.fixed_keep_rate``, where no threshold decides.
         agreement_batches: how many of each epoch's last training batches it checks.
         **kwargs: :class:`PETLModule` arguments.
     """
@@ -191,7 +192,7 @@ class DyT(PETLModule):
         inference threshold with :meth:`calibrate_agreement` (before epoch-end checkpoints and
         validation, so both see it). The last batches, not the first: a run resumed mid-epoch sees
         the same ones, so the threshold resumes exactly too."""
-        if self.hparams.agreement is None:
+        if self.hparams.agreement is None or self.skipping.fixed_keep_rate is not None:
             return
         self.agreement_images.append(batch[0].detach())
         if self.trainer.is_last_batch:
