@@ -166,6 +166,15 @@ class RoutedDispatcher(RoutedModules):
     def logits(self, tokens: Tensor) -> Tensor:
         return self.router.current().apply(tokens, [d.logits for d in self.dispatchers()])
 
+    def patch_logits(self, tokens: Tensor, num_prefix_tokens: int, class_attention: Tensor | None = None) -> Tensor:
+        """Each row's patch-token logits from its task's dispatcher (no class-attention prior here)."""
+        if class_attention is not None or any(d.prior_weight is not None for d in self.dispatchers()):
+            raise ConfigError(
+                "Serving several DyT tasks from one backbone does not support skipping.class_attention_prior; "
+                "train those tasks with class_attention_prior: null."
+            )
+        return self.logits(tokens)[:, num_prefix_tokens:]
+
     @property
     def logit_threshold(self) -> Tensor:
         """Each row's task's threshold (B, 1), in logit space."""
