@@ -132,19 +132,6 @@ class Tally:
         )
 
 
-def attention_with_class_scores(blk: Any, tokens: Any, prefix: int) -> tuple[Any, Any]:
-    """The block's attention update ``ls1(attn(norm1(x)))`` and the class token's attention to each
-    patch token, averaged over heads (B, P): timm's attention written out to read its map."""
-    attn = blk.attn
-    b, n, _ = tokens.shape
-    qkv = attn.qkv(blk.norm1(tokens)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(b, n, -1)
-    return blk.ls1(attn.proj(attn.norm(out))), probs[:, :, 0, prefix:].mean(dim=1)
-
-
 def ranked_logits(clf: Any, x: Any, ranker: str, keep: list[int | None], generator: Any) -> tuple[Any, Any]:
     """Logits and kept patch tokens (B, depth) when block i's MLP runs on the ``keep[i]`` patch tokens
     ``ranker`` ranks highest (None: all), on DyT's masked path."""
@@ -155,7 +142,7 @@ def ranked_logits(clf: Any, x: Any, ranker: str, keep: list[int | None], generat
     t = vit.embed(x)
     kept = []
     for blk, count in zip(vit.dyt_blocks(), keep):
-        update, cls_scores = attention_with_class_scores(blk, t, p)
+        update, cls_scores = blk.attn_branch_and_class_attention(t)  # DyT's own attention, written out
         t = t + update
         num_patches = t.shape[1] - p
         if count is None or count >= num_patches:
