@@ -15,13 +15,16 @@ BIN = Path(sys.executable).parent
 # One torch thread per process: two test workers each running a console script would otherwise ask
 # this 2-core machine for four threads, and oversubscribed OpenMP threads run many times slower.
 # Nor may a script inherit the PL_GLOBAL_SEED an earlier in-process test's seed_everything left here.
-ENV = {
+# Nor see TensorFlow (tests/no_tensorflow): only vtab-prepare's tests need it (WITH_TENSORFLOW).
+NO_TENSORFLOW = ROOT / "tests" / "no_tensorflow"
+WITH_TENSORFLOW = {
     **{k: v for k, v in os.environ.items() if k not in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")},
     "HF_HUB_OFFLINE": "1",
     "WANDB_MODE": "disabled",
     "PYTHONWARNINGS": "ignore",
     "OMP_NUM_THREADS": "1",
 }
+ENV = {**WITH_TENSORFLOW, "PYTHONPATH": os.pathsep.join(filter(None, [str(NO_TENSORFLOW), os.getenv("PYTHONPATH")]))}
 
 # A tiny random ViT for recipes of methods that need a few blocks (fast to build and to run).
 TINY_MODEL = ("--model.init_args.model_name", "vit_tiny_patch16_224", "--model.init_args.pretrained", "false")

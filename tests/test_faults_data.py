@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import ENV, assert_one_line, files_under, run
+from cli_helpers import WITH_TENSORFLOW, assert_one_line, files_under, run
 from petl_lightning.data.vtab_splits import VTAB_SOURCES
 
 pytestmark = pytest.mark.slow  # console-script processes: in make test, not in make test-fast
@@ -116,7 +116,7 @@ def test_many_problems_print_five_of_each_kind_and_the_counts(kitti_root: Path, 
 # -- (13) no network: fail at once, leave nothing ---------------------------------------------------
 def _offline_env() -> dict[str, str]:
     """Every proxy variable points at a closed local port, so no download host answers, on any machine."""
-    env = {k: v for k, v in ENV.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
+    env = {k: v for k, v in WITH_TENSORFLOW.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
     dead = "http://127.0.0.1:9"
     return {**env, "HTTPS_PROXY": dead, "HTTP_PROXY": dead, "https_proxy": dead, "http_proxy": dead}
 

@@ -40,6 +40,8 @@ _EXPORTS = {
     "SparsityConfig": "petl_lightning.methods.dyn_adapter.groups",
     "PETLModule": "petl_lightning.tasks.classification",
     "MultiTaskModel": "petl_lightning.tasks.multitask",
+    "Segmenter": "petl_lightning.tasks.segmentation.module",
+    "SegmentationModel": "petl_lightning.tasks.segmentation.model",
     "ARC": "petl_lightning.methods.arc.model",
     "DyT": "petl_lightning.methods.dyt.model",
     "DynAdapter": "petl_lightning.methods.dyn_adapter.model",
@@ -52,6 +54,7 @@ _EXPORTS = {
     "ImageThroughputMonitor": "petl_lightning.callbacks.throughput",
     "PETLCheckpoint": "petl_lightning.callbacks.checkpoint",
     "PredictionWriter": "petl_lightning.callbacks.predictions",
+    "SegmentationPanel": "petl_lightning.callbacks.panel",
     "VTAB1kDataModule": "petl_lightning.data.vtab",
     "VTAB_TASKS": "petl_lightning.data.vtab",
     "Augmentation": "petl_lightning.data.transforms",
@@ -60,10 +63,15 @@ _EXPORTS = {
     "HFImageDataModule": "petl_lightning.data.hf",
     "FGVCDataModule": "petl_lightning.data.fgvc",
     "FGVC_TASKS": "petl_lightning.data.fgvc",
+    "SegmentationDataModule": "petl_lightning.data.segmentation",
+    "SegmentationFolderDataModule": "petl_lightning.data.segmentation",
+    "ADE20KDataModule": "petl_lightning.data.ade20k",
+    "build_texture_mosaics": "petl_lightning.data.mosaics",
 }
 
 __all__ = [
     "adapt",
+    "ADE20KDataModule",
     "ARC",
     "Augmentation",
     "ARCConfig",
@@ -102,6 +110,11 @@ __all__ = [
     "PredictionWriter",
     "RepAdapter",
     "RepAdapterConfig",
+    "SegmentationDataModule",
+    "SegmentationFolderDataModule",
+    "SegmentationModel",
+    "SegmentationPanel",
+    "Segmenter",
     "SparsityConfig",
     "TokenSkipping",
     "VTAB1kDataModule",
@@ -109,6 +122,7 @@ __all__ = [
     "ViTClassifier",
     "__version__",
     "adapt",
+    "build_texture_mosaics",
     "import_all",
 ]
 
@@ -127,13 +141,17 @@ if TYPE_CHECKING:
     from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT
     from petl_lightning.callbacks.checkpoint import PETLCheckpoint
     from petl_lightning.callbacks.curve import ExitCurveLogger
+    from petl_lightning.callbacks.panel import SegmentationPanel
     from petl_lightning.callbacks.predictions import PredictionWriter
     from petl_lightning.callbacks.stats import ExitRateLogger, FlopsLogger
     from petl_lightning.callbacks.throughput import ImageThroughputMonitor
+    from petl_lightning.data.ade20k import ADE20KDataModule
     from petl_lightning.data.base import ImageClassificationDataModule
     from petl_lightning.data.fgvc import FGVC_TASKS, FGVCDataModule
     from petl_lightning.data.folder import ImageFolderDataModule
     from petl_lightning.data.hf import HFImageDataModule
+    from petl_lightning.data.mosaics import build_texture_mosaics
+    from petl_lightning.data.segmentation import SegmentationDataModule, SegmentationFolderDataModule
     from petl_lightning.data.transforms import Augmentation
     from petl_lightning.data.vtab import VTAB_TASKS, VTAB1kDataModule
     from petl_lightning.errors import CheckpointError, ConfigError, DataError, MergeError, ModelNameError, PETLError
@@ -151,3 +169,5 @@ if TYPE_CHECKING:
     from petl_lightning.methods.repadapter.config import RepAdapterConfig
     from petl_lightning.methods.repadapter.model import RepAdapter
     from petl_lightning.tasks.classification import PETLModule
+    from petl_lightning.tasks.segmentation.model import SegmentationModel
+    from petl_lightning.tasks.segmentation.module import Segmenter

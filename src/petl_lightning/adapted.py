@@ -164,6 +164,11 @@ class AdaptedViT(nn.Module):
             tokens = blk(tokens)
         return BlockRun(tokens, tokens.new_zeros(tokens.shape[0], len(blocks), self.sites))
 
+    def forward_blocks_complete(self, tokens: Tensor, start: int = 0, end: int | None = None) -> Tensor:
+        """Blocks ``start:end`` with every token through every sub-block (the complete model; here
+        the same as :meth:`forward_blocks`)."""
+        return self.forward_blocks(tokens, start, end).tokens
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Images to tokens (B, N, D) after the final norm, as timm's ``forward_features``."""
         return cast(Tensor, self.vit.norm(self.forward_blocks(self.embed(x)).tokens))

@@ -79,8 +79,13 @@ class PETLCLI(LightningCLI):
         import petl_lightning
 
         petl_lightning.import_all()  # registers every class for short class_path names
-        from petl_lightning.data.base import ImageClassificationDataModule
-        from petl_lightning.tasks.classification import PETLModule
+        import lightning as L
+        from jsonargparse import set_parsing_settings
+
+        from petl_lightning.methods.config import MethodConfig
+
+        # a segmenter's ``method:`` takes any method's config by class_path (a dataclass subclass)
+        set_parsing_settings(subclasses_enabled=[MethodConfig])
 
         # Lightning logs "Seed set to N" before the classes are built; a run refused while building
         # them must print its one error line only, so the seed is printed when the run starts instead.
@@ -88,8 +93,8 @@ class PETLCLI(LightningCLI):
         self.output_guard = output_guard or OutputGuard()
         self.ckpt_hparams: dict[str, Any] | None = None  # the --ckpt_path checkpoint's hyper-parameters
         self.given_model: Namespace | None = None  # the model config given, before Lightning reads the checkpoint
-        kwargs.setdefault("model_class", PETLModule)
-        kwargs.setdefault("datamodule_class", ImageClassificationDataModule)
+        kwargs.setdefault("model_class", L.LightningModule)  # classification (PETLModule) or Segmenter
+        kwargs.setdefault("datamodule_class", L.LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", LoggerSaveConfig)

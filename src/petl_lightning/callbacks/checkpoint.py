@@ -42,15 +42,17 @@ class PETLCheckpoint(ModelCheckpoint):
 
     Args:
         dirpath: folder (default ``<trainer.default_root_dir>/checkpoints``).
-        monitor / mode / save_top_k / filename: as ``ModelCheckpoint``; without a validation split no
-            best checkpoint is kept (only ``last.ckpt``).
+        monitor / mode / save_top_k / filename: as ``ModelCheckpoint``; ``monitor`` None (default):
+            the task's own validation metric (the module's ``validation_metric``: ``val/acc`` for
+            classification, ``val/mIoU`` for segmentation). Without a validation split no best
+            checkpoint is kept (only ``last.ckpt``).
         **kwargs: further ``ModelCheckpoint`` arguments.
     """
 
     def __init__(
         self,
         dirpath: str | None = None,
-        monitor: str | None = "val/acc",
+        monitor: str | None = None,
         mode: str = "max",
         save_top_k: int = 1,
         filename: str = "best-epoch{epoch}",
@@ -73,6 +75,8 @@ class PETLCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         dm = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
+        if self.monitor is None:
+            self.monitor = getattr(pl_module, "validation_metric", "val/acc")
         if stage == "fit" and (
             not trainer.enable_validation or (dm is not None and getattr(dm, "val_split", "") is None)
         ):

@@ -7,9 +7,10 @@ Each method folder has one (``RepAdapterConfig``, ``ARCConfig``, ``LoRAConfig``,
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from typing import Any, TypeVar, get_type_hints
 
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -68,4 +69,48 @@ def as_group(cls: type[G], value: G | Mapping[str, Any] | None, name: str) -> G:
     raise ConfigError(f"Expected a {cls.__name__} or a dict for {name}, got {type(value).__name__}.")
 
 
-__all__ = ["PLACEMENTS", "as_group", "PLACEMENT_LINEARS", "MethodConfig", "check_choice", "check_count", "check_rate"]
+def config_to_dict(config: MethodConfig) -> dict[str, Any]:
+    """``{"class_path": ..., "init_args": {...}}`` of a method's config (plain values: what a checkpoint's
+    hyper-parameters hold and a recipe's ``method:`` key takes)."""
+    cls = type(config)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": asdict(config)}
+
+
+def config_from(value: MethodConfig | Mapping[str, Any]) -> MethodConfig:
+    """A method's config from itself or from :func:`config_to_dict`'s form (option groups as dicts)."""
+    if isinstance(value, MethodConfig):
+        return value
+    path = str(value.get("class_path", "")) if isinstance(value, Mapping) else ""
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, MethodConfig)):
+        raise ConfigError(
+            f"method must be a method's config (class_path petl_lightning.RepAdapterConfig, ARCConfig, LoRAConfig, "
+            f"DyTConfig, ...), got {path or value!r}."
+        )
+    args = dict(value.get("init_args") or {})
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if isinstance(args.get(f.name), Mapping) and is_dataclass(hints.get(f.name)):
+            args[f.name] = as_group(hints[f.name], args[f.name], f.name)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} for {cls.__name__}; known: {', '.join(sorted(known))}.")
+    return cls(**args)
+
+
+__all__ = [
+    "PLACEMENTS",
+    "config_from",
+    "config_to_dict",
+    "as_group",
+    "PLACEMENT_LINEARS",
+    "MethodConfig",
+    "check_choice",
+    "check_count",
+    "check_rate",
+]

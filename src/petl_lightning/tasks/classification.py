@@ -67,6 +67,8 @@ class PETLModule(L.LightningModule):
     #: checkpoint's values win over the command line (the method class, backbone and class count
     #: must match exactly; everything else, e.g. budgets, weights path, data, the command line wins).
     STRUCTURAL_HPARAMS: ClassVar[tuple[str, ...]] = ("img_size", "model_kwargs", "pretrained", "init_seed")
+    #: The validation metric the best checkpoint is kept by (``PETLCheckpoint``'s default monitor).
+    validation_metric: ClassVar[str] = "val/acc"
 
     model: ViTClassifier
 

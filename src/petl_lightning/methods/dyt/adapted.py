@@ -114,10 +114,14 @@ class DyTViT(AdaptedViT):
     def forward_complete(self, x: Tensor) -> Tensor:
         """Pooled features of the complete model (every token through every sub-block, in the
         current mode: adapters' dropout in training)."""
-        tokens = self.embed(x)
-        for blk in self.dyt_blocks():
-            tokens = blk.forward_complete(tokens)
+        tokens = self.forward_blocks_complete(self.embed(x))
         return self.forward_head(self.vit.norm(tokens), pre_logits=True)
+
+    def forward_blocks_complete(self, tokens: Tensor, start: int = 0, end: int | None = None) -> Tensor:
+        """Blocks ``start:end`` with every token through every sub-block (in the current mode)."""
+        for blk in self.dyt_blocks()[start:end]:
+            tokens = blk.forward_complete(tokens)
+        return tokens
 
     def training_terms(
         self,
@@ -149,6 +153,34 @@ class DyTViT(AdaptedViT):
         for blk in self.dyt_blocks():
             for d in blk.dispatchers.values():
                 cast(Tensor, d.logit_threshold).fill_(value)
+
+    @torch.no_grad()
+    def calibrate_keep_rate(
+        self, images: list[Tensor], keep_rate: float | None = None, iters: int = 12
+    ) -> dict[str, float]:
+        """Set one inference threshold so the gathered path keeps a share ``keep_rate`` (default
+        ``skipping.target_rate``) of the patch tokens of ``images``: a bisection on the shared logit
+        threshold (ours). Returns the threshold on ``sigmoid(logit)`` and the keep rate it gives."""
+        rate = self.skipping.target_rate if keep_rate is None else keep_rate
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"The keep rate to calibrate for must lie in [0, 1], got {rate}.")
+        offered = sum(x.shape[0] for x in images) * self.depth * self.sites * self.num_patches
+
+        def keep_rate_at(logit: float) -> float:
+            self.set_logit_threshold(logit)
+            return sum(float(self.forward_gathered(x, self.keep_count()).kept.sum()) for x in images) / offered
+
+        was_training = self.training
+        self.eval()
+        lo, hi = -20.0, 20.0  # the keep rate falls as the logit threshold rises
+        try:
+            for _ in range(iters):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if keep_rate_at(mid) > rate else (lo, mid)
+            kept = keep_rate_at(0.5 * (lo + hi))
+        finally:
+            self.train(was_training)
+        return {"threshold": float(torch.sigmoid(torch.tensor(0.5 * (lo + hi)))), "keep_rate": kept}
 
     # -- cost ------------------------------------------------------------------------------------
     def block_flops(self, kept: Tensor, start: int = 0, norm: bool = True, merged: bool = False) -> Tensor:

@@ -27,29 +27,11 @@ def image_batches(data: Iterable[Any], device: torch.device, max_batches: int | 
     return images
 
 
-@torch.no_grad()
 def calibrate_keep_rate(vit: DyTViT, images: list[Tensor], keep_rate: float, iters: int = 12) -> dict[str, float]:
     """Set one threshold so the gathered path keeps a share ``keep_rate`` of the patch tokens of
-    ``images``; returns the threshold on ``sigmoid(logit)`` and the keep rate it gives."""
-    if not 0.0 <= keep_rate <= 1.0:
-        raise ConfigError(f"The keep rate to calibrate for must lie in [0, 1], got {keep_rate}.")
-    offered = sum(x.shape[0] for x in images) * vit.depth * vit.sites * vit.num_patches
-
-    def keep_rate_at(logit: float) -> float:
-        vit.set_logit_threshold(logit)
-        return sum(float(vit.forward_gathered(x, vit.keep_count()).kept.sum()) for x in images) / offered
-
-    was_training = vit.training
-    vit.eval()
-    lo, hi = -20.0, 20.0  # the keep rate falls as the logit threshold rises
-    try:
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if keep_rate_at(mid) > keep_rate else (lo, mid)
-        rate = keep_rate_at(0.5 * (lo + hi))
-    finally:
-        vit.train(was_training)
-    return {"threshold": float(torch.sigmoid(torch.tensor(0.5 * (lo + hi)))), "keep_rate": rate}
+    ``images``; returns the threshold on ``sigmoid(logit)`` and the keep rate it gives
+    (:meth:`DyTViT.calibrate_keep_rate`)."""
+    return vit.calibrate_keep_rate(images, keep_rate, iters)
 
 
 @torch.no_grad()
