@@ -231,3 +231,20 @@ def test_dyt_threshold_calibrates_to_the_target_keep_rate() -> None:
     with torch.no_grad():
         kept = seg.model.run(x).kept
     assert float(kept.mean()) / seg.vit.num_patches == pytest.approx(result["keep_rate"], abs=1e-6)
+
+
+def test_dyt_agreement_calibration_counts_pixels() -> None:
+    from petl_lightning.methods.dyt.calibration import calibrate_agreement
+
+    seg = segmenter(DyTConfig(adapter_dim=4))
+    x = images(4)
+    with torch.no_grad():
+        complete = seg.model.complete_logits(x).argmax(1)
+    result = calibrate_agreement(seg.model, [x], 0.9, 0.5, iters=8)
+    assert result["agreement"] >= 0.9 and result["threshold"] <= 0.5
+    with torch.no_grad():
+        out = seg.model.infer(x)
+    share = float((out.logits.argmax(1) == complete).double().mean())
+    assert share == pytest.approx(result["agreement"], abs=1e-9)  # the share of pixels, as measured
+    assert float(out.keep_rate().mean()) == pytest.approx(result["keep_rate"], abs=1e-9)
+    assert calibrate_agreement(seg.model, [x], 1.0, 0.5, iters=8)["agreement"] == 1.0

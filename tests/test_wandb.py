@@ -267,3 +267,73 @@ def test_one_flag_wandb_logger_parses(capsys: pytest.CaptureFixture[str]) -> Non
     logger = cfg["trainer"]["logger"]
     assert logger["class_path"] == "lightning.pytorch.loggers.WandbLogger"
     assert logger["init_args"]["project"] == "my-project"
+
+
+def make_tiny_segmentation(root: Path, n: int = 4) -> Path:
+    """Two classes: each 32x32 image is dark where its mask is 0 and bright where it is 1."""
+    (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("dark\nbright\n")
+    for split in ("train", "val"):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            mask = np.zeros((32, 32), np.uint8)
+            mask[:, 6 + 6 * i :] = 1  # every image different (W&B stores each distinct file once)
+            Image.fromarray(np.repeat(mask[..., None] * 200 + 20, 3, axis=2)).save(root / split / "images" / f"{i}.png")
+            Image.fromarray(mask, "L").save(root / split / "masks" / f"{i}.png")
+    return root
+
+
+def test_wandb_segmentation_panel_holds_images_with_truth_and_prediction_masks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    root = make_tiny_segmentation(tmp_path / "seg")
+    wandb.teardown()
+    try:
+        run_cli(
+            [
+                "fit",
+                "-c",
+                str(RECIPES / "segmentation" / "frozen.yaml"),
+                "-c",
+                str(RECIPES / "loggers" / "wandb.yaml"),
+                *TINY_BACKBONE,
+                "--model.init_args.head_channels=8",
+                "--model.init_args.levels=null",
+                "--model.init_args.model_kwargs={depth: 4, patch_size: 8}",
+                "--model.init_args.warmup_iters=0",
+                "--data=petl_lightning.data.segmentation.SegmentationFolderDataModule",
+                f"--data.init_args.root={root}",
+                "--data.init_args.img_size=32",
+                "--data.init_args.batch_size=2",
+                "--data.init_args.eval_batch_size=4",
+                "--data.init_args.num_workers=0",
+                "--trainer.max_epochs=1",
+                "--trainer.max_steps=-1",
+                "--trainer.val_check_interval=null",
+                "--trainer.check_val_every_n_epoch=1",
+                "--trainer.num_sanity_val_steps=0",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={tmp_path / 'run'}",
+                "--trainer.logger.init_args.project=petl-test",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            ]
+        )
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    run = next((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    images = sorted((run / "files" / "media" / "images" / "val").glob("segmentation_*.png"))
+    assert len(images) == 4  # num_images of the panel: the first validation batch
+    overlays = [np.array(Image.open(m)) for m in (run / "files" / "media" / "images" / "mask").rglob("*.png")]
+    for truth in sorted((root / "val" / "masks").glob("*.png")):  # each truth is an overlay, as class indices
+        assert any(np.array_equal(np.array(Image.open(truth)), o) for o in overlays), truth
+    assert len(overlays) > 4  # and the predictions
+    config, history = summarize_run(next(run.glob("run-*.wandb")))
+    assert any("val/mIoU" in row for row in history)

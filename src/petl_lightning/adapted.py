@@ -303,6 +303,10 @@ class ViTClassifier(nn.Module):
         """Logits (B, K) (in training: the training path of a token-skipping method)."""
         return cast(Tensor, self.head(self.vit.run(x).features))
 
+    def complete_logits(self, x: Tensor) -> Tensor:
+        """Logits (B, K) with every token through every sub-block (a token-skipping method's complete model)."""
+        return cast(Tensor, self.head(self.vit.forward_complete(x)))
+
     def infer(self, x: Tensor) -> InferenceOutput:
         """Logits and what the deployed model executes per image: FLOPs (adapters that fold are free)
         and the patch tokens kept and offered in each block."""

@@ -49,16 +49,16 @@ class SegmentationPanel(Callback):
             for i in range(n)
         ]
         for logger in loggers:
-            logger.log_image("val/segmentation", list(images), step=trainer.global_step, masks=masks)
+            logger.log_image("val/segmentation", list(images.numpy()), step=trainer.global_step, masks=masks)
 
     @staticmethod
     def unnormalize(x: Tensor, normalization: dict[str, list[float]] | None) -> Tensor:
-        """Images back to [0, 1] (B, H, W, C) from the data's mean and std."""
+        """Images back to uint8 (B, H, W, C) from the data's mean and std."""
         if normalization:
             mean = torch.tensor(normalization["mean"]).view(1, -1, 1, 1)
             std = torch.tensor(normalization["std"]).view(1, -1, 1, 1)
             x = x * std + mean
-        return x.clamp(0, 1).permute(0, 2, 3, 1)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 __all__ = ["SegmentationPanel"]

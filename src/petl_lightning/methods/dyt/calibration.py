@@ -5,14 +5,14 @@ threshold is a buffer, so checkpoints and exports carry it."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
-from petl_lightning.adapted import ViTClassifier
 from petl_lightning.errors import ConfigError
 from petl_lightning.methods.dyt.adapted import DyTViT
+from petl_lightning.stats import InferenceOutput
 
 
 def image_batches(data: Iterable[Any], device: torch.device, max_batches: int | None = None) -> list[Tensor]:
@@ -35,21 +35,39 @@ def calibrate_keep_rate(vit: DyTViT, images: list[Tensor], keep_rate: float, ite
 
 
 @torch.no_grad()
+class DispatchedModel(Protocol):
+    """A model over a :class:`DyTViT` whose predictions the agreement calibration compares: a
+    classifier (:class:`~petl_lightning.adapted.ViTClassifier`, logits (B, K)) or a segmenter
+    (logits (B, K, H, W))."""
+
+    vit: Any
+    training: bool
+
+    def infer(self, x: Tensor) -> InferenceOutput: ...
+
+    def complete_logits(self, x: Tensor) -> Tensor: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+
 def calibrate_agreement(
-    model: ViTClassifier,
+    model: DispatchedModel,
     images: list[Tensor],
     agreement: float,
     max_threshold: float,
     iters: int = 6,
     reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
-    """Set one threshold, the highest up to ``max_threshold``, at which ``model`` (a classifier over a
-    :class:`DyTViT`) predicts the complete model's class on a share ``agreement`` of ``images``. A
+    """Set one threshold, the highest up to ``max_threshold``, at which ``model`` (a classifier or a
+    segmenter over a :class:`DyTViT`) predicts the complete model's class on a share ``agreement`` of
+    the predictions on ``images`` (images, or pixels for a segmenter). A
     bisection in ``(0, max_threshold]`` (0 keeps every token: the complete model), ``iters`` steps.
     ``reduce`` sums counts over the processes of a distributed run, so every one sets the same
     threshold. Returns the threshold, the agreement and the keep rate on ``images``."""
     if not 0.0 < agreement <= 1.0:
-        raise ConfigError(f"The agreement target must lie in (0, 1] (a share of images), got {agreement}.")
+        raise ConfigError(f"The agreement target must lie in (0, 1] (a share of predictions), got {agreement}.")
     vit = cast(DyTViT, model.vit)
 
     def measure(threshold: float) -> tuple[float, float]:
@@ -58,8 +76,8 @@ def calibrate_agreement(
         counts = torch.zeros(4, dtype=torch.float64, device=images[0].device)
         for x, target in zip(images, targets, strict=True):
             out = model.infer(x)
-            counts[0] += (out.logits.argmax(-1) == target).sum()
-            counts[1] += x.shape[0]
+            counts[0] += (out.logits.argmax(1) == target).sum()
+            counts[1] += target.numel()
             counts[2] += cast(Tensor, out.kept).sum()
             counts[3] += cast(Tensor, out.offered).sum()
         if reduce is not None:
@@ -69,7 +87,7 @@ def calibrate_agreement(
     was_training = model.training
     model.eval()
     try:
-        targets = [model.head(vit.forward_complete(x)).argmax(-1) for x in images]
+        targets = [model.complete_logits(x).argmax(1) for x in images]
         hi = max_threshold
         share, keep = measure(hi)
         if share < agreement:  # agreement rises as the threshold falls (more tokens kept)

@@ -100,6 +100,10 @@ class SegmentationModel(nn.Module):
         """Per-pixel logits (B, K, H, W) (in training: a token-skipping method's training path)."""
         return self.run(x).logits
 
+    def complete_logits(self, x: Tensor) -> Tensor:
+        """Per-pixel logits with every token through every sub-block (DyT's complete model)."""
+        return self.run(x, complete=True).logits
+
     # -- what executed ----------------------------------------------------------------------------
     def head_flops(self, norm: bool = True) -> int:
         """FLOPs after the blocks: the final norm at each level and the head's convolutions."""

@@ -34,6 +34,7 @@ from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT
 from petl_lightning.deploy.programs import export_program, resolve_format
 from petl_lightning.errors import ConfigError, DataError
 from petl_lightning.methods.config import MethodConfig, config_from, config_to_dict
+from petl_lightning.methods.dyt.calibration import calibrate_agreement
 from petl_lightning.stats import InferenceOutput, InferenceStats
 from petl_lightning.tasks import checkpoints
 from petl_lightning.tasks.classification import method_name
@@ -90,11 +91,12 @@ class Segmenter(L.LightningModule):
         ignore_index: the label of pixels that count nowhere (255).
         inference: ``slide`` (windows of ``img_size`` every ``stride`` pixels) or ``whole``.
         stride: the sliding stride (default two thirds of the window, as mmseg's 341 of 512).
-        calibration_batches: a token-skipping method with a threshold rule (DyT without
+        agreement / calibration_batches: a token-skipping method with a threshold rule (DyT without
             ``skipping.fixed_keep_rate``): at each training epoch's end its inference threshold is set
-            so that the epoch's last ``calibration_batches`` training batches keep
-            ``skipping.target_rate`` of their tokens (ours: the training masks are noisy, and the
-            plain 0.5 threshold keeps nearly every token after a short training). 0: no calibration.
+            to the highest (up to ``skipping.threshold``) at which the dynamic segmenter predicts the
+            complete model's class on a share ``agreement`` of the pixels of the epoch's last
+            ``calibration_batches`` training batches (ours, as the classification DyT's rule per
+            image). None: no calibration, the threshold stays ``skipping.threshold``.
     """
 
     STRUCTURAL_HPARAMS: ClassVar[tuple[str, ...]] = (
@@ -137,6 +139,7 @@ class Segmenter(L.LightningModule):
         ignore_index: int = 255,
         inference: Literal["slide", "whole"] = "slide",
         stride: int | None = None,
+        agreement: float | None = 0.99,
         calibration_batches: int = 2,
     ) -> None:
         super().__init__()
@@ -148,6 +151,10 @@ class Segmenter(L.LightningModule):
             raise ConfigError(f"Unknown schedule {schedule!r}; choose poly or cosine.")
         if inference not in ("slide", "whole"):
             raise ConfigError(f"Unknown inference {inference!r}; choose slide or whole.")
+        if agreement is not None and not 0.0 < agreement <= 1.0:
+            raise ConfigError(f"agreement must lie in (0, 1] (a share of pixels), got {agreement}.")
+        if calibration_batches < 1:
+            raise ConfigError(f"calibration_batches must be at least 1, got {calibration_batches}.")
         if not lr > 0 or head_lr_scale < 0 or weight_decay < 0 or warmup_iters < 0 or min_lr < 0:
             raise ConfigError("lr must be positive and head_lr_scale, weight_decay, warmup_iters and min_lr 0 or more.")
         config = None if method is None else config_from(method)
@@ -179,7 +186,7 @@ class Segmenter(L.LightningModule):
         self.test_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.inference_meter = InferenceStats(vit.depth)
         self.example_input_array = torch.zeros_like(vit.example_input(1))
-        self.calibration_images: deque[Tensor] = deque(maxlen=max(calibration_batches, 1))  # not saved
+        self.calibration_images: deque[Tensor] = deque(maxlen=calibration_batches)  # not saved
         self.class_names: list[str] = []
         self.input_normalization: dict[str, list[float]] | None = None
         self.strict_loading = False  # adapter-only checkpoints
@@ -276,18 +283,22 @@ class Segmenter(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Keep the epoch's last training images; at its last batch, calibrate a token-skipping
-        method's inference threshold on them (before the epoch-end checkpoint and validation)."""
-        calibrate = getattr(self.vit, "calibrate_keep_rate", None)
-        fixed = getattr(self.vit, "keep_count", lambda: None)() is not None
-        if calibrate is None or fixed or self.hparams.calibration_batches < 1:
+        """Keep the epoch's last training images; at its last batch, set a token-skipping method's
+        inference threshold by pixel agreement on them (before the epoch-end checkpoint and
+        validation, so both see it; the last batches, so a resumed run sees the same ones)."""
+        skipping = getattr(self.vit, "skipping", None)
+        if skipping is None or skipping.fixed_keep_rate is not None or self.hparams.agreement is None:
             return
         self.calibration_images.append(batch[0].detach())
         if self.trainer.is_last_batch:
-            result = calibrate(list(self.calibration_images))
+            distributed = self.trainer.world_size > 1
+            reduce = (lambda t: cast(Tensor, self.trainer.strategy.reduce(t, reduce_op="sum"))) if distributed else None
+            result = calibrate_agreement(
+                self.model, list(self.calibration_images), self.hparams.agreement, skipping.threshold, reduce=reduce
+            )
             self.calibration_images.clear()
-            self.log("train/calibrated_keep_rate", result["keep_rate"])
-            self.log("train/threshold", result["threshold"])
+            for key, value in result.items():
+                self.log(f"train/calibration_{key}", value)
 
     # -- evaluation ------------------------------------------------------------------------------
     def reset_inference_stats(self) -> None:
