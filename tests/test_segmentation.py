@@ -248,3 +248,22 @@ def test_dyt_agreement_calibration_counts_pixels() -> None:
     assert share == pytest.approx(result["agreement"], abs=1e-9)  # the share of pixels, as measured
     assert float(out.keep_rate().mean()) == pytest.approx(result["keep_rate"], abs=1e-9)
     assert calibrate_agreement(seg.model, [x], 1.0, 0.5, iters=8)["agreement"] == 1.0
+
+
+def test_dyt_segmenter_exports_its_top_k_form(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    seg = segmenter(DyTConfig(adapter_dim=4))
+    form = seg.deploy_form(keep_rate=0.5)
+    x = images(3)
+    with torch.no_grad():
+        kept = form.run(x).kept  # type: ignore[operator]
+    assert torch.equal(kept, torch.full_like(kept, 2.0))  # top half of the 4 patch tokens, every block
+    path = seg.export(tmp_path / "dyt.onnx", keep_rate=0.5)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - form(x).numpy()).max() <= 1e-4
+    with pytest.raises(ConfigError, match="keep_rate"):
+        seg.export(tmp_path / "none.onnx")  # DyT exports a fixed keep rate
+    assert not (tmp_path / "none.onnx").exists()

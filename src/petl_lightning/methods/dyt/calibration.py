@@ -34,7 +34,6 @@ def calibrate_keep_rate(vit: DyTViT, images: list[Tensor], keep_rate: float, ite
     return vit.calibrate_keep_rate(images, keep_rate, iters)
 
 
-@torch.no_grad()
 class DispatchedModel(Protocol):
     """A model over a :class:`DyTViT` whose predictions the agreement calibration compares: a
     classifier (:class:`~petl_lightning.adapted.ViTClassifier`, logits (B, K)) or a segmenter
@@ -52,6 +51,7 @@ class DispatchedModel(Protocol):
     def eval(self) -> Any: ...
 
 
+@torch.no_grad()
 def calibrate_agreement(
     model: DispatchedModel,
     images: list[Tensor],

@@ -34,6 +34,7 @@ from petl_lightning.backbone import DEFAULT_MODEL, FrozenViT
 from petl_lightning.deploy.programs import export_program, resolve_format
 from petl_lightning.errors import ConfigError, DataError
 from petl_lightning.methods.config import MethodConfig, config_from, config_to_dict
+from petl_lightning.methods.dyn_adapter.config import DynAdapterConfig
 from petl_lightning.methods.dyt.calibration import calibrate_agreement
 from petl_lightning.stats import InferenceOutput, InferenceStats
 from petl_lightning.tasks import checkpoints
@@ -158,7 +159,7 @@ class Segmenter(L.LightningModule):
         if not lr > 0 or head_lr_scale < 0 or weight_decay < 0 or warmup_iters < 0 or min_lr < 0:
             raise ConfigError("lr must be positive and head_lr_scale, weight_decay, warmup_iters and min_lr 0 or more.")
         config = None if method is None else config_from(method)
-        if type(config).__name__ == "DynAdapterConfig":
+        if isinstance(config, DynAdapterConfig):
             raise ConfigError(NO_EARLY_EXIT)
         self.save_hyperparameters()
         # the method as plain values: what weights-only checkpoint loading accepts, and a recipe's form
