@@ -34,6 +34,8 @@ VTAB_ASSETS = ASSETS / "vtab1k"
 #: files to its workers in collection order, so a long file collected last would keep one worker busy
 #: while the other idles; running the long ones first (longest-processing-time-first) evens the end.
 SLOW_FILES = (
+    "test_segmentation_methods_cli.py",
+    "test_segmentation_cli.py",
     "test_lifecycle.py",
     "test_dyt.py",
     "test_runner.py",
@@ -201,3 +203,24 @@ def _seed() -> None:
 def _fit_and_test_fixture():
     """The :func:`fit_and_test` helper as a fixture: ``fit_and_test(module, datamodule, max_epochs)``."""
     return fit_and_test
+
+
+@pytest.fixture(scope="session")
+def seg_mosaics(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Texture mosaics of the DTD assets (200 train, 100 test), built once per test process."""
+    dtd10 = VTAB_ASSETS / "dtd10"
+    if not dtd10.is_dir() or not VITS_WEIGHTS.is_file():
+        pytest.skip(f"dtd10 or the ViT-S weights not found under {VTAB_ASSETS.parent} (shared assets absent)")
+    from petl_lightning.data.mosaics import build_texture_mosaics
+
+    counts = {"train": 200, "val": 0, "test": 100}
+    return build_texture_mosaics(dtd10, tmp_path_factory.mktemp("seg_data") / "mosaics", counts=counts)
+
+
+@pytest.fixture(scope="module")
+def frozen_seg_miou(seg_mosaics: Path, tmp_path_factory: pytest.TempPathFactory) -> float:
+    """Test mIoU of the frozen-backbone segmenter (linear head), fit and tested through the console."""
+    from segmentation_cli_helpers import fit_and_test, overlay
+
+    tmp = tmp_path_factory.mktemp("frozen")
+    return fit_and_test("frozen", overlay(tmp, seg_mosaics), tmp / "run")
