@@ -128,9 +128,15 @@ def assert_one_line_and_nothing_written(proc: subprocess.CompletedProcess, patte
     assert not written, written
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def fit_interrupted(args: list[str], run_dir: Path, cwd: Path, env: dict | None = None) -> int:
     """Start ``fit``, press Ctrl-C (SIGINT) once the first epoch's checkpoint exists, wait for exit;
-    the global step of the checkpoint it left."""
+    the global step of the checkpoint it left. The fit gets SIGINT's default action, as in a terminal:
+    a suite started in the background (``make test &``) would pass on an ignored SIGINT, and Python
+    then installs no KeyboardInterrupt handler."""
     import torch
 
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -142,6 +148,7 @@ def fit_interrupted(args: list[str], run_dir: Path, cwd: Path, env: dict | None 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     deadline = time.time() + 300
     while not last.is_file() and proc.poll() is None and time.time() < deadline:

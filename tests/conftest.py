@@ -34,7 +34,6 @@ VTAB_ASSETS = ASSETS / "vtab1k"
 #: files to its workers in collection order, so a long file collected last would keep one worker busy
 #: while the other idles; running the long ones first (longest-processing-time-first) evens the end.
 SLOW_FILES = (
-    "test_segmentation_methods_cli.py",
     "test_segmentation_cli.py",
     "test_lifecycle.py",
     "test_dyt.py",
@@ -219,7 +218,8 @@ def seg_mosaics(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def frozen_seg_miou(seg_mosaics: Path, tmp_path_factory: pytest.TempPathFactory) -> float:
-    """Test mIoU of the frozen-backbone segmenter (linear head), fit and tested through the console."""
+    """Test mIoU of the frozen-backbone segmenter (linear head), fit and tested through the console.
+    (ARC and DyT against it, and both heads: ``python benchmarks/segmentation.py mosaics``.)"""
     from segmentation_cli_helpers import fit_and_test, overlay
 
     tmp = tmp_path_factory.mktemp("frozen")

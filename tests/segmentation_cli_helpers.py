@@ -1,6 +1,6 @@
 """What the segmentation console tests share: the overlay a user writes beside a shipped recipe for
 the real ViT-S/14 at 112 px on the texture mosaics (the ``seg_mosaics`` fixture), and fit-then-test
-in new processes (the ``frozen_seg_miou`` fixture is the frozen-backbone baseline, per test file)."""
+in new processes (the ``frozen_seg_miou`` fixture is the frozen-backbone baseline)."""
 
 from __future__ import annotations
 
